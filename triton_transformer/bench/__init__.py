@@ -1,0 +1,259 @@
+"""Side-by-side benchmarks: every provider of one case measured in one process.
+
+Each kernel family has a module here (``bench/softmax.py`` ...) with a
+``cases(quick=False)`` generator of `Case` objects. The same cases feed
+
+* ``python benchmarks/run.py softmax`` on a GPU, which appends rows to
+  ``benchmarks/results/<gpu>.jsonl`` (the format of BOOK.md), and
+* ``bench.show("softmax")`` in a chapter, which measures live on a GPU and, on a
+  CPU, plots the committed rows and says which GPU they came from.
+
+Timing is `triton.testing.do_bench` (median of many runs, L2 flushed between
+them); it needs a GPU, so nothing here is ever timed under the interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .. import runtime
+
+#: One colour per provider in every plot of the book.
+PROVIDER_COLORS = {
+    "triton": "#2a7ab9",
+    "torch": "#e8833a",
+    "torch.compile": "#5aa156",
+    "cublas": "#8c6bb1",
+    "sdpa": "#c44e52",
+    "naive": "#8c8c8c",
+    "liger": "#937860",
+}
+PROVIDER_ORDER = list(PROVIDER_COLORS)
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark point: a kernel, a pass and a shape, with one callable per provider.
+
+    ``providers`` maps a provider name to a zero-argument function that runs the
+    operation once (for ``fwdbwd``: forward, then backward). ``bytes`` is the
+    minimum the operation must move through DRAM and ``flops`` its useful work;
+    either may be None. ``grad_to_none`` lists tensors whose ``.grad`` is reset
+    between runs so backward does not accumulate.
+    """
+
+    kernel: str
+    pass_: str
+    shape: list
+    dtype: torch.dtype
+    providers: dict[str, Callable[[], object]]
+    bytes: float | None = None
+    flops: float | None = None
+    grad_to_none: list | None = None
+    extra: dict | None = None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def versions() -> dict:
+    import triton
+
+    return {"gpu": runtime.device_name(), "torch": torch.__version__, "triton": triton.__version__}
+
+
+def measure_ms(fn: Callable[[], object], grad_to_none=None) -> float:
+    """Median milliseconds of `fn` on the GPU (do_bench flushes L2 between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def peak_gib(fn: Callable[[], object]) -> float:
+    """Peak GPU memory (GiB) allocated while `fn` runs once, inputs included."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def run_case(case: Case) -> list[dict]:
+    """Measure every provider of `case` (one after the other, same process) and return BOOK.md rows."""
+    rows = []
+    for provider, fn in case.providers.items():
+        try:
+            ms = measure_ms(fn, case.grad_to_none)
+            mem = peak_gib(fn)
+        except Exception as err:  # a provider that cannot run this case (e.g. torch.compile OOM) is reported, not fatal
+            print(f"  {case.kernel} {case.pass_} {case.shape} {provider}: failed: {type(err).__name__}: {err}"[:300])
+            continue
+        row = {
+            "kernel": case.kernel,
+            "pass": case.pass_,
+            "shape": list(case.shape),
+            "dtype": dtype_name(case.dtype),
+            "provider": provider,
+            "ms": round(ms, 5),
+            "GBps": round(case.bytes / ms / 1e6, 1) if case.bytes else None,
+            "TFLOPs": round(case.flops / ms / 1e9, 1) if case.flops else None,
+            "peak_GiB": round(mem, 4),
+            **(case.extra or {}),
+            **versions(),
+        }
+        rows.append(row)
+        print(f"  {row['kernel']:<22} {row['pass']:<6} {str(row['shape']):<24} {provider:<14} "
+              f"{ms:9.4f} ms  {row['GBps'] or '':>8} GB/s  {row['TFLOPs'] or '':>7} TFLOP/s  {mem:7.3f} GiB")
+    return rows
+
+
+def cases_of(kernel: str, quick: bool = False) -> Iterable[Case]:
+    """The `cases()` generator of `triton_transformer.bench.<kernel>`."""
+    module = importlib.import_module(f"{__name__}.{kernel}")
+    return module.cases(quick=quick)
+
+
+def measure(kernel: str, quick: bool = False) -> list[dict]:
+    """Run every case of `kernel` on the GPU; return the rows."""
+    if runtime.DEVICE.type != "cuda":
+        raise RuntimeError("benchmarks need a CUDA GPU; on CPU use bench.load() to read committed results")
+    rows = []
+    for case in cases_of(kernel, quick):
+        rows += run_case(case)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- results files
+
+def results_file(gpu: str | None = None) -> Path:
+    gpu = gpu or runtime.device_name()
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in gpu)
+    return RESULTS_DIR / f"{slug}.jsonl"
+
+
+def append(rows: list[dict], path: Path | None = None) -> Path:
+    """Append rows to the results file of the GPU they were measured on."""
+    if not rows:
+        return results_file()
+    path = path or results_file(rows[0]["gpu"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _key(row: dict) -> tuple:
+    return (row["kernel"], row["pass"], json.dumps(row["shape"]), row["dtype"], row["provider"], row["gpu"])
+
+
+def load(kernel: str | Iterable[str] | None = None, gpu: str | None = None) -> list[dict]:
+    """Committed rows (the newest for each kernel/pass/shape/dtype/provider/gpu), optionally filtered."""
+    kernels = {kernel} if isinstance(kernel, str) else (set(kernel) if kernel else None)
+    latest: dict[tuple, dict] = {}
+    for path in sorted(RESULTS_DIR.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if kernels and row["kernel"] not in kernels:
+                continue
+            if gpu and row["gpu"] != gpu:
+                continue
+            latest[_key(row)] = row
+    return list(latest.values())
+
+
+def show(kernel: str | list[str], metric: str = "GBps", quick: bool = False, live: bool | None = None, **plot_kw):
+    """What a chapter's benchmark cell calls: measure live on a GPU, else plot the committed results.
+
+    Returns the rows it plotted.
+    """
+    kernels = [kernel] if isinstance(kernel, str) else list(kernel)
+    live = runtime.DEVICE.type == "cuda" if live is None else live
+    if live:
+        rows = [r for k in kernels for r in measure(k, quick=quick)]
+    else:
+        rows = load(kernels)
+        if not rows:
+            print(f"No committed results for {kernels} in {RESULTS_DIR}; run benchmarks/run.py on a GPU.")
+            return rows
+        gpus = sorted({r["gpu"] for r in rows})
+        gpu = gpus[0]
+        rows = [r for r in rows if r["gpu"] == gpu]
+        print(f"No GPU here: plotting committed results measured on {gpu} "
+              f"(torch {rows[0]['torch']}, triton {rows[0]['triton']}).")
+    plot(rows, metric=metric, **plot_kw)
+    return rows
+
+
+# ---------------------------------------------------------------- plots
+
+METRIC_LABELS = {
+    "GBps": "GB/s (higher is better)",
+    "TFLOPs": "TFLOP/s (higher is better)",
+    "ms": "time, ms (lower is better)",
+    "peak_GiB": "peak memory, GiB (lower is better)",
+    "tokens_per_s": "tokens/s (higher is better)",
+}
+
+
+def plot(rows: list[dict], metric: str = "GBps", passes: list[str] | None = None, title: str | None = None,
+         hline: float | None = None, hline_label: str | None = None, ax=None):
+    """Grouped bars: one group per shape, one bar per provider, one panel per pass. Same colours everywhere."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get(metric) is not None]
+    if not rows:
+        print(f"nothing to plot for metric {metric}")
+        return None
+    passes = passes or [p for p in ("fwd", "bwd", "fwdbwd") if any(r["pass"] == p for r in rows)]
+    kernels = sorted({r["kernel"] for r in rows})
+    panels = [(k, p) for k in kernels for p in passes if any(r["kernel"] == k and r["pass"] == p for r in rows)]
+    if ax is None:
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 4.6 * len(panels)), 3.8), squeeze=False)
+        axes = axes[0]
+    else:
+        fig, axes = ax.figure, [ax]
+    for a, (kernel, pass_) in zip(axes, panels):
+        sel = [r for r in rows if r["kernel"] == kernel and r["pass"] == pass_]
+        shapes = []
+        for r in sel:
+            if r["shape"] not in shapes:
+                shapes.append(r["shape"])
+        providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in sel)]
+        providers += sorted({r["provider"] for r in sel} - set(providers))
+        width = 0.8 / max(1, len(providers))
+        for i, prov in enumerate(providers):
+            xs, ys = [], []
+            for j, shape in enumerate(shapes):
+                for r in sel:
+                    if r["provider"] == prov and r["shape"] == shape:
+                        xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                        ys.append(r[metric])
+            a.bar(xs, ys, width, label=prov, color=PROVIDER_COLORS.get(prov))
+        a.set_xticks(range(len(shapes)))
+        a.set_xticklabels(["×".join(str(s) for s in shape) for shape in shapes], rotation=20, fontsize=8)
+        a.set_ylabel(METRIC_LABELS.get(metric, metric))
+        a.set_title(f"{kernel} {pass_}", fontsize=10)
+        if hline:
+            a.axhline(hline, color="k", linestyle="--", linewidth=1)
+            if hline_label:
+                a.text(a.get_xlim()[0], hline, " " + hline_label, va="bottom", fontsize=8)
+        a.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(title or f"{r0['gpu']} · {r0['dtype']} · torch {r0['torch']} · triton {r0['triton']}", fontsize=9)
+    fig.tight_layout()
+    return fig
+

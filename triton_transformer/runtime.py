@@ -1,0 +1,97 @@
+"""Where the kernels run: the one place that decides between the GPU and the interpreter.
+
+Importing `triton_transformer` imports this module first. Without a CUDA GPU it
+sets ``TRITON_INTERPRET=1`` *before* Triton is imported, so every ``@triton.jit``
+kernel runs on the CPU under Triton's interpreter (slow, but exact enough to
+test). With a GPU the kernels are compiled as usual. Every chapter and test
+starts by importing the package, so one notebook runs unchanged on a laptop,
+on an H100 and in Colab.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+if not HAS_CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton_transformer: no CUDA GPU, so the kernels must run under Triton's "
+            "interpreter, but `triton` was imported before `triton_transformer` without "
+            "TRITON_INTERPRET=1. Import triton_transformer first, or set TRITON_INTERPRET=1 "
+            "in the environment."
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402  (must follow the environment variable above)
+
+#: True when kernels run in Triton's CPU interpreter instead of being compiled.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: The device every tensor of a chapter or test is created on.
+DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
+
+#: bf16 needs Ampere or newer; the interpreter computes bf16 wrongly (BOOK.md), so never there.
+SUPPORTS_BF16 = DEVICE.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def default_dtype() -> torch.dtype:
+    """The dtype a chapter benchmarks in: bf16 where the GPU has it, fp16 on older GPUs (T4), fp32 on CPU."""
+    if DEVICE.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if SUPPORTS_BF16 else torch.float16
+
+
+def device_name() -> str:
+    """A human name for where the kernels run, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU (Triton interpreter)'."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    return "CPU (Triton interpreter)"
+
+
+def shared_memory_per_block() -> int:
+    """Bytes of shared memory a program may use: 227 KB on H100, 64 KB on a T4, unbounded in the interpreter."""
+    if DEVICE.type != "cuda":
+        return 1 << 30
+    props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+    return props["max_shared_mem"]
+
+
+def autotune(configs, key, **kwargs):
+    """`triton.autotune`, but with one config under the interpreter.
+
+    The interpreter cannot benchmark (``do_bench`` needs a GPU), and more than one
+    config makes the autotuner try. The first config of each list is therefore the
+    one that must work everywhere, small enough for a T4's 64 KB of shared memory.
+    Configs too big for the GPU at hand are skipped by the autotuner itself (it
+    catches the out-of-resources error and moves on).
+    """
+    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key, **kwargs)
+
+
+def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None) -> None:
+    """Raise a clear error when an input is not something our kernels accept.
+
+    Catching these here, in Python, is what turns a crash deep inside Triton (or a
+    silently wrong result) into a message that names the problem.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {allowed}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if t.device.type == "cuda" and INTERPRET:
+        raise ValueError(f"{name} is on {t.device} but Triton runs in interpreter mode (CPU tensors only)")
+    if t.device.type == "cpu" and not INTERPRET:
+        raise ValueError(f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,0 +1,178 @@
+"""Softmax over the last dimension, forward and backward, with an optional causal mask.
+
+    y_j = exp(x_j - m) / sum_k exp(x_k - m),      m = max_k x_k
+    dx_j = y_j * (dy_j - sum_k dy_k y_k)
+
+Softmax is memory bound: it reads x once and writes y once (backward reads y and
+dy, writes dx), so the goal is to touch each byte exactly once. A program owns
+one row. When the row fits in one block (up to MAX_FUSED_BLOCK elements) it
+stays in registers between the max, the sum and the division: one read, one
+write. Longer rows stream through blocks twice: the first pass keeps a running
+max and a running sum rescaled whenever the max grows (the "online softmax" of
+Milakov & Gimelshein), the second writes the result.
+
+The causal mask is the seed's: for input of shape (..., M, N), row i of each
+M x N matrix only sees columns j <= i (top-left aligned, as
+``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import FLOAT_DTYPES, check_tensor
+
+#: Longest row kept whole in registers. Longer rows take the two-pass online path.
+MAX_FUSED_BLOCK = 65536
+#: Block width of the online path.
+ONLINE_BLOCK = 8192
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native instruction
+
+
+@triton.jit
+def _softmax_fwd_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_cols, rows_per_matrix,
+                        BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    # int64 row offsets: rows * stride can pass 2**31 elements on big activations.
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    y_row = y_ptr + row * y_row_stride
+    cols = tl.arange(0, BLOCK)
+    # Columns this row may see; under the causal mask, row i of each matrix sees 0..i.
+    n_seen = n_cols
+    if CAUSAL:
+        n_seen = tl.minimum(row % rows_per_matrix + 1, n_cols)
+
+    if SINGLE_BLOCK:
+        # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output.
+        x = tl.load(x_row + cols, mask=cols < n_seen, other=-float("inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp2((x - m) * LOG2E)
+        y = e / tl.sum(e, axis=0)
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        # Pass 1: per-lane running max m and running sum d of exp(x - m).
+        m = tl.full([BLOCK], -float("inf"), tl.float32)
+        d = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_seen, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            # A lane that has seen only -inf keeps d = 0 (exp(-inf - -inf) would be NaN).
+            alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp2((m - m_new) * LOG2E))
+            d = d * alpha + tl.where(m_new == -float("inf"), 0.0, tl.exp2((x - m_new) * LOG2E))
+            m = m_new
+        # Combine the lanes: rescale every lane's sum to the row's max.
+        m_row = tl.max(m, axis=0)
+        d_row = tl.sum(d * tl.exp2((m - m_row) * LOG2E), axis=0)
+        # Pass 2: normalise and write (columns past n_seen get exp(-inf) = 0).
+        for start in range(0, n_cols, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
+            y = tl.exp2((x - m_row) * LOG2E) / d_row
+            tl.store(y_row + start + cols, y.to(y_ptr.dtype.element_ty), mask=start + cols < n_cols)
+
+
+@triton.jit
+def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, y_row_stride, dy_row_stride, dx_row_stride, n_cols,
+                        BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    # The causal mask needs no special case here: masked columns have y = 0, hence dx = 0.
+    row = tl.program_id(0).to(tl.int64)
+    y_row = y_ptr + row * y_row_stride
+    dy_row = dy_ptr + row * dy_row_stride
+    dx_row = dx_ptr + row * dx_row_stride
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        mask = cols < n_cols
+        y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = y * (dy - tl.sum(y * dy, axis=0))
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += y * dy
+        s = tl.sum(acc, axis=0)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_row + start + cols, (y * (dy - s)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_params(n_cols: int) -> tuple[int, bool, int]:
+    """Block width, whether the row fits in one block, and warps: ~32 fp32 values per thread."""
+    if n_cols <= MAX_FUSED_BLOCK:
+        block = triton.next_power_of_2(n_cols)
+        single = True
+    else:
+        block = ONLINE_BLOCK
+        single = False
+    num_warps = min(32, max(4, block // 1024))
+    return block, single, num_warps
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D (rows, cols) view with unit column stride, copying only when a view cannot do."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def softmax_forward(x2: torch.Tensor, causal: bool = False, rows_per_matrix: int = 1) -> torch.Tensor:
+    n_rows, n_cols = x2.shape
+    y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    block, single, num_warps = _launch_params(n_cols)
+    _softmax_fwd_kernel[(n_rows,)](x2, y2, x2.stride(0), y2.stride(0), n_cols, rows_per_matrix,
+                                   BLOCK=block, SINGLE_BLOCK=single, CAUSAL=causal, num_warps=num_warps)
+    return y2
+
+
+def softmax_backward(y2: torch.Tensor, dy2: torch.Tensor) -> torch.Tensor:
+    n_rows, n_cols = y2.shape
+    dx2 = torch.empty_like(y2)
+    block, single, num_warps = _launch_params(n_cols)
+    _softmax_bwd_kernel[(n_rows,)](y2, dy2, dx2, y2.stride(0), dy2.stride(0), dx2.stride(0), n_cols,
+                                   BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps)
+    return dx2
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Softmax over the last dimension. Saves only y: the backward needs nothing else."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        shape = x.shape
+        rows_per_matrix = shape[-2] if causal else 1
+        y2 = softmax_forward(_as_rows(x), causal, rows_per_matrix)
+        ctx.save_for_backward(y2)
+        return y2.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (y2,) = ctx.saved_tensors
+        dx2 = softmax_backward(y2, _as_rows(dy))
+        return dx2.view(dy.shape), None
+
+
+def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tensor:
+    """Softmax of `x` along `dim`, like ``torch.softmax``, computed in fp32 and returned in x's dtype.
+
+    ``causal=True`` (last dimension only, x at least 2-D) masks column j of row i
+    of each trailing (M, N) matrix whenever j > i, as attention scores need.
+    """
+    check_tensor("softmax input", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        return softmax(x.reshape(1), 0).reshape(())
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"softmax: dim {dim} is out of range for a tensor of {x.dim()} dimensions")
+    dim = dim % x.dim()
+    if causal and (dim != x.dim() - 1 or x.dim() < 2):
+        raise ValueError("softmax: causal=True needs dim=-1 on a tensor of at least 2 dimensions (..., M, N)")
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if dim != x.dim() - 1:
+        return SoftmaxFunction.apply(x.movedim(dim, -1), False).movedim(-1, dim)
+    return SoftmaxFunction.apply(x, causal)
