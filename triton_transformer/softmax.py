@@ -29,7 +29,9 @@ MAX_FUSED_BLOCK = 65536
 #: Block width of the online path.
 ONLINE_BLOCK = 8192
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native instruction
+# exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction. A constexpr, because compiled
+# kernels may only read globals that are compile-time constants.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -13,6 +13,7 @@ import torch
 # Tolerances for results computed in low precision and compared with a float32
 # reference. fp32 on a GPU runs `tl.dot` in TF32 (10-bit mantissa), hence 1e-2 there.
 TOLERANCES = {
+    torch.float64: dict(atol=1e-7, rtol=1e-7),
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=1e-2, rtol=1e-2),
     torch.bfloat16: dict(atol=5e-2, rtol=5e-2),

@@ -1,0 +1,30 @@
+"""Shared test set-up: the package is imported first, so it chooses GPU or interpreter before triton loads."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton_transformer  # noqa: E402,F401  (sets TRITON_INTERPRET=1 when there is no GPU)
+from triton_transformer import runtime  # noqa: E402
+
+import torch  # noqa: E402
+
+ON_GPU = runtime.DEVICE.type == "cuda"
+
+#: dtypes every kernel is tested in here: bf16 only on a GPU (the interpreter computes bf16 wrongly).
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if runtime.SUPPORTS_BF16 else [])
+
+cuda_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton)")
+
+
+@pytest.fixture
+def device():
+    return runtime.DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

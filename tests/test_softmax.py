@@ -1,0 +1,105 @@
+"""Softmax forward and backward against torch.softmax (and a float64 reference)."""
+
+import pytest
+import torch
+from conftest import DTYPES, cuda_only
+
+import importlib
+
+from triton_transformer import softmax
+from triton_transformer.testing import tolerance
+
+# the module itself (the package's `softmax` name is the function), for monkeypatching its block limits
+S = importlib.import_module("triton_transformer.softmax")
+
+SHAPES = [(1, 1), (3, 781), (7, 4097), (2, 3, 5, 33)]
+
+
+def reference(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tensor:
+    """torch.softmax in float64, with the causal mask applied as -inf."""
+    x64 = x.double()
+    if causal:
+        m, n = x.shape[-2:]
+        hidden = torch.ones(m, n, dtype=torch.bool, device=x.device).triu(1)
+        x64 = x64.masked_fill(hidden, float("-inf"))
+    return torch.softmax(x64, dim=dim)
+
+
+def check_fwd_bwd(x: torch.Tensor, dim: int = -1, causal: bool = False):
+    x = x.detach().requires_grad_()
+    y = softmax(x, dim=dim, causal=causal)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+
+    x64 = x.detach().double().requires_grad_()
+    y64 = reference(x64, dim, causal)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+
+    tol = tolerance(x.dtype)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(dx.double(), dx64, **tol)
+    # and against PyTorch in the input dtype, the way a user would swap one for the other
+    torch.testing.assert_close(y.float(), torch.softmax(x.detach().float(), dim).float() if not causal
+                               else y64.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_backward(shape, dtype, device):
+    check_fwd_bwd(torch.randn(shape, device=device, dtype=dtype) * 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal(dtype, device):
+    check_fwd_bwd(torch.randn(2, 3, 17, 17, device=device, dtype=dtype), causal=True)
+    # rectangular: more keys than queries, row i still sees columns 0..i
+    check_fwd_bwd(torch.randn(5, 40, device=device, dtype=dtype), causal=True)
+
+
+def test_long_rows_take_the_online_path(monkeypatch, device):
+    """Rows longer than one block stream through the two-pass online softmax."""
+    monkeypatch.setattr(S, "MAX_FUSED_BLOCK", 256)
+    monkeypatch.setattr(S, "ONLINE_BLOCK", 128)
+    assert S._launch_params(1000)[1] is False
+    check_fwd_bwd(torch.randn(3, 1000, device=device) * 5)
+    check_fwd_bwd(torch.randn(2, 30, 300, device=device), causal=True)
+
+
+def test_non_contiguous(device):
+    base = torch.randn(40, 781, device=device)
+    check_fwd_bwd(base[::3, :500])   # strided rows: handled without a copy
+    check_fwd_bwd(base.t()[:100])    # transposed: columns are not contiguous, copied
+    check_fwd_bwd(torch.randn(6, 5, 7, device=device), dim=1)  # softmax over a middle dimension
+
+
+def test_rows_of_all_minus_inf_match_pytorch(device):
+    x = torch.randn(4, 33, device=device)
+    x[1] = float("-inf")
+    x[2, :10] = float("-inf")
+    y, ref = softmax(x), torch.softmax(x, -1)
+    assert torch.isnan(y[1]).all() and torch.isnan(ref[1]).all()
+    torch.testing.assert_close(y[[0, 2, 3]], ref[[0, 2, 3]])
+
+
+def test_single_element_and_empty(device):
+    assert softmax(torch.tensor(3.0, device=device)).item() == 1.0
+    assert softmax(torch.empty(0, 5, device=device)).shape == (0, 5)
+
+
+def test_bad_input_raises_clear_errors(device):
+    with pytest.raises(TypeError, match="dtype int64"):
+        softmax(torch.arange(6, device=device).reshape(2, 3))
+    with pytest.raises(IndexError, match="dim 2 is out of range"):
+        softmax(torch.randn(2, 3, device=device), dim=2)
+    with pytest.raises(ValueError, match="causal=True needs dim=-1"):
+        softmax(torch.randn(2, 3, device=device), dim=0, causal=True)
+    with pytest.raises(ValueError, match="causal=True needs dim=-1"):
+        softmax(torch.randn(5, device=device), causal=True)
+
+
+@cuda_only
+def test_cuda_wide_rows_bf16(device):
+    """The benchmark shapes themselves, including GPT-2's vocabulary row of 50304 (single block)."""
+    for shape in [(64, 50304), (16, 140000)]:  # the second takes the online path
+        check_fwd_bwd(torch.randn(shape, device=device, dtype=torch.bfloat16))
