@@ -1,0 +1,45 @@
+"""Execute chapters in place so they are committed with real outputs (run this on the GPU).
+
+    python scripts/execute_notebooks.py                       # every book/*.ipynb
+    python scripts/execute_notebooks.py book/01_softmax.ipynb
+
+Cells run with the working directory set to book/, as a reader's Jupyter would.
+The Colab install cell is a no-op outside Colab. A notebook that fails keeps its
+old outputs and the script exits non-zero after trying the others.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def execute(path: Path, timeout: int = 1200) -> bool:
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    start = time.time()
+    try:
+        client.execute()
+    except Exception as err:  # report and keep going: one broken chapter should not hide the others
+        print(f"FAILED {path.name} after {time.time() - start:.0f}s: {type(err).__name__}: {str(err)[-3000:]}")
+        return False
+    nbformat.write(nb, path)
+    print(f"executed {path.name} in {time.time() - start:.0f}s")
+    return True
+
+
+def main() -> int:
+    paths = [Path(p) for p in sys.argv[1:]] or sorted((ROOT / "book").glob("*.ipynb"))
+    results = [execute(p.resolve()) for p in paths]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
