@@ -110,6 +110,8 @@ def run_case(case: Case) -> list[dict]:
             **(case.extra or {}),
             **versions(),
         }
+        if "tokens" in row:  # whole-model cases: throughput from the tokens one call processes
+            row["tokens_per_s"] = round(row["tokens"] / (ms / 1000))
         rows.append(row)
         print(f"  {row['kernel']:<22} {row['pass']:<6} {str(row['shape']):<24} {provider:<14} "
               f"{ms:9.4f} ms  {row['GBps'] or '':>8} GB/s  {row['TFLOPs'] or '':>7} TFLOP/s  {mem:7.3f} GiB")

@@ -1,0 +1,64 @@
+"""Whole-model benchmark: one training step of the Transformer (issue 8).
+
+A step is forward and loss under bf16 autocast, backward, and a fused AdamW
+update, on random tokens. The three providers share one model and one
+optimizer, so parameters, gradients and Adam's state weigh the same in every
+provider's peak memory:
+
+* ``triton``: the model with ``use_triton=True`` (every op one of our kernels);
+* ``torch``: the same model with ``use_triton=False``, eager PyTorch (SDPA attention);
+* ``torch.compile``: ``torch.compile(model)`` called with ``use_triton=False``.
+
+Shapes are [batch, seq, dim, depth, num_tokens], causal, heads = dim // 64 of
+64 dimensions: the seed's model, then GPT-2 small. Rows carry ``tokens`` and
+(derived by `bench.run_case`) ``tokens_per_s``; TFLOP/s counts the matmul FLOPs
+of `Transformer.flops_per_token` (causal attention at half).
+"""
+
+import functools
+
+import torch
+
+from .. import runtime
+from ..transformer import Transformer
+from . import Case
+
+SHAPES = [(16, 1024, 512, 6, 256), (16, 1024, 768, 12, 50304)]
+QUICK = [(2, 128, 128, 2, 256)]
+
+
+def train_step(forward, optimizer, x, y, dtype):
+    """One zero-argument training step: autocast forward + loss, backward, AdamW, drop the gradients."""
+
+    def step():
+        with torch.autocast(x.device.type, dtype=dtype):
+            loss = forward(x, labels=y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # gradients freed between steps, as in a training loop
+
+    return step
+
+
+def cases(quick: bool = False):
+    dtype = runtime.default_dtype()
+    device = runtime.DEVICE
+    for batch, seq, dim, depth, num_tokens in QUICK if quick else SHAPES:
+        torch.manual_seed(0)
+        model = Transformer(num_tokens=num_tokens, max_seq_len=seq, dim=dim, depth=depth, heads=dim // 64,
+                            dim_head=64, causal=True).to(device)
+        # a small learning rate keeps hundreds of timed steps on random tokens well away from overflow
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        compiled = torch.compile(model)
+        x = torch.randint(0, num_tokens, (batch, seq), device=device)
+        y = torch.randint(0, num_tokens, (batch, seq), device=device)
+        providers = {
+            "triton": functools.partial(model, use_triton=True),
+            "torch": functools.partial(model, use_triton=False),
+            "torch.compile": functools.partial(compiled, use_triton=False),
+        }
+        yield Case("transformer_train_step", "fwdbwd", [batch, seq, dim, depth, num_tokens], dtype,
+                   providers={name: train_step(fwd, optimizer, x, y, dtype) for name, fwd in providers.items()},
+                   flops=model.flops_per_token(seq) * batch * seq, extra={"tokens": batch * seq})
+        del model, optimizer, compiled, providers, x, y
+        torch._dynamo.reset()

@@ -1,0 +1,417 @@
+"""The Transformer (chapter 7): the seed's GPT, assembled from the package's kernels.
+
+    x = token_emb(ids) + pos_emb(0..n-1)
+    for each of `depth` blocks (pre-norm residual):
+        x = x + Attention(LayerNorm(x))            qkv projection -> fused attention -> out projection
+        x = x + FeedForward(LayerNorm(x))          linear + squared ReLU (Primer) -> linear
+    logits = Linear(LayerNorm(x))                  (batch, seq, num_tokens)
+
+One set of parameters, two ways to run it. ``use_triton=True`` sends every
+operation through the package's kernels (layer norm, linear with its fused
+activation for every projection, fused attention, dropout, cross-entropy);
+``use_triton=False`` is the same model in plain PyTorch (``F.layer_norm``,
+``F.linear``, ``F.scaled_dot_product_attention``, ``F.cross_entropy``), the
+reference both for correctness and for speed. The choice can be overridden on
+each call: ``model(x, use_triton=False)``.
+
+What changed from the seed (lucidrains/triton-transformer):
+
+* the padding mask is a (batch, seq) key mask handed to attention as is; the seed
+  built a (batch, seq, seq) mask and broadcast it against (batch * heads) score
+  matrices, which is wrong as soon as batch > 1 and heads > 1;
+* dropout follows ``self.training``, not ``requires_grad``;
+* weights start GPT-2 style (std 0.02, the residual projections scaled by
+  1/sqrt(2 * depth)); the seed's feed-forward weight had std 1;
+* the layer norms' biases are used by both paths.
+
+Inference: under ``torch.no_grad()`` autograd records nothing, so no kernel saves
+anything for a backward that will never come. `Transformer.generate` decodes with a
+key/value cache: the prompt goes through the fused attention kernel once, then
+each new token attends to the cached keys and values (one query against the cache is a
+matrix-vector product, memory bound, so it uses PyTorch's attention).
+
+``torch.compile(model)`` works on both paths: the Triton path's ops are opaque
+to the compiler (``torch.compiler.disable``), so it compiles the glue between them.
+Under ``torch.autocast`` the Triton path hands each kernel the dtype autocast would
+have chosen (bf16 for the projections and attention, fp32 for layer norm and the loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Everything that defines the model. The defaults are the seed's README model."""
+
+    num_tokens: int = 256
+    max_seq_len: int = 1024
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    causal: bool = False
+    ff_mult: int = 4
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    use_triton: bool = True
+    ignore_index: int = -100  # labels equal to this (and padded positions) do not count in the loss
+
+
+# ---------------------------------------------------------------- the operations, two ways
+#
+# Each op below takes `use_triton` and runs either our kernel or its PyTorch
+# twin on the same tensors. The Triton branches are wrapped in
+# torch.compiler.disable: under torch.compile they run as they are, between
+# compiled graphs, instead of being traced through their launchers.
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The low-precision dtype autocast would run a matmul in here, or None outside autocast."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return None
+
+
+@torch.compiler.disable
+def _triton_layer_norm(x, weight, bias, eps):
+    from .layernorm import layer_norm
+
+    # autocast runs layer norm in fp32, whatever comes in
+    if _autocast_dtype(x) is not None:
+        x, weight, bias = x.float(), weight.float(), bias.float()
+    return layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@torch.compiler.disable
+def _triton_linear(x, weight, bias, activation):
+    from .matmul import linear
+
+    dt = _autocast_dtype(x)
+    if dt is not None:  # autocast casts input, weight and bias of a linear to its dtype
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    return linear(x, weight, bias, activation=activation)
+
+
+@torch.compiler.disable
+def _triton_attention(q, k, v, mask, causal, dropout_p):
+    from .attention import attention
+
+    dt = _autocast_dtype(q)
+    if dt is not None:
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    return attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p)
+
+
+@torch.compiler.disable
+def _triton_dropout(x, p):
+    from .dropout import dropout
+
+    return dropout(x, p=p, training=True)
+
+
+@torch.compiler.disable
+def _triton_cross_entropy(logits, target, ignore_index):
+    from .cross_entropy import cross_entropy
+
+    # Autocast would upcast the logits to fp32; the kernel reads bf16 and computes in
+    # fp32 itself, which is the same arithmetic without a (tokens x vocab) fp32 copy.
+    return cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def layer_norm(x, ln: nn.LayerNorm, use_triton: bool):
+    if use_triton:
+        return _triton_layer_norm(x, ln.weight, ln.bias, ln.eps)
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def linear(x, lin: nn.Linear, use_triton: bool, activation: str | None = None):
+    if use_triton:
+        return _triton_linear(x, lin.weight, lin.bias, activation)
+    y = F.linear(x, lin.weight, lin.bias)
+    if activation == "relu_squared":
+        y = F.relu(y).square()
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return y
+
+
+def attention(q, k, v, mask, causal: bool, dropout_p: float, use_triton: bool):
+    """(B, H, N, D) attention; `mask` is (B, N) bool, True = a real key to attend to."""
+    if use_triton:
+        return _triton_attention(q, k, v, mask, causal, dropout_p)
+    attn_mask = None
+    if mask is not None:
+        attn_mask = mask[:, None, None, :]  # broadcast over heads and queries
+        if causal:  # SDPA takes one or the other, so fold the triangle into the mask
+            n = q.shape[-2]
+            attn_mask = attn_mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal)
+
+
+def dropout(x, p: float, training: bool, use_triton: bool):
+    if not training or p == 0.0:  # no launch at all at inference
+        return x
+    return _triton_dropout(x, p) if use_triton else F.dropout(x, p, training=True)
+
+
+def cross_entropy(logits, target, ignore_index: int, use_triton: bool):
+    if use_triton:
+        return _triton_cross_entropy(logits, target, ignore_index)
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------- the model
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far (one per batch row, all aligned)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # tokens cached so far; the model advances it after each forward
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the new (B, H, n, D) keys and values after the cached ones; return all of them."""
+        if layer not in self.k:  # allocated on first use, in the dtype the projections produce
+            b, h, _, d = k.shape
+            self.k[layer] = k.new_empty(b, h, self.max_len, d)
+            self.v[layer] = v.new_empty(b, h, self.max_len, d)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer: int):
+        super().__init__()
+        self.layer, self.heads, self.dim_head = layer, cfg.heads, cfg.dim_head
+        self.causal, self.dropout = cfg.causal, cfg.attn_dropout
+        inner = cfg.heads * cfg.dim_head
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.to_qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, cfg.dim)
+
+    def forward(self, x, mask, use_triton: bool, cache: KVCache | None = None):
+        b, n, _ = x.shape
+        qkv = linear(layer_norm(x, self.norm, use_triton), self.to_qkv, use_triton)
+        # (b, n, 3 * heads * dim_head) -> three (b, heads, n, dim_head) views, no copy
+        q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        if cache is None or cache.length == 0:
+            if cache is not None:  # prefill: cache the prompt's keys and values, attend as usual
+                cache.update(self.layer, k, v)
+            out = attention(q, k, v, mask, self.causal, p, use_triton)
+        else:
+            # decoding: the n new queries attend to every cached key and to the new ones up to
+            # themselves (the causal triangle aligned to the bottom right)
+            k, v = cache.update(self.layer, k, v)
+            start = cache.length
+            seen = None
+            if n > 1:
+                i = torch.arange(n, device=x.device)[:, None]
+                seen = torch.arange(start + n, device=x.device)[None, :] <= start + i
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=p)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return linear(out, self.to_out, use_triton)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.dropout = cfg.ff_dropout
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.proj_in = nn.Linear(cfg.dim, cfg.dim * cfg.ff_mult)
+        self.proj_out = nn.Linear(cfg.dim * cfg.ff_mult, cfg.dim)
+
+    def forward(self, x, use_triton: bool):
+        # squared ReLU (So et al., Primer) fused into the first projection's epilogue
+        h = linear(layer_norm(x, self.norm, use_triton), self.proj_in, use_triton, activation="relu_squared")
+        h = dropout(h, self.dropout, self.training, use_triton)
+        return linear(h, self.proj_out, use_triton)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer: int):
+        super().__init__()
+        self.attn = Attention(cfg, layer)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x, mask, use_triton: bool, cache: KVCache | None = None):
+        x = x + self.attn(x, mask, use_triton, cache)
+        return x + self.ff(x, use_triton)
+
+
+class Transformer(nn.Module):
+    """The seed's GPT: ``Transformer(num_tokens=256, max_seq_len=1024, dim=512, depth=6)``.
+
+    ``model(x, mask=None, labels=None, use_triton=None)`` takes token ids ``x`` of
+    shape (batch, seq) and returns logits (batch, seq, num_tokens), or the mean
+    cross-entropy against ``labels`` (batch, seq) when they are given (no shift:
+    pass the next tokens as labels). ``mask`` is (batch, seq) bool, True for real
+    tokens; padded positions are neither attended to nor counted in the loss.
+    """
+
+    def __init__(self, num_tokens: int = 256, max_seq_len: int = 1024, dim: int = 512, depth: int = 6,
+                 heads: int = 8, dim_head: int = 64, causal: bool = False, ff_mult: int = 4,
+                 attn_dropout: float = 0.0, ff_dropout: float = 0.0, use_triton: bool = True,
+                 ignore_index: int = -100):
+        super().__init__()
+        cfg = self.config = TransformerConfig(num_tokens, max_seq_len, dim, depth, heads, dim_head, causal,
+                                              ff_mult, attn_dropout, ff_dropout, use_triton, ignore_index)
+        self.use_triton = use_triton
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        self.pos_emb = nn.Embedding(max_seq_len, dim)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens)
+        self.reset_parameters()
+        self._ids_checked = False
+
+    @classmethod
+    def from_config(cls, cfg: TransformerConfig) -> "Transformer":
+        return cls(**dataclasses.asdict(cfg))
+
+    def reset_parameters(self):
+        """GPT-2's initialisation: N(0, 0.02) everywhere, zero biases, and the two projections
+        that write into the residual stream scaled by 1/sqrt(2 * depth) so that its variance
+        does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.layers:
+            for proj in (block.attn.to_out, block.ff.proj_out):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.depth))
+
+    # ------------------------------------------------------------ accounting
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters; without the two embedding tables when `embeddings=False` (they cost no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.token_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per weight (multiply + add) for every projection, plus
+        attention's two (n x n x dim_head) products per head (halved when causal); a training
+        step is forward + backward = 3x the forward."""
+        cfg = self.config
+        n = seq_len or cfg.max_seq_len
+        weights = self.num_params(embeddings=False)  # every other parameter is a matmul weight ...
+        weights -= sum(p.numel() for name, p in self.named_parameters()  # ... but biases and norms
+                       if name.endswith("bias") or ".norm." in name or name.startswith("norm."))
+        attn = 2 * 2 * n * cfg.heads * cfg.dim_head * cfg.depth * (0.5 if cfg.causal else 1.0)
+        forward = 2 * weights + attn
+        return 3 * forward if training else forward
+
+    # ------------------------------------------------------------ forward
+
+    def _check(self, x, mask, labels, start: int):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"x must be a (batch, seq) tensor of token ids, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
+        if start + x.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of length {start + x.shape[1]} is longer than max_seq_len="
+                             f"{self.config.max_seq_len} (the model has that many position embeddings)")
+        # Token ids outside the table crash CUDA with a device-side assert that kills the
+        # process, so look once (a GPU sync) on the first forward, and on every CPU forward.
+        if not torch.compiler.is_compiling() and (x.device.type == "cpu" or not self._ids_checked):
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.config.num_tokens:
+                raise ValueError(f"token ids must lie in [0, {self.config.num_tokens}), got [{lo}, {hi}]")
+            self._ids_checked = True
+        if mask is not None:
+            if mask.shape != x.shape:
+                raise ValueError(f"mask must have the shape of x {tuple(x.shape)} (True = real token), "
+                                 f"got {tuple(mask.shape)}")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+        if labels is not None and labels.shape != x.shape:
+            raise ValueError(f"labels must have the shape of x {tuple(x.shape)}, got {tuple(labels.shape)}")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_triton: bool | None = None, cache: KVCache | None = None):
+        use_triton = self.use_triton if use_triton is None else use_triton
+        start = 0 if cache is None else cache.length
+        self._check(x, mask, labels, start)
+        if cache is not None and mask is not None:
+            raise ValueError("decoding with a KV cache does not take a padding mask")
+        if cache is not None and start > 0 and not self.config.causal:
+            raise ValueError("a KV cache needs causal=True: without it, old positions would see new tokens")
+
+        n = x.shape[1]
+        h = self.token_emb(x) + self.pos_emb(torch.arange(start, start + n, device=x.device))
+        for block in self.layers:
+            h = block(h, mask, use_triton, cache)
+        if cache is not None:
+            cache.length += n
+        logits = linear(layer_norm(h, self.norm, use_triton), self.to_logits, use_triton)
+        if labels is None:
+            return logits
+
+        if mask is not None:  # padding never counts in the loss
+            labels = labels.masked_fill(~mask, self.config.ignore_index)
+        return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             self.config.ignore_index, use_triton)
+
+    # ------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool | None = None, use_triton: bool | None = None):
+        """Sample `max_new_tokens` after `prompt` (batch, n); returns (batch, n + max_new_tokens).
+
+        temperature 0 is greedy. With `use_cache` (the default for a causal model) the
+        keys and values of past tokens are kept, so each step runs the model on one
+        token instead of the whole sequence; the tokens drawn are the same either way.
+        Call ``model.eval()`` first, or dropout stays on.
+        """
+        use_cache = self.config.causal if use_cache is None else use_cache
+        if use_cache and not self.config.causal:
+            raise ValueError("use_cache=True needs a causal model (causal=True)")
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be (batch, n) token ids with n >= 1, got shape {tuple(prompt.shape)}")
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.config.max_seq_len}")
+
+        cache = KVCache(self.config.max_seq_len) if use_cache else None
+        seq, step_input = prompt, prompt
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else seq, use_triton=use_triton, cache=cache)[:, -1].float()
+            nxt = sample(logits, temperature, top_k)
+            seq = torch.cat([seq, nxt], dim=1)
+            step_input = nxt
+        return seq
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+    """One token per row of (batch, vocab) logits: greedy at temperature 0, else softmax sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
