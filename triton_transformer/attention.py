@@ -1,0 +1,609 @@
+"""Fused attention (FlashAttention-2 style), forward and backward, for (B, H, N, D) tensors.
+
+    S = scale * Q K^T          (N_q x N_k per batch and head; never stored)
+    P = softmax(S)             row-wise, masked entries excluded
+    O = dropout(P) V
+
+Forward: one program owns a block of BLOCK_M query rows of one (batch, head) and
+streams the keys and values through in blocks of BLOCK_N, keeping a running row
+max m, a running row sum l and an unnormalised output acc in fp32 registers
+(the online softmax of Milakov & Gimelshein, as in FlashAttention). The N x N
+scores exist only one (BLOCK_M, BLOCK_N) tile at a time, so memory is linear in
+N. Exponentials are base 2 with scale * log2(e) folded into one multiply-add
+(``qk * qk_scale - m``). When a backward will follow, the kernel also writes the
+row's log-sum-exp L = m + log2(l) (base 2, fp32, B*H*N_q floats): P can then be
+recomputed exactly as exp2(S*log2(e) - L) without a second online pass.
+
+Backward (FlashAttention-2's split, no atomics):
+  1. ``delta_i = sum_d dO_id * O_id`` (a small row-wise kernel);
+  2. one program per key block loops over the query blocks that see it and
+     accumulates dK and dV in registers:  dV = P^T dO,  dS = P * (dP - delta),
+     dK = scale * dS^T Q  with  dP = dO V^T;
+  3. one program per query block loops over the key blocks it sees and
+     accumulates dQ = scale * dS K.
+Every tile of P is recomputed twice in the backward (once per kernel); that costs
+FLOPs but no memory traffic for an N x N matrix and no atomic adds.
+
+Causal attention (top-left aligned: query i sees keys j <= i, as
+``F.scaled_dot_product_attention(is_causal=True)``) skips the key blocks above
+the diagonal altogether, and the mask is computed only on the blocks that the
+diagonal crosses: each loop runs in two phases, a mask-free phase over whole
+blocks and a masked phase over the diagonal and the ragged tail (N need not be a
+multiple of the block). Loads in the mask-free phase carry no bounds checks.
+
+Key padding mask: a (B, N_k) bool tensor, True = attend (the seed's convention).
+Masked scores are -inf. A query row whose keys are all masked has no softmax;
+PyTorch's SDPA (torch 2.5 and later, all backends) returns 0 for such a row, and
+so do we: its output is 0, its stored L is +inf so that every recomputed P of that
+row is exactly 0, and its gradients are 0. Nothing of it leaks into other rows.
+
+Dropout on P happens inside the kernels with the dropout chapter's
+``keep_mask(seed, offsets, p)`` (Philox, keyed by the 64-bit seed): element
+(b, h, i, j) uses the index it would have in a contiguous (B, H, N_q, N_k) tensor,
+``((b * H + h) * N_q + i) * N_k + j`` in int64, so the mask is exactly
+``dropout(torch.ones(B, H, N_q, N_k), p, seed=seed) != 0`` and the backward
+regenerates it; nothing is stored and no counter wraps (64-bit indices).
+Kept probabilities are scaled by 1 / (1 - p) (applied to O, dV and dP).
+
+Head dims up to 128 of any size (padded to a power of two >= 16 inside, with masked
+loads); bf16/fp16/fp32 on a GPU (fp32 runs its dots in TF32), fp32/fp16 under the
+interpreter. Under ``torch.no_grad()`` the forward writes no L and saves nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import keep_mask
+from .runtime import FLOAT_DTYPES, autotune, check_tensor
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
+
+#: Largest head dimension the kernels accept (the fp32 accumulators live in registers).
+MAX_HEAD_DIM = 128
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, bounds-checking rows and/or columns only when asked (masks cost instructions)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, cols, n_cols, CHECK_COLS: tl.constexpr):
+    if CHECK_COLS:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+    else:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _dropout_offsets(row_base, rows, cols, N_K):
+    """Index of P[b, h, i, j] in a contiguous (B, H, N_q, N_k) tensor; row_base = (b * H + h) * N_q (int64)."""
+    return (row_base + rows) * N_K + cols
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
+               lo, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+               DROPOUT: tl.constexpr, EVEN_D: tl.constexpr):
+    """Stream key/value blocks [lo, hi) through the online softmax of one query block.
+
+    MASKED=False is the hot phase: whole blocks, all visible, no bounds checks.
+    MASKED=True covers the blocks crossed by the causal diagonal and the ragged tail.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + start_n * stride_kn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            visible = cols[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(visible, qk, float("-inf"))
+        if HAS_MASK:
+            if MASKED:
+                km = tl.load(km_ptrs + cols * stride_mn, mask=cols < N_K, other=0)
+            else:
+                km = tl.load(km_ptrs + cols * stride_mn)
+            qk = tl.where(km[None, :] != 0, qk, float("-inf"))
+        # Running max in the log2 domain. qk_scale > 0, so max(qk) * qk_scale = max(qk * qk_scale).
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if HAS_MASK:
+            # A row that has seen only masked keys so far has m = -inf; subtracting it would give
+            # -inf - (-inf) = NaN. Subtract 0 instead: its p and alpha are then exactly 0.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new  # every row sees key 0 in its first block: m is finite from the start
+        p = tl.math.exp2(qk * qk_scale - m_sub[:, None])  # one FMA + exp2 per score
+        alpha = tl.math.exp2(m_i - m_sub)                   # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)                    # the normaliser counts dropped entries too
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = keep_mask(seed, _dropout_offsets(row_base, offs_m[:, None], cols[None, :], N_K), dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = _load_tile(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _fwd_configs():
+    # First config: what the interpreter runs, and small enough for a T4 (64 KB shared memory).
+    # BLOCK_M must be a multiple of BLOCK_N (the causal diagonal then starts on a key-block edge).
+    cfg = [(32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
+           (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
+
+
+_KEY = ["N_Q", "N_K", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd_kernel(Q, K, V, O, L, KM,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                     stride_mb, stride_mn,
+                     H, N_Q, N_K, D, qk_scale, seed, dropout_p, inv_keep,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, STORE_L: tl.constexpr,
+                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # causal work grows with the row: start the longest programs first
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    # int64 bases: B*H*N*D passes 2**31 elements for long sequences
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    Q += b64 * stride_qb + h64 * stride_qh
+    K += b64 * stride_kb + h64 * stride_kh
+    V += b64 * stride_vb + h64 * stride_vh
+    O += b64 * stride_ob + h64 * stride_oh
+    KM += b64 * stride_mb
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+    km_ptrs = KM  # the loops add (start_n + offs_n) * stride_mn
+
+    row_base = bh.to(tl.int64) * N_Q  # dropout: P's row index in a contiguous (B*H*N_q, N_k) tensor
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Key blocks [0, full_hi) are whole and entirely visible to every row of this block;
+    # [full_hi, hi) holds the diagonal (causal) and the ragged tail. Blocks past hi are never touched.
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, N_K)
+        full_hi = tl.minimum(start_m, (N_K // BLOCK_N) * BLOCK_N)
+    else:
+        hi = N_K
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
+                               0, full_hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p,
+                               BLOCK_N, False, CAUSAL, HAS_MASK, DROPOUT, EVEN_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
+                               full_hi, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p,
+                               BLOCK_N, True, CAUSAL, HAS_MASK, DROPOUT, EVEN_D)
+
+    if HAS_MASK:
+        empty = l_i == 0.0  # every key of the row is masked: output 0, like PyTorch's SDPA
+        l_safe = tl.where(empty, 1.0, l_i)
+    else:
+        l_safe = l_i
+    o = acc * (inv_keep / l_safe)[:, None]
+    _store_tile(O + offs_m[:, None] * stride_on + offs_d[None, :], o.to(O.dtype.element_ty),
+                offs_m, N_Q, offs_d, D, not EVEN_D)
+    if STORE_L:
+        lse = m_i + tl.math.log2(l_safe)
+        if HAS_MASK:
+            lse = tl.where(empty, float("inf"), lse)  # exp2(s - inf) = 0: the backward sees P = 0 in this row
+        tl.store(L + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+_attn_fwd = autotune(_fwd_configs(), key=_KEY)(_attn_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+                           H, N_Q, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the row term of dS = P * (dP - delta)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    o = _load_tile(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                   offs_m, N_Q, offs_d, D, True, not EVEN_D).to(tl.float32)
+    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                    offs_m, N_Q, offs_d, D, True, not EVEN_D).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    tl.store(DELTA + (b64 * H + h64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
+                    lo, hi, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    DROPOUT: tl.constexpr, EVEN_D: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi). Tiles are transposed: (keys, queries).
+
+    Query rows past N_q load as q = 0, dO = 0, L = 0, delta = 0 and so add exactly 0: only
+    the causal mask needs a `where`. Padding-masked keys are zeroed once, after the loop.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_ptrs + start_m * stride_qn, offs_m, N_Q, offs_d, D, MASKED, not EVEN_D)
+        if MASKED:
+            lse = tl.load(L + offs_m, mask=offs_m < N_Q, other=0.0)
+        else:
+            lse = tl.load(L + offs_m)
+        qkT = tl.dot(k, tl.trans(q))
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])  # P recomputed from the saved log-sum-exp
+        if MASKED:
+            if CAUSAL:
+                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        do = _load_tile(do_ptrs + start_m * stride_don, offs_m, N_Q, offs_d, D, MASKED, not EVEN_D)
+        dpT = tl.dot(v, tl.trans(do))
+        if DROPOUT:
+            keep = keep_mask(seed, _dropout_offsets(row_base, offs_m[None, :], offs_n[:, None], N_K), dropout_p)
+            dv = tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, dv)
+            dpT = tl.where(keep, dpT * inv_keep, 0.0)  # dP of the undropped P
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+        if MASKED:
+            delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
+        else:
+            delta = tl.load(DELTA + offs_m)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    return dk, dv
+
+
+def _dkdv_configs():
+    # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N (keys, held) must be a multiple of BLOCK_M (queries, streamed).
+    cfg = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 128, 4, 5),
+           (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
+                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                          stride_dkb, stride_dkh, stride_dkn, stride_mb, stride_mn,
+                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep,
+                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                          BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)  # causal: low key blocks have the most work and already come first
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    Q += b64 * stride_qb + h64 * stride_qh
+    K += b64 * stride_kb + h64 * stride_kh
+    V += b64 * stride_vb + h64 * stride_vh
+    DO += b64 * stride_dob + h64 * stride_doh
+    DK += b64 * stride_dkb + h64 * stride_dkh  # dK and dV are allocated with one layout
+    DV += b64 * stride_dkb + h64 * stride_dkh
+    L += bh.to(tl.int64) * N_Q
+    DELTA += bh.to(tl.int64) * N_Q
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Key rows past N_k load as 0; their dK, dV rows are computed but never stored.
+    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, N_K, offs_d, D, True, not EVEN_D)
+    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N_K, offs_d, D, True, not EVEN_D)
+    q_ptrs = Q + offs_m0[:, None] * stride_qn + offs_d[None, :]
+    do_ptrs = DO + offs_m0[:, None] * stride_don + offs_d[None, :]
+    row_base = bh.to(tl.int64) * N_Q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:
+        # Queries before start_n never see these keys: skipped. The BLOCK_N // BLOCK_M query
+        # blocks on the diagonal take the causal mask; the ones after it are mask-free.
+        diag_hi = tl.minimum(start_n + BLOCK_N, N_Q)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
+                                 start_n, diag_hi, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base,
+                                 dropout_p, inv_keep, BLOCK_M, True, CAUSAL, DROPOUT, EVEN_D)
+        full_lo = start_n + BLOCK_N
+    else:
+        full_lo = 0
+    full_hi = tl.maximum(full_lo, (N_Q // BLOCK_M) * BLOCK_M)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
+                             full_lo, full_hi, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base,
+                             dropout_p, inv_keep, BLOCK_M, False, CAUSAL, DROPOUT, EVEN_D)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
+                             full_hi, N_Q, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base,
+                             dropout_p, inv_keep, BLOCK_M, True, CAUSAL, DROPOUT, EVEN_D)
+    if HAS_MASK:
+        # A masked key's P column was never zeroed in the loop (it only touched its own rows of
+        # dK and dV, possibly with inf/NaN): its gradients are exactly 0.
+        km = tl.load(KM + b64 * stride_mb + offs_n * stride_mn, mask=offs_n < N_K, other=0)
+        dk = tl.where(km[:, None] != 0, dk, 0.0)
+        dv = tl.where(km[:, None] != 0, dv, 0.0)
+    dk = dk * sm_scale  # S = scale * Q K^T
+    dkv_offs = offs_n[:, None] * stride_dkn + offs_d[None, :]
+    _store_tile(DK + dkv_offs, dk.to(DK.dtype.element_ty), offs_n, N_K, offs_d, D, not EVEN_D)
+    _store_tile(DV + dkv_offs, dv.to(DV.dtype.element_ty), offs_n, N_K, offs_d, D, not EVEN_D)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
+                  lo, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                  DROPOUT: tl.constexpr, EVEN_D: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_ptrs + start_n * stride_kn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
+        v = _load_tile(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        # Zero P where it must be 0 *before* it meets a dot: exp2 of a masked score can be inf.
+        if MASKED:
+            visible = cols[None, :] < N_K
+            if CAUSAL:
+                visible = visible & (offs_m[:, None] >= cols[None, :])
+            p = tl.where(visible, p, 0.0)
+        if HAS_MASK:
+            if MASKED:
+                km = tl.load(km_ptrs + cols * stride_mn, mask=cols < N_K, other=0)
+            else:
+                km = tl.load(km_ptrs + cols * stride_mn)
+            p = tl.where(km[None, :] != 0, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = keep_mask(seed, _dropout_offsets(row_base, offs_m[:, None], cols[None, :], N_K), dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+def _dq_configs():
+    # BLOCK_M (queries, held) must be a multiple of BLOCK_N (keys, streamed).
+    cfg = [(32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5),
+           (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, KM,
+                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+                        stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn,
+                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * H + h
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    Q += b64 * stride_qb + h64 * stride_qh
+    K += b64 * stride_kb + h64 * stride_kh
+    V += b64 * stride_vb + h64 * stride_vh
+    DO += b64 * stride_dob + h64 * stride_doh
+    DQ += b64 * stride_dqb + h64 * stride_dqh
+    KM += b64 * stride_mb
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
+    do = _load_tile(DO + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
+    lse = tl.load(L + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+    km_ptrs = KM  # the loops add (start_n + offs_n) * stride_mn
+    row_base = bh.to(tl.int64) * N_Q
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, N_K)
+        full_hi = tl.minimum(start_m, (N_K // BLOCK_N) * BLOCK_N)
+    else:
+        hi = N_K
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
+                       0, full_hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
+                       BLOCK_N, False, CAUSAL, HAS_MASK, DROPOUT, EVEN_D)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
+                       full_hi, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
+                       BLOCK_N, True, CAUSAL, HAS_MASK, DROPOUT, EVEN_D)
+    dq = dq * sm_scale
+    _store_tile(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                offs_m, N_Q, offs_d, D, not EVEN_D)
+
+
+_attn_bwd_dkdv = autotune(_dkdv_configs(), key=_KEY)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = autotune(_dq_configs(), key=_KEY)(_attn_bwd_dq_kernel)
+
+PREPROCESS_BLOCK_M = 64
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
+
+
+def _mask_args(mask, q):
+    """Pointer and strides of the key padding mask (a dummy pointer when there is none)."""
+    if mask is None:
+        return q, 0, 0
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1)
+
+
+def _launch(kernel, grid, args, consts, config):
+    """Launch the autotuned kernel, or the plain one with a given config (tests run every config this way)."""
+    if config is None:
+        return kernel[grid](*args, **consts)
+    return kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
+
+
+def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0, need_lse=True,
+                      config=None):
+    """O (B, H, N_q, D) and, when `need_lse`, the base-2 log-sum-exp L (B*H, N_q) fp32 of every row."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B * H, N_Q), device=q.device, dtype=torch.float32) if need_lse else o
+    km, smb, smn = _mask_args(mask, q)
+    grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    block_d = _block_d(D)
+    args = (q, k, v, o, lse, km, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn,
+            H, N_Q, N_K, D, scale * LOG2E, seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
+    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, STORE_L=need_lse,
+                  BLOCK_D=block_d, EVEN_D=block_d == D)
+    _launch(_attn_fwd, grid, args, consts, config)
+    return o, (lse if need_lse else None)
+
+
+def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0,
+                       configs=(None, None)):
+    """dQ, dK, dV from dO and what the forward saved (q, k, v, o and the log-sum-exp)."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    block_d = _block_d(D)
+    even_d = block_d == D
+    delta = torch.empty_like(lse)
+    _bwd_preprocess_kernel[(triton.cdiv(N_Q, PREPROCESS_BLOCK_M), H, B)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, N_Q, D,
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d, EVEN_D=even_d)
+
+    dq = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, N_K, D), device=k.device, dtype=k.dtype)
+    dv = torch.empty_like(dk)
+    km, smb, smn = _mask_args(mask, q)
+    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0,
+                  BLOCK_D=block_d, EVEN_D=even_d)
+    common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
+    strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    _launch(_attn_bwd_dkdv, lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), H, B),
+            (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
+            consts, configs[0])
+    _launch(_attn_bwd_dq, lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B),
+            (q, k, v, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], smb, smn, *common),
+            consts, configs[1])
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Fused attention. Saves q, k, v, o and the row log-sum-exp (B*H*N_q floats), never an N x N matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, dropout_p, scale, seed):
+        o, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True)
+        ctx.save_for_backward(q, k, v, o, lse, mask)
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_inputs(q, k, v, mask, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(f"attention: {name}", t, dtypes=FLOAT_DTYPES, ndim=4, device=q.device)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, N_Q, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"attention: q has shape {tuple(q.shape)} (B, H, N, D) but k has {tuple(k.shape)}; "
+                         f"k and v must be ({B}, {H}, N_k, {D})")
+    if v.shape != k.shape:
+        raise ValueError(f"attention: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
+    if D > MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"attention: head dimension {D} is not supported (1 to {MAX_HEAD_DIM})")
+    if mask is not None:
+        check_tensor("attention: mask", mask, ndim=2, device=q.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention: mask must be a bool tensor (True = attend), got {mask.dtype}")
+        if tuple(mask.shape) != (B, k.shape[2]):
+            raise ValueError(f"attention: mask has shape {tuple(mask.shape)}; a key padding mask must be "
+                             f"(batch, keys) = ({B}, {k.shape[2]})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, dropout_p: float = 0.0, scale: float | None = None, *,
+              seed: int | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T + masks) v for (B, H, N, D) tensors, fused: no N x N matrix in memory.
+
+    Like ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)``:
+
+    * ``mask``: optional (B, N_k) bool key padding mask, True = attend. Query rows whose keys are all
+      masked come out as 0, with zero gradients (as PyTorch's SDPA does).
+    * ``causal``: query i attends to keys j <= i (top-left aligned when N_q != N_k).
+    * ``dropout_p``: dropout on the attention probabilities (applied whenever > 0, as SDPA does).
+      ``seed`` fixes the dropout mask; by default it is drawn from torch's CPU generator, so
+      ``torch.manual_seed`` makes a call reproducible.
+    * ``scale``: defaults to 1 / sqrt(D).
+
+    k and v may have a different length N_k from q's N_q. Returns a contiguous (B, H, N_q, D) tensor.
+    """
+    _check_inputs(q, k, v, mask, dropout_p)
+    B, H, N_Q, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if N_Q == 0 or B * H == 0:
+        return q.new_empty((B, H, N_Q, D))
+    if k.shape[2] == 0:  # no keys: every row is "fully masked"; SDPA returns zeros
+        return q * 0.0
+    if scale < 0:  # the kernels' running max needs scale > 0: (-s) q.k = s (-q).k
+        q, scale = -q, -scale
+    elif scale == 0:  # every score is 0: attention is a plain average of v (over the unmasked keys)
+        q, scale = q * 0.0, 1.0
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))  # CPU generator: no GPU sync
+    seed = (int(seed or 0) + 2**63) % 2**64 - 2**63  # the 64-bit Philox key, as dropout() normalises it
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return AttentionFunction.apply(q, k, v, mask, bool(causal), float(dropout_p), scale, seed)
+    o, _ = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False)
+    return o
