@@ -8,6 +8,7 @@ from . import runtime  # noqa: F401  (must come first: sets TRITON_INTERPRET bef
 from .runtime import DEVICE, INTERPRET, default_dtype  # noqa: F401
 from .softmax import softmax  # noqa: F401
 # kernel exports: one line per module, in chapter order
+from .layernorm import layer_norm  # noqa: F401
 from .attention import attention  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,488 @@
+"""Layer normalization over the trailing dimensions, forward and backward.
+
+For a row x of N elements (the normalized dimensions flattened), with
+weight w and bias b:
+
+    mean = sum_j x_j / N          rstd = 1 / sqrt(sum_j (x_j - mean)^2 / N + eps)
+    xhat_j = (x_j - mean) * rstd  y_j  = xhat_j * w_j + b_j
+
+and, with g = dy * w (the gradient that reaches xhat):
+
+    dx_j = rstd * (g_j - mean_k(g_k) - xhat_j * mean_k(g_k * xhat_k))
+    dw_j = sum over rows of dy_j * xhat_j       db_j = sum over rows of dy_j
+
+Layer norm is memory bound: the forward reads x and writes y, the backward reads
+x and dy and writes dx. Everything else is small: the weight and bias (N
+values each) and, when gradients are needed, the row statistics mean and rstd
+(8 bytes a row) that the forward stores so that the backward need not compute
+them again. Under ``torch.no_grad()`` or when nothing requires a gradient the
+forward stores nothing at all.
+
+dweight and dbias are sums over all rows. Instead of atomics (whose order, and
+so whose rounding, changes from run to run) each backward program owns a
+contiguous chunk of rows, accumulates its part of the sums in fp32 registers and
+writes one row of a [programs, N] buffer; a second small kernel adds those rows
+column by column in a fixed order. Two backward runs give bit-identical
+gradients.
+
+The seed's backward computed dgamma from the layer's *output* instead of xhat,
+which agrees only while gamma == 1 and beta == 0 (chapter 2 shows a gradient
+check catching it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+from .runtime import FLOAT_DTYPES, check_tensor, launch
+
+#: Longest row held in registers as one block; longer rows loop over LOOP_BLOCK-wide chunks.
+MAX_FUSED_BLOCK = 16384
+#: Chunk width of the looping path for long rows.
+LOOP_BLOCK = 4096
+#: Backward programs are sized so that about this many warps per SM are resident.
+BWD_WARPS_PER_SM = 16
+#: Under the interpreter: a few backward programs, enough to exercise the partial-sum reduction.
+INTERPRET_BWD_PROGRAMS = 3
+
+
+# ---------------------------------------------------------------- forward
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+                           x_row_stride, y_row_stride, n_rows, n_cols, eps,
+                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr):
+    # A program normalizes ROWS rows at once as a [ROWS, BLOCK_N] tile: short rows
+    # (512, 768 columns) would otherwise give each program too little to keep in flight.
+    # int64 row indices: rows * stride can pass 2**31 elements on big activations.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + rows[:, None] * x_row_stride
+    y_rows = y_ptr + rows[:, None] * y_row_stride
+
+    if SINGLE_BLOCK:
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        # The whole row stays in registers: x is read once, y written once.
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / n_cols
+        # Statistics in fp32, variance from centred values (not E[x^2] - mean^2, which
+        # cancels catastrophically when |mean| >> std). Padding lanes must not count.
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Rows too long for registers: one pass for the mean, one for the variance, one
+        # to write. The extra reads mostly hit L2, and such rows are rare in a GPT.
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
+            acc += tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=1) / n_cols
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
+            x = tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            acc += xc * xc
+        rstd = tl.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)
+        for start in range(0, n_cols, BLOCK_N):
+            col_mask = start + cols < n_cols
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(w_ptr + start + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                y = y + tl.load(b_ptr + start + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_rows + start + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    if STORE_STATS:
+        # 8 bytes a row, against 2N bytes of x the backward would otherwise re-reduce.
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+def _default_tile(block_n: int, single: bool) -> tuple[int, int]:
+    """(ROWS, num_warps): a tile of ~2048 values, 16 a thread; long rows loop one row at a time on 8 warps."""
+    if not single:
+        return 1, 8
+    if runtime.INTERPRET:
+        # The interpreter pays per program, not per element: fewer, bigger tiles.
+        return max(1, min(64, 32768 // block_n)), 4
+    rows = max(1, min(16, 2048 // block_n))
+    return rows, min(32, max(4, rows * block_n // 512))
+
+
+def _fwd_configs(block_n: int, single: bool) -> list:
+    """Tiles of ROWS x BLOCK_N with 4 to 32 values a thread; the first is the default (and the interpreter's)."""
+    default_rows, default_warps = _default_tile(block_n, single)
+    configs = [triton.Config({"ROWS": default_rows}, num_warps=default_warps)]
+    if not single:
+        return configs
+    for rows in (1, 2, 4, 8, 16):
+        tile = rows * block_n
+        if rows > 1 and tile > 8192:
+            break
+        for warps in (2, 4, 8, 16, 32):
+            per_thread = tile // (32 * warps)
+            if 4 <= per_thread <= 32 and (rows, warps) != (default_rows, default_warps):
+                configs.append(triton.Config({"ROWS": rows}, num_warps=warps))
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_kernel_for(block_n: int, single: bool):
+    """The forward kernel autotuned over the tiles that suit this block width (one config under the interpreter).
+
+    The forward may be autotuned freely: each row is computed by one program whatever
+    the tile, so the choice changes speed, never which values are summed together.
+    """
+    return runtime.autotune(_fwd_configs(block_n, single), key=["n_cols", "HAS_W", "HAS_B", "STORE_STATS"])(
+        _layer_norm_fwd_kernel)
+
+
+def _block_n(n_cols: int) -> tuple[int, bool]:
+    """Block width and whether the row fits in one block."""
+    block = triton.next_power_of_2(n_cols)
+    if block <= MAX_FUSED_BLOCK:
+        return block, True
+    return LOOP_BLOCK, False
+
+
+def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                       store_stats: bool):
+    """y (rows, N) in x's dtype, and the fp32 row statistics (mean, rstd) when `store_stats`, else (None, None)."""
+    n_rows, n_cols = x2.shape
+    y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    mean = rstd = None
+    if store_stats:
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+    if x2.numel() == 0:
+        return y2, mean, rstd
+    block, single = _block_n(n_cols)
+    kernel = _fwd_kernel_for(block, single)
+    grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)  # noqa: E731  (ROWS comes from the tuned config)
+    # Unused pointers still need a tensor; x2 is never read through them.
+    launch(kernel, grid, x2, y2, weight if weight is not None else x2, bias if bias is not None else x2,
+           mean if store_stats else y2, rstd if store_stats else y2,
+           x2.stride(0), y2.stride(0), n_rows, n_cols, eps,
+           BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, HAS_B=bias is not None,
+           STORE_STATS=store_stats)
+    return y2, mean, rstd
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_part_ptr, db_part_ptr,
+                           x_row_stride, dy_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program, eps,
+                           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+                           HAS_W: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                           COMPUTE_DB: tl.constexpr, RECOMPUTE_STATS: tl.constexpr):
+    # Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and walks
+    # them ROWS at a time. Besides dx it sums dy * xhat and dy over its rows, in a fixed
+    # order, and writes those partial sums to row p of the [programs, N] buffers.
+    pid = tl.program_id(0).to(tl.int64)
+    first_row = pid * rows_per_program
+    cols = tl.arange(0, BLOCK_N)
+    part_offset = pid * n_cols
+
+    if SINGLE_BLOCK:
+        col_mask = cols < n_cols
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        db_acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for i in range(0, rows_per_program, ROWS):
+            rows = first_row + i + tl.arange(0, ROWS)
+            row_mask = rows < n_rows
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if RECOMPUTE_STATS:
+                # The alternative to storing mean/rstd: x is in registers anyway, so this
+                # costs two row reductions and no memory traffic.
+                mean = tl.sum(x, axis=1) / n_cols
+                xc = tl.where(mask, x - mean[:, None], 0.0)
+                rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+            else:
+                mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+                rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_W:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            if COMPUTE_DX:
+                c1 = tl.sum(xhat * g, axis=1) / n_cols
+                c2 = tl.sum(g, axis=1) / n_cols
+                dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                         mask=mask)
+            # dgamma needs xhat, the normalized input -- not y = xhat * w + b (the seed's bug).
+            if COMPUTE_DW:
+                dw_acc += dy * xhat
+            if COMPUTE_DB:
+                db_acc += dy
+        # Fold the ROWS lanes once, at the end, in a fixed order.
+        if COMPUTE_DW:
+            tl.store(dw_part_ptr + part_offset + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        if COMPUTE_DB:
+            tl.store(db_part_ptr + part_offset + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    else:
+        # Long rows, one at a time: pass 1 gathers the row sums, pass 2 writes dx and adds
+        # into this program's own row of the partial buffers (zeroed by the launcher).
+        for i in range(0, rows_per_program):
+            row = first_row + i
+            if row < n_rows:
+                x_row = x_ptr + row * x_row_stride
+                dy_row = dy_ptr + row * dy_row_stride
+                if RECOMPUTE_STATS:
+                    acc = tl.zeros([BLOCK_N], tl.float32)
+                    for start in range(0, n_cols, BLOCK_N):
+                        acc += tl.load(x_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+                    mean = tl.sum(acc, axis=0) / n_cols
+                    acc = tl.zeros([BLOCK_N], tl.float32)
+                    for start in range(0, n_cols, BLOCK_N):
+                        m = start + cols < n_cols
+                        x = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
+                        xc = tl.where(m, x - mean, 0.0)
+                        acc += xc * xc
+                    rstd = tl.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+                else:
+                    mean = tl.load(mean_ptr + row)
+                    rstd = tl.load(rstd_ptr + row)
+                acc1 = tl.zeros([BLOCK_N], tl.float32)
+                acc2 = tl.zeros([BLOCK_N], tl.float32)
+                for start in range(0, n_cols, BLOCK_N):
+                    m = start + cols < n_cols
+                    x = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
+                    dy = tl.load(dy_row + start + cols, mask=m, other=0.0).to(tl.float32)
+                    xhat = tl.where(m, (x - mean) * rstd, 0.0)
+                    if HAS_W:
+                        dy = dy * tl.load(w_ptr + start + cols, mask=m, other=0.0).to(tl.float32)
+                    acc1 += xhat * dy
+                    acc2 += dy
+                c1 = tl.sum(acc1, axis=0) / n_cols
+                c2 = tl.sum(acc2, axis=0) / n_cols
+                for start in range(0, n_cols, BLOCK_N):
+                    m = start + cols < n_cols
+                    x = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
+                    dy = tl.load(dy_row + start + cols, mask=m, other=0.0).to(tl.float32)
+                    xhat = tl.where(m, (x - mean) * rstd, 0.0)
+                    if COMPUTE_DX:
+                        g = dy
+                        if HAS_W:
+                            g = dy * tl.load(w_ptr + start + cols, mask=m, other=0.0).to(tl.float32)
+                        dx = (g - (xhat * c1 + c2)) * rstd
+                        tl.store(dx_ptr + row * dx_row_stride + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+                    # Each program only touches its own partial row, so no other program races it.
+                    if COMPUTE_DW:
+                        p = dw_part_ptr + part_offset + start + cols
+                        tl.store(p, tl.load(p, mask=m, other=0.0) + dy * xhat, mask=m)
+                    if COMPUTE_DB:
+                        p = db_part_ptr + part_offset + start + cols
+                        tl.store(p, tl.load(p, mask=m, other=0.0) + dy, mask=m)
+                # The next row re-reads what this one wrote: keep the program's threads in step.
+                tl.debug_barrier()
+
+
+@triton.jit
+def _sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, n_cols,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                         COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr):
+    # Column block per program; the partial rows are added in the same order on every run.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    parts = tl.arange(0, BLOCK_P)
+    dw_acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    db_acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for start in range(0, n_parts, BLOCK_P):
+        p = start + parts
+        mask = (p < n_parts)[:, None] & col_mask[None, :]
+        offsets = p.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        if COMPUTE_DW:
+            dw_acc += tl.load(dw_part_ptr + offsets, mask=mask, other=0.0)
+        if COMPUTE_DB:
+            db_acc += tl.load(db_part_ptr + offsets, mask=mask, other=0.0)
+    if COMPUTE_DW:
+        tl.store(dw_ptr + cols, tl.sum(dw_acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(db_ptr + cols, tl.sum(db_acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_params(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, bool, int, int]:
+    """(ROWS, BLOCK_N, single block?, num_warps, programs) for the backward.
+
+    Fixed by the shape and the GPU, never autotuned: the partial sums, and so the
+    rounding of dweight and dbias, depend on how rows are split among programs.
+    """
+    block, single = _block_n(n_cols)
+    rows, num_warps = _default_tile(block, single)
+    if runtime.INTERPRET or device.type != "cuda":
+        programs = INTERPRET_BWD_PROGRAMS
+    else:
+        # Enough programs to fill every SM, few enough that the [programs, N] partial
+        # buffers stay small next to x and dy.
+        programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        programs *= max(1, BWD_WARPS_PER_SM // num_warps)
+    return rows, block, single, num_warps, programs
+
+
+def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
+                        mean: torch.Tensor | None, rstd: torch.Tensor | None, eps: float, *,
+                        compute_dx: bool = True, compute_dw: bool = True, compute_db: bool = True,
+                        bias_dtype: torch.dtype | None = None, num_programs: int | None = None):
+    """(dx (rows, N) or None, dweight (N,) or None, dbias (N,) or None).
+
+    `mean`/`rstd` None means: recompute them from x (the chapter times this against
+    storing them). `num_programs` overrides the row split (the chapter sweeps it).
+    """
+    n_rows, n_cols = x2.shape
+    compute_dw = compute_dw and weight is not None
+    dx2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device) if compute_dx else None
+    dw = torch.zeros(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
+    db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
+    db = torch.zeros(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
+    if x2.numel() == 0:
+        return dx2, dw, db  # no rows: dweight and dbias are empty sums, zero
+
+    rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device)
+    programs = max(1, min(num_programs or programs, triton.cdiv(n_rows, rows)))
+    # Whole tiles per program; recount so that no program is left without rows.
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+    programs = triton.cdiv(n_rows, rows_per_program)
+
+    part = None
+    if compute_dw or compute_db:
+        # fp32 partial sums, [0] for dweight and [1] for dbias. The single-block path
+        # overwrites its row; the looping path adds into it, so it starts from zero.
+        alloc = torch.empty if single else torch.zeros
+        part = alloc((2, programs, n_cols), dtype=torch.float32, device=x2.device)
+
+    recompute = mean is None
+    dummy = x2  # stands in for pointers a flag leaves unused
+    launch(_layer_norm_bwd_kernel, (programs,),
+           x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
+           dummy if recompute else mean, dummy if recompute else rstd,
+           part[0] if part is not None else dummy, part[1] if part is not None else dummy,
+           x2.stride(0), dy2.stride(0), n_cols, n_rows, n_cols, rows_per_program, eps,
+           ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
+           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute, num_warps=num_warps)
+    if part is not None:
+        # Narrow column blocks: enough programs even for N = 512 (the interpreter prefers few, wide ones).
+        if runtime.INTERPRET:
+            block_c = min(1024, triton.next_power_of_2(n_cols))
+        else:
+            block_c = 32 if n_cols <= 2048 else 64
+        launch(_sum_partials_kernel, (triton.cdiv(n_cols, block_c),),
+               part[0], part[1], dw if compute_dw else dummy, db if compute_db else dummy, programs, n_cols,
+               BLOCK_P=64, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=4)
+    return dx2, dw, db
+
+
+# ---------------------------------------------------------------- autograd and the public function
+
+
+def _as_rows(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A 2-D (rows, N) view with unit column stride, copying only when a view cannot do."""
+    t2 = t.reshape(n_rows, n_cols)
+    return t2 if t2.stride(-1) == 1 or n_cols <= 1 else t2.contiguous()
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Layer norm over the last `n_cols` elements of each row. Saves x, weight and the fp32 mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, n_rows: int, n_cols: int, eps: float):
+        x2 = _as_rows(x, n_rows, n_cols)
+        w = weight.reshape(-1).contiguous() if weight is not None else None
+        b = bias.reshape(-1).contiguous() if bias is not None else None
+        y2, mean, rstd = layer_norm_forward(x2, w, b, eps, store_stats=True)
+        ctx.save_for_backward(x2, w, mean, rstd)
+        ctx.eps = eps
+        ctx.x_shape = x.shape
+        ctx.w_shape = weight.shape if weight is not None else None
+        ctx.b_shape = bias.shape if bias is not None else None
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        return y2.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx2, dw, db = layer_norm_backward(_as_rows(dy, *x2.shape), x2, w, mean, rstd, ctx.eps,
+                                          compute_dx=need_dx, compute_dw=need_dw, compute_db=need_db,
+                                          bias_dtype=ctx.b_dtype)
+        dx = dx2.view(ctx.x_shape) if dx2 is not None else None
+        dw = dw.view(ctx.w_shape) if dw is not None else None
+        db = db.view(ctx.b_shape) if db is not None else None
+        return dx, dw, db, None, None, None
+
+
+def _normalized(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(s, int) for s in normalized_shape):
+        raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}")
+    shape = tuple(normalized_shape)
+    if not shape:
+        raise ValueError("layer_norm: normalized_shape must have at least one dimension")
+    return shape
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm like ``torch.nn.functional.layer_norm``: normalize over the trailing `normalized_shape` dims.
+
+    Statistics are computed in fp32; the result has x's dtype. `weight` and `bias`,
+    if given, have shape `normalized_shape` (any float dtype). Gradients flow to x,
+    weight and bias; under ``torch.no_grad()`` (or when none of them requires a
+    gradient) the forward saves nothing.
+    """
+    check_tensor("layer_norm input", x, dtypes=FLOAT_DTYPES)
+    shape = _normalized(normalized_shape)
+    if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"layer_norm: normalized_shape {list(shape)} must match the last dimensions of the "
+                         f"input, got input of shape {list(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(f"layer_norm {name}", p, dtypes=FLOAT_DTYPES, device=x.device)
+        if tuple(p.shape) != shape:
+            raise ValueError(f"layer_norm: {name} has shape {list(p.shape)} but normalized_shape is {list(shape)}")
+    n_cols = math.prod(shape)
+    n_rows = math.prod(x.shape[:x.dim() - len(shape)])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad:
+        return LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps))
+    # Inference: no autograd context and no statistics stored.
+    w = weight.reshape(-1).contiguous() if weight is not None else None
+    b = bias.reshape(-1).contiguous() if bias is not None else None
+    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False)
+    return y2.view(x.shape)
