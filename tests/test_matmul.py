@@ -1,0 +1,229 @@
+"""linear (matmul + bias + fused activation), forward and backward, against F.linear + activation in float64."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ON_GPU, cuda_only
+
+from triton_transformer import linear, runtime
+from triton_transformer.testing import tolerance
+
+# the module (the package's `linear` name is the function), for its knobs: TMA, SPLIT_K, AUTOTUNE_MIN_MACS
+MM = importlib.import_module("triton_transformer.matmul")
+
+ACTIVATIONS = [None, "relu", "relu_squared", "gelu"]
+
+
+def act_ref(z, activation):
+    if activation is None:
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "relu_squared":
+        return F.relu(z) ** 2
+    return F.gelu(z, approximate="tanh")
+
+
+def check(x, weight, bias=None, activation=None, dy=None, tol=None):
+    """Forward and every gradient of linear against the float64 reference, on the same inputs."""
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    bias = bias.detach().requires_grad_() if bias is not None else None
+    y = linear(x, weight, bias, activation)
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_() if bias is not None else None
+    y64 = act_ref(F.linear(x64, w64, b64), activation)
+    y64.backward(dy.double())
+
+    tol = tol or tolerance(x.dtype, matmul=True)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
+    torch.testing.assert_close(y.double(), y64, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, **tol)
+    if bias is not None:
+        torch.testing.assert_close(bias.grad.double(), b64.grad, **tol)
+    return y
+
+
+def inputs(shape, out_features, dtype, device, bias=True, scale=1.0):
+    x = torch.randn(shape, device=device, dtype=torch.float32) * scale
+    w = torch.randn(out_features, shape[-1], device=device) / shape[-1] ** 0.5
+    b = torch.randn(out_features, device=device) if bias else None
+    return x.to(dtype), w.to(dtype), (b.to(dtype) if bias else None)
+
+
+class Spy:
+    """Counts the launches of a kernel object while forwarding them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_ragged_tails_fp32(activation, bias, device):
+    """(33, 70) x (130, 70): no dimension a multiple of any tile."""
+    check(*inputs((33, 70), 130, torch.float32, device, bias), activation)
+
+
+@pytest.mark.parametrize("activation", ["gelu", None], ids=str)
+def test_fp16(activation, device):
+    check(*inputs((33, 70), 130, torch.float16, device, bias=activation is not None), activation)
+
+
+def test_3d_input_reduces_dW_over_all_rows(device):
+    """x of shape (2, 17, 64): dW sums over all 34 rows of both batch entries."""
+    check(*inputs((2, 17, 64), 48, torch.float32, device), "relu_squared")
+    check(*inputs((2, 17, 64), 48, torch.float16, device), "relu")
+
+
+def test_one_row_and_one_dimensional_input(device):
+    check(*inputs((1, 40), 24, torch.float32, device), "gelu")
+    x, w, b = inputs((40,), 24, torch.float32, device)
+    y = check(x, w, b, None)
+    assert y.shape == (24,)
+
+
+def test_gelu_is_finite_for_large_inputs(device):
+    """The sigmoid form must neither overflow nor produce NaN far out in the tails."""
+    x, w, b = inputs((8, 16), 32, torch.float32, device, scale=60.0)
+    y = check(x, w, b, "gelu")
+    assert torch.isfinite(y).all()
+
+
+def test_strided_inputs_and_reduced_output_gradient(device):
+    """Transposed views for x and weight (no copies) and dy of stride 0 (from .sum())."""
+    x = torch.randn(70, 33, device=device).t()            # (33, 70), column-major
+    w = torch.randn(70, 130, device=device).t() / 8       # (130, 70), column-major
+    b = torch.randn(130, device=device)
+    check(x, w, b, "gelu")
+    check(x, w, b, "relu", dy=torch.ones(()).expand(33, 130))
+
+
+def test_no_grad_saves_nothing_and_frozen_weight_saves_no_input(device):
+    x, w, b = inputs((5, 16), 8, torch.float32, device)
+    x.requires_grad_()
+    w.requires_grad_()
+    with torch.no_grad():
+        assert linear(x, w, b, "gelu").grad_fn is None
+    # weight frozen: x is not kept for dW; gelu keeps its pre-activation z
+    saved = linear(x, w.detach(), b, "gelu").grad_fn.saved_tensors
+    assert saved[0] is None and saved[1] is not None and saved[2] is not None
+    # relu and relu^2 recover their derivative from the output: nothing extra is stored
+    y = linear(x, w, b, "relu_squared")
+    saved = y.grad_fn.saved_tensors
+    assert saved[2].data_ptr() == y.data_ptr()
+    # input frozen: W is not kept for dx
+    saved = linear(x.detach(), w, None, None).grad_fn.saved_tensors
+    assert saved[1] is None and saved[2] is None
+
+
+def test_gradients_are_deterministic(device):
+    x, w, b = inputs((2, 17, 64), 48, torch.float32, device)
+    grads = []
+    for _ in range(2):
+        xg, wg, bg = (t.detach().requires_grad_() for t in (x, w, b))
+        linear(xg, wg, bg, "gelu").square().sum().backward()
+        grads.append((xg.grad, wg.grad, bg.grad))
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+
+
+def test_empty(device):
+    x, w, b = inputs((0, 16), 8, torch.float32, device)
+    x.requires_grad_()
+    w.requires_grad_()
+    y = linear(x, w, b, "relu")
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+# ---------------------------------------------------------------- the other code paths, forced on small shapes
+
+def test_autotuned_pointer_kernel(monkeypatch, device):
+    """The autotuned launch (on CPU: the first config, 32 x 32 x 32) instead of SMALL_CONFIG."""
+    monkeypatch.setattr(MM, "AUTOTUNE_MIN_MACS", 0)
+    monkeypatch.setattr(MM, "TMA", False)
+    check(*inputs((33, 70), 130, torch.float32, device), "gelu")
+
+
+def test_tma_kernel(monkeypatch, device):
+    """The persistent TMA kernel, all three layouts (x W^T, dz W, dz^T x), ragged M and N."""
+    spy = Spy(MM._matmul_tma_kernel)
+    monkeypatch.setattr(MM, "_matmul_tma_kernel", spy)
+    monkeypatch.setattr(MM, "TMA", True)
+    check(*inputs((2, 17, 64), 48, torch.float32, device), "gelu")
+    assert spy.calls == 3  # forward, dx and dW all took it (strides are 16-byte aligned)
+    check(*inputs((34, 64), 80, torch.float16, device, bias=False), None)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_split_k(monkeypatch, tma, device):
+    """dW with its K loop (the rows) split in 3, partial sums reduced in fp32."""
+    monkeypatch.setattr(MM, "SPLIT_K", 3)
+    monkeypatch.setattr(MM, "TMA", tma)
+    check(*inputs((100, 32), 48, torch.float32, device, bias=False), None)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_bad_input_raises_clear_errors(device):
+    x, w, b = inputs((4, 16), 8, torch.float32, device)
+    with pytest.raises(ValueError, match="x has 15 features"):
+        linear(x[:, :15], w)
+    with pytest.raises(TypeError, match="weight has dtype float16 but x has dtype float32"):
+        linear(x, w.half())
+    with pytest.raises(TypeError, match="bias has dtype float16"):
+        linear(x, w, b.half())
+    with pytest.raises(ValueError, match="bias has 7 elements"):
+        linear(x, w, b[:7])
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        linear(x, w, b, activation="swish")
+    with pytest.raises(ValueError, match="weight is on meta"):
+        linear(x, w.to("meta"))
+    with pytest.raises(TypeError, match="dtype int64"):
+        linear(torch.arange(16, device=device).reshape(1, 16), w)
+    with pytest.raises(ValueError, match="must have 2 dimensions"):
+        linear(x, w[None])
+
+
+# ---------------------------------------------------------------- GPU: bf16 and the autotuned / TMA paths
+
+@cuda_only
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_cuda_bf16(activation, bias, device):
+    check(*inputs((33, 70), 130, torch.bfloat16, device, bias), activation)
+    # big enough to autotune: ragged (pointer kernel) and 16-byte aligned (TMA kernel on Hopper)
+    check(*inputs((1000, 700), 600, torch.bfloat16, device, bias), activation)
+    check(*inputs((4, 512, 768), 1024, torch.bfloat16, device, bias), activation)
+
+
+@cuda_only
+def test_cuda_split_k_and_fp16(device):
+    # dW of (3072, 768) over 8192 rows: few output tiles, long K -> split by the heuristic
+    assert MM._split_k(3072, 768, 8192, device) > 1
+    tol = dict(atol=5e-2, rtol=5e-2)
+    check(*inputs((8192, 768), 3072, torch.bfloat16, device, scale=0.5), "gelu", tol=tol)
+    check(*inputs((2, 300, 512), 1000, torch.float16, device), "relu_squared")
+
+
+@cuda_only
+def test_cuda_fp32_follows_torch_matmul_precision(device):
+    assert MM._precision(torch.float32) == ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+    check(*inputs((300, 256), 384, torch.float32, device), "gelu")
+
+
+if not ON_GPU:
+    assert runtime.INTERPRET

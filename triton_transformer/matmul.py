@@ -1,0 +1,600 @@
+"""Linear layers in Triton: y = act(x @ W^T + b), forward and backward, for every projection of the GPT.
+
+    forward    z = x W^T + b            y = act(z)
+    backward   dz = dy * act'(z)        dx = dz W        dW = dz^T x        db = sum_rows dz
+
+All three matmuls are the same kernel, C = A @ B (+ bias, activation), which takes
+A and B with arbitrary strides. The forward passes B = W^T, the backward passes
+A = dz with B = W, and A = dz^T with B = x: transposes are just swapped strides,
+so nothing is copied, and dW sums over every row of x (all leading dimensions
+flattened) inside the kernel's K loop, without a batch-sized temporary.
+
+A GEMM is compute bound: an (M, K) x (K, N) product does 2MNK flops on
+2(MK + KN + MN) bytes, hundreds of flops per byte at the sizes of a GPT. The
+kernel's job is to keep the tensor cores fed: tiles of A and B staged through
+shared memory (software pipelined, `num_stages` deep), fp32 accumulation in
+registers, tiles visited in groups of GROUP_M rows so that programs running at
+the same time share their A and B tiles in L2. What is *not* compute bound is
+everything around the GEMM, which is why bias and activation are applied to the
+fp32 accumulator before the single store (the epilogue), instead of as separate
+passes over the (M, N) output.
+
+Two kernels compute the tiles:
+
+* `_matmul_kernel` loads tiles through pointers and masks. It runs everywhere:
+  the interpreter, a T4, an A100, any strides.
+* `_matmul_tma_kernel` (Hopper and newer, fp16/bf16) loads tiles with the Tensor
+  Memory Accelerator through host-side tensor descriptors (tails are zero-filled
+  by the hardware, no masks) and is persistent: one program per SM walks over
+  the tiles, so the epilogue of one tile overlaps the loads of the next.
+
+Both are autotuned for large problems; small ones (the launches of a test, or of
+generation with a tiny batch) take a fixed config and skip the autotuner.
+
+Backward. For gelu the forward also stores the pre-activation z (one extra
+(M, N) write) so the backward never recomputes x W^T (a whole GEMM). For relu
+and relu^2 the derivative is recovered from the output y itself (y > 0, and
+2 sqrt(y)), and y is kept alive by the next layer anyway: no extra bytes. One
+elementwise kernel then forms dz = dy * act'(.) and, in the same pass,
+per-block column sums for db (reduced by a second tiny kernel: deterministic,
+no atomics). When the output tiles of dW are too few to fill the GPU (dW is
+(out, in) however many rows were reduced), the K loop is split over several
+programs whose fp32 partial sums are added by that same small reduction kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+from .runtime import FLOAT_DTYPES, check_tensor
+
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+#: Activation names accepted by `linear`, and the code the kernels switch on at compile time.
+ACTIVATIONS = {None: 0, "relu": 1, "relu_squared": 2, "gelu": 3}
+RELU, RELU_SQUARED, GELU = 1, 2, 3
+
+# gelu (tanh form) = 0.5 z (1 + tanh(u)) = z * sigmoid(2u), with u = sqrt(2/pi) (z + 0.044715 z^3).
+# 2u = z * (GELU_K1 + GELU_K2 z^2). Written with sigmoid: libdevice's tanh fails in the interpreter.
+GELU_K1 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))
+GELU_K2 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi) * 0.044715)
+
+# ---------------------------------------------------------------- knobs (tests and the chapter change them)
+
+#: Use the TMA kernel: "auto" (Hopper or newer, fp16/bf16, TMA-compatible strides), True (force it
+#: wherever the strides allow, any dtype: used to test it under the interpreter), or False.
+TMA = {"0": False, "1": True}.get(os.environ.get("TT_MATMUL_TMA", ""), "auto")
+#: Problems with fewer multiply-adds than this take SMALL_CONFIG instead of the autotuner.
+AUTOTUNE_MIN_MACS = 1 << 26
+#: Split the K loop in this many parts; None picks by the heuristic in `_split_k`.
+SPLIT_K = None
+
+# ---------------------------------------------------------------- configs
+
+# The first config of each list is the one the interpreter runs (runtime.autotune keeps only it)
+# and fits a T4's 64 KB of shared memory. The autotuner skips configs too big for the GPU at hand.
+_POINTER_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4),
+    # T4 / Ampere sized
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    # Hopper sized
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+
+#: What small problems run, without autotuning. (The interpreter's cost is per program and per
+#: operation, not per element: larger tiles make the CPU tests faster.)
+SMALL_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_stages=3, num_warps=4)
+
+
+def _set_tma_block_shapes(nargs):
+    """Autotuner pre-hook: a TMA descriptor's box is the tile of the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+
+
+def _tma_config(bm, bn, bk, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps, pre_hook=_set_tma_block_shapes)
+
+
+_TMA_CONFIGS = [
+    _tma_config(64, 64, 32, 3, 4),  # interpreter / smallest; never the winner on an H100
+    _tma_config(128, 256, 64, 3, 8),
+    _tma_config(128, 256, 64, 4, 8),
+    _tma_config(256, 128, 64, 3, 8),
+    _tma_config(128, 128, 64, 4, 8),
+    _tma_config(128, 128, 64, 4, 4),
+    _tma_config(128, 128, 128, 3, 8),
+    _tma_config(64, 256, 64, 4, 4),
+    _tma_config(128, 64, 64, 4, 4),
+]
+
+# The autotuner re-tunes for every new value of its key. Keying on the exact M, N, K would re-tune
+# for every batch size (generation changes M at each step); we key on their powers of two instead.
+_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "SPLIT_K"]
+
+# ---------------------------------------------------------------- shared pieces of the kernels
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp of -|x| only, so it never overflows (1 / (1 + exp(-x)) would, harmlessly, for x << 0)
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) in fp32: 0 identity, 1 relu, 2 relu^2 (Primer), 3 gelu (tanh form, via sigmoid)."""
+    if ACTIVATION == 1:
+        y = tl.maximum(z, 0.0)
+    elif ACTIVATION == 2:
+        r = tl.maximum(z, 0.0)
+        y = r * r
+    elif ACTIVATION == 3:
+        y = z * _sigmoid(z * (GELU_K1 + GELU_K2 * z * z))
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _activation_grad(s, ACTIVATION: tl.constexpr):
+    """act'(z) from what the forward saved: the output y for relu and relu^2, the pre-activation z for gelu.
+
+    relu:   y > 0  <=>  z > 0, so act' = [y > 0]
+    relu^2: act'(z) = 2 relu(z) = 2 sqrt(y)
+    gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2)
+    """
+    if ACTIVATION == 1:
+        g = tl.where(s > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        g = 2.0 * tl.sqrt(tl.maximum(s, 0.0))
+    elif ACTIVATION == 3:
+        sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s * s))
+        g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s * s)
+    else:
+        g = tl.full(s.shape, 1.0, tl.float32)
+    return g
+
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (row tile, column tile), walking GROUP_M row tiles down each column before moving right.
+
+    Programs that run at the same time then read GROUP_M row panels of A and a few column
+    panels of B, which stay in L2, instead of one row panel and *every* column panel of B.
+    """
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_rows
+    pid_n = (tile % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bias, optional store of the pre-activation, activation and the one store of the tile.
+
+    All of it happens on the fp32 accumulator in registers: fused, the bias and the activation
+    cost no memory traffic; unfused, each would read and write the whole (M, N) output again.
+    Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
+    may exceed 2**31 (logits of a large batch over a 50K vocabulary).
+    """
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    mask = ((row0 + rm) < M)[:, None] & ((col0 + rn) < N)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col0 + rn, mask=(col0 + rn) < N, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if STORE_Z:
+        z_tile = z_ptr + row0.to(tl.int64) * stride_zm + col0
+        tl.store(z_tile + rm[:, None] * stride_zm + rn[None, :], acc.to(z_ptr.dtype.element_ty), mask=mask)
+    y = _activation(acc, ACTIVATION)
+    c_tile = c_ptr + split.to(tl.int64) * stride_cs + row0.to(tl.int64) * stride_cm + col0
+    tl.store(c_tile + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- the GEMM kernels
+
+
+@runtime.autotune(configs=_POINTER_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr,
+                   M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cs, stride_zm,
+                   M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only (see _TUNE_KEY)
+                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+                   SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[split] = act(A @ B + bias) over the K tiles of this split; A (M, K) and B (K, N) of any strides.
+
+    Grid: (output tiles, SPLIT_K). A stride equal to 1 is specialised by Triton at compile time,
+    so a row-major A and a transposed A (dz^T in the dW matmul) each get vectorised loads.
+    """
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_first = split * tiles_per_split
+    k_last = tl.minimum(k_first + tiles_per_split, k_tiles)
+
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = (pid_m * BLOCK_M + rm) < M
+    mask_n = (pid_n * BLOCK_N + rn) < N
+    # 64-bit base of this program's tiles, small 32-bit offsets inside them
+    a_ptrs = (a_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_am + (k_first * BLOCK_K).to(tl.int64) * stride_ak
+              + rm[:, None] * stride_am + rk[None, :] * stride_ak)
+    b_ptrs = (b_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_bn + (k_first * BLOCK_K).to(tl.int64) * stride_bk
+              + rk[:, None] * stride_bk + rn[None, :] * stride_bn)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_first, k_last):
+        # Rows past M and columns past N load 0 (their results are never stored); so do
+        # K past the end, where a 0 contributes nothing to the sum. EVEN_K drops that mask.
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
+              HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
+
+
+@runtime.autotune(configs=_TMA_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr,
+                       M, N, K,
+                       stride_cm, stride_cs, stride_zm,
+                       M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only
+                       A_T: tl.constexpr, B_T: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+                       SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The same product with TMA loads, persistent: NUM_SMS programs stride over (split, tile) work items.
+
+    A descriptor describes a row-major matrix. A_T means the descriptor holds A^T (shape (K, M),
+    e.g. dz when A = dz^T), so its tile is loaded as (BLOCK_K, BLOCK_M) and transposed in place,
+    which costs nothing: the tensor cores read either orientation from shared memory.
+    Likewise B_T: the descriptor holds B^T (shape (N, K), e.g. the weight W when B = W^T).
+    Out-of-bounds parts of a box are filled with zeros by the TMA unit: no masks.
+    """
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    for work in tl.range(tl.program_id(0), num_tiles * SPLIT_K, NUM_SMS, flatten=True):
+        split = work // num_tiles  # split-major: programs running together share the same K range
+        pid_m, pid_n = _tile_coords(work % num_tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # The same trip count for every work item keeps the two loops flattenable into one
+        # software pipeline; boxes of the last split that start past K just load zeros.
+        for kk in range(0, tiles_per_split):
+            off_k = (split * tiles_per_split + kk) * BLOCK_K
+            if A_T:
+                a = a_desc.load([off_k, off_m]).T
+            else:
+                a = a_desc.load([off_m, off_k])
+            if B_T:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
+                  HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
+
+
+# ---------------------------------------------------------------- backward helpers and reductions
+
+
+@triton.jit
+def _act_bwd_kernel(dy_ptr, s_ptr, dz_ptr, part_ptr, M, N, rows_per_prog,
+                    stride_dym, stride_dyn, stride_sm, stride_dzm,
+                    ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dz = dy * act'(s) for a (rows_per_prog, BLOCK_N) strip, plus the strip's column sums for db.
+
+    One pass: dy and s are read once, dz written once, and the bias gradient needs no
+    extra read of dz. The partial sums (one row per program row) are added by
+    `_sum_rows_kernel` in a fixed order, so db is deterministic (no atomics).
+    """
+    pid_r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_first = pid_r * rows_per_prog
+    for r0 in range(row_first, tl.minimum(row_first + rows_per_prog, M), BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & mask_n[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        dz = tl.load(dy_ptr + rows64 * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+        if ACTIVATION != 0:
+            s = tl.load(s_ptr + rows64 * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dz = dz * _activation_grad(s, ACTIVATION)
+        if STORE_DZ:
+            tl.store(dz_ptr + rows64 * stride_dzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc += dz  # masked lanes hold 0 * act'(0) = 0
+    if HAS_BIAS:
+        tl.store(part_ptr + pid_r.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=mask_n)
+
+
+@triton.jit
+def _sum_rows_kernel(x_ptr, out_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[j] = sum_r x[r, j] for a contiguous fp32 (R, N): the bias gradient's partial sums, or split-K partials."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(x_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                       mask=(rows < R)[:, None] & mask_n[None, :], other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+# ---------------------------------------------------------------- launchers
+
+_NUM_SMS = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few persistent programs, so that each walks several tiles
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def _bucket(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's setting: exact fp32 ("highest", the default) or TF32 ("high"/"medium")."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """How many programs share the K loop of one output tile.
+
+    dW = dz^T x has a small (out, in) output but reduces over every row of the batch:
+    (3072, 768) over 16384 rows is only 144 tiles of 128 x 128 for 132 SMs, so one wave
+    is full and the second almost empty. Splitting K fills the machine; the price is an
+    fp32 partial (M, N) per split, written then summed by `_sum_rows_kernel`.
+    """
+    if SPLIT_K is not None:
+        return max(1, int(SPLIT_K))
+    if device.type != "cuda" or K < 4096:
+        return 1
+    sms = _num_sms(device)
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    if tiles >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(3 * sms, tiles), K // 2048, 16))
+
+
+def _tma_operand(t: torch.Tensor):
+    """(descriptor over t or t^T, transposed?) when t can feed TMA: one unit stride, 16-byte aligned rest."""
+    if TensorDescriptor is None or t.data_ptr() % 16:
+        return None
+    size = t.element_size()
+    rows, cols = t.shape
+    if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and rows > 0 and cols > 0:
+        return TensorDescriptor(t, [rows, cols], [t.stride(0), 1], [1, 1]), False
+    if t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0 and rows > 0 and cols > 0:
+        return TensorDescriptor(t, [cols, rows], [t.stride(1), 1], [1, 1]), True
+    return None
+
+
+def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
+    if TMA is True:
+        return True
+    if TMA is False or TensorDescriptor is None or device.type != "cuda" or dtype == torch.float32:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
+           store_z: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(a @ b + bias), z or None) for 2-D `a` (M, K) and `b` (K, N) of any strides, in a's dtype.
+
+    The building block of `linear` (no autograd here, no input checks: `linear` does those).
+    With `store_z` the pre-activation z = a @ b + bias is returned too.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    z = torch.empty_like(c) if store_z else None
+    if M == 0 or N == 0:
+        return c, z
+    # split-K only for plain products (dW): bias and activation need the full sum
+    split = 1 if (bias is not None or activation or store_z) else _split_k(M, N, K, a.device)
+    split = min(split, max(1, triton.cdiv(K, 32)))
+    out = c if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
+    stride_cs = out.stride(0) if split > 1 else 0
+    bias_arg = bias.contiguous() if bias is not None else c  # the epilogue reads it with unit stride
+    z_arg = z if z is not None else c
+    common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, SPLIT_K=split,
+                  PRECISION=_precision(a.dtype))
+    stride_cm = out.stride(-2)
+    stride_zm = z.stride(0) if z is not None else 0
+    keys = (_bucket(M), _bucket(N), _bucket(K))
+
+    big = M * N * K >= AUTOTUNE_MIN_MACS
+    tma = (big and K > 0 and _tma_wanted(a.dtype, a.device)) or (TMA is True and K > 0)
+    desc_a = _tma_operand(a) if tma else None
+    desc_b = _tma_operand(b) if desc_a is not None else None
+    if desc_a is not None and desc_b is not None:
+        (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
+        sms = _num_sms(a.device)
+        grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]) * split),)
+        try:
+            _matmul_tma_kernel[grid](a_desc, b_desc, out, bias_arg, z_arg, M, N, K,
+                                     stride_cm, stride_cs, stride_zm, *keys, 2 * a_t + b_t,
+                                     A_T=a_t, B_T=b_t, NUM_SMS=sms, **common)
+        except Exception as err:  # a Triton without working TMA support: say so once, then use pointers
+            if TMA is True:
+                raise
+            warnings.warn(f"triton_transformer.matmul: the TMA kernel failed ({type(err).__name__}: "
+                          f"{str(err)[:200]}); using the pointer kernel from now on")
+            globals()["TMA"] = False
+            desc_a = None
+    if desc_a is None or desc_b is None:
+        args = (a, b, out, bias_arg, z_arg, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                stride_cm, stride_cs, stride_zm, *keys, 2 * int(a.stride(0) == 1) + int(b.stride(1) != 1))
+        # every BLOCK_K of the configs divides 128, so K % 128 == 0 means no K tail in any config
+        even_k = K % 128 == 0
+        if big:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+            _matmul_kernel[grid](*args, EVEN_K=even_k, **common)
+        else:
+            cfg = SMALL_CONFIG
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+            _matmul_kernel.fn[grid](*args, EVEN_K=K % cfg["BLOCK_K"] == 0, **common, **cfg)
+    if split > 1:
+        _sum_rows(out.view(split, M * N), c.view(-1))
+    return c, z
+
+
+def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x.sum(0) for a contiguous fp32 (R, N), deterministic, cast to out's dtype."""
+    R, N = x.shape
+    block_n = 256 if runtime.INTERPRET else 1024
+    _sum_rows_kernel[(triton.cdiv(N, block_n),)](x, out, R, N, BLOCK_R=8, BLOCK_N=block_n, num_warps=4)
+
+
+def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation: int, bias_grad: bool,
+                        bias_dtype: torch.dtype | None = None):
+    """(dz, db): dz = dy * act'(saved) (dy itself when there is no activation) and db = dz.sum(0) if asked."""
+    M, N = dy.shape
+    if activation == 0 and not bias_grad:
+        return dy, None
+    dz = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if activation else dy
+    db = torch.zeros(N, dtype=bias_dtype or dy.dtype, device=dy.device) if bias_grad else None
+    if M == 0 or N == 0:
+        return dz, db
+    block_m, block_n = (32, 64) if runtime.INTERPRET else (32, 128)
+    col_progs = triton.cdiv(N, block_n)
+    # enough row strips for ~4 programs per SM, each strip a whole number of BLOCK_M rows
+    row_progs = max(1, min(triton.cdiv(M, block_m), 4 * _num_sms(dy.device) // col_progs))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, row_progs), block_m) * block_m
+    row_progs = triton.cdiv(M, rows_per_prog)
+    part = torch.empty((row_progs, N), dtype=torch.float32, device=dy.device) if bias_grad else dz
+    s = saved if saved is not None else dy
+    _act_bwd_kernel[(row_progs, col_progs)](
+        dy, s, dz, part, M, N, rows_per_prog, dy.stride(0), dy.stride(1), s.stride(0), dz.stride(0),
+        ACTIVATION=activation, STORE_DZ=activation != 0, HAS_BIAS=bias_grad,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    if bias_grad:
+        _sum_rows(part, db)
+    return dz, db
+
+
+# ---------------------------------------------------------------- autograd and the public function
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as a 2-D (rows, K) view; copies only if the leading dimensions cannot be flattened."""
+    return x.reshape(-1, x.shape[-1])
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = act(x W^T + b). Saves x only if W needs a gradient, W only if x does, and z only for gelu."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation: int):
+        need_x, need_w, _ = ctx.needs_input_grad[:3]
+        x2 = _rows(x)
+        keep_z = activation == GELU  # gelu' needs z; relu' and relu^2' are recovered from y
+        y2, z2 = matmul(x2, weight.t(), bias, activation, store_z=keep_z)
+        saved = z2 if keep_z else (y2 if activation else None)
+        ctx.save_for_backward(x2 if need_w else None, weight if need_x else None, saved)
+        ctx.activation = activation
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dz, db = activation_backward(dy2, saved, ctx.activation, need_b, ctx.bias_dtype)
+        dx = matmul(dz, weight)[0].view(ctx.x_shape) if need_x else None  # dx = dz W
+        dw = matmul(dz.t(), x2)[0] if need_w else None                    # dW = dz^T x, over all rows
+        return dx, dw, db, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias), like ``F.linear`` followed by an activation, fused, with a Triton backward.
+
+    x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
+    activation: None, "relu", "relu_squared" (Primer's squared ReLU) or "gelu" (tanh approximation,
+    ``F.gelu(approximate="tanh")``). Computed with fp32 accumulation, returned in x's dtype.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear: unknown activation {activation!r}; choose one of "
+                         f"{', '.join(repr(a) for a in ACTIVATIONS)}")
+    check_tensor("linear input x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("linear weight", weight, dtypes=FLOAT_DTYPES, device=x.device, ndim=2)
+    if x.dim() == 0:
+        raise ValueError("linear: x must have at least 1 dimension (..., in_features), got a scalar")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"linear: weight has dtype {str(weight.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}; "
+                        "cast one of them (as with F.linear, both must match)")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features in its last dimension (shape {tuple(x.shape)}) "
+                         f"but weight of shape {tuple(weight.shape)} = (out_features, in_features) expects "
+                         f"{weight.shape[1]}")
+    if bias is not None:
+        check_tensor("linear bias", bias, dtypes=FLOAT_DTYPES, device=x.device, ndim=1)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"linear: bias has dtype {str(bias.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"linear: bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
+                             "output features")
+    act = ACTIVATIONS[activation]
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return LinearFunction.apply(x, weight, bias, act)
+    # no gradient wanted: nothing is saved, no pre-activation is stored
+    y2, _ = matmul(_rows(x), weight.t(), bias, act)
+    return y2.view(*x.shape[:-1], weight.shape[0])
