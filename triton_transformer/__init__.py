@@ -9,6 +9,7 @@ from .runtime import DEVICE, INTERPRET, default_dtype  # noqa: F401
 from .softmax import softmax  # noqa: F401
 # kernel exports: one line per module, in chapter order
 from .layernorm import layer_norm  # noqa: F401
+from .matmul import linear  # noqa: F401
 from .attention import attention  # noqa: F401
 
 __version__ = "0.1.0"
