@@ -1,0 +1,331 @@
+"""Fused cross-entropy over the vocabulary: the loss and its gradient in one pass over the logits.
+
+For a row of logits x (length V) and its target class y,
+
+    loss = logsumexp(x) - x_y,            logsumexp(x) = m + log sum_j exp(x_j - m),  m = max_j x_j
+    dloss/dx_j = softmax(x)_j - [j == y]
+
+The gradient needs nothing but the row and its logsumexp, which the forward has
+just computed. So the forward writes it right away (scaled for the reduction:
+1/(number of counted rows) for "mean"), and the backward only multiplies it by
+the incoming gradient, which is 1 in the common case and then costs nothing. The
+logits are read once (twice when a row is longer than one block) and the
+gradient written once; no probabilities, log-probabilities or fp32 copies of
+the logits ever reach memory. At GPT-2's vocabulary the logits are the largest
+tensor of training, so this is where most of the memory is saved.
+
+A program owns one row. When the row fits in one block (up to MAX_FUSED_BLOCK
+columns) it stays in registers: one read, one write. Longer rows use the online
+logsumexp (running max, rescaled running sum; Milakov & Gimelshein) over blocks
+of ONLINE_BLOCK, then a second pass re-reads the row to write the gradient.
+
+Layout: logits are (N, V) or (B, T, V) with the classes along the LAST dimension,
+as a GPT produces them (F.cross_entropy wants classes in dimension 1, so the
+equivalent call is ``F.cross_entropy(logits.flatten(0, -2), target.flatten())``).
+Any strides are read in place, without a copy.
+
+Differences from F.cross_entropy, on purpose:
+* the loss is returned in float32 whatever the logits' dtype (all arithmetic is
+  fp32; F.cross_entropy returns the logits' dtype, so a bf16 loss would be rounded
+  to 3 significant digits);
+* a target outside [0, V) that is not ignore_index raises ValueError. Checking it
+  reads one int32 flag back from the GPU: the only host-device synchronisation.
+* backward can run once per forward (the gradient buffer is scaled in place and
+  released); ``retain_graph=True`` with a second backward raises.
+* no class weights, label smoothing or probability targets.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .runtime import FLOAT_DTYPES, check_tensor
+
+#: Longest row (after rounding up to a power of two) kept whole in registers.
+#: GPT-2's 50 304 rounds to 65 536 and takes this path.
+MAX_FUSED_BLOCK = 65536
+#: Block width of the online path, for longer rows.
+ONLINE_BLOCK = 8192
+#: Targets counted per program of the small pre-pass.
+STATS_BLOCK = 1024
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+REDUCTIONS = ("mean", "sum", "none")
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native instruction
+
+
+@triton.jit
+def _target_stats_kernel(target_ptr, stats_ptr, n_rows, n_cols, ignore_index, BLOCK: tl.constexpr):
+    # stats[0] = rows that count (target != ignore_index): the divisor of "mean", needed by every
+    # row's gradient before any row is done, hence this separate pass over the (small) targets.
+    # stats[1] = counted rows whose target is outside [0, n_cols): the wrapper raises on them.
+    # Integer atomics are exact, so the counts do not depend on the order programs finish.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < n_rows
+    t = tl.load(target_ptr + offs, mask=inside, other=0).to(tl.int64)
+    counted = inside & (t != ignore_index)
+    bad = counted & ((t < 0) | (t >= n_cols))
+    tl.atomic_add(stats_ptr, tl.sum(counted.to(tl.int32), axis=0))
+    tl.atomic_add(stats_ptr + 1, tl.sum(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr, target_ptr, loss_ptr, grad_ptr, stats_ptr,
+    rows_per_batch,                          # T of (B, T, V); rows = B * T
+    x_stride_b, x_stride_t, x_stride_v,      # strides of the logits (any layout, read in place)
+    g_stride_b, g_stride_t, g_stride_v,      # strides of the gradient buffer
+    n_cols, ignore_index,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
+):
+    # int64 offsets: 8192 rows x 50304 columns is already 412M elements, near 2**31.
+    row = tl.program_id(0).to(tl.int64)
+    b = row // rows_per_batch
+    t = row - b * rows_per_batch
+    x_row = logits_ptr + b * x_stride_b + t * x_stride_t
+    # int64 columns too: `cols * stride` must not overflow for strided (e.g. transposed) logits.
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+
+    target = tl.load(target_ptr + row).to(tl.int64)
+    counted = target != ignore_index
+    # The target's logit, read only when the target is a real column: a bad target never
+    # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
+    x_target = tl.load(x_row + target * x_stride_v, mask=counted & (target >= 0) & (target < n_cols),
+                       other=0.0).to(tl.float32)
+
+    # Gradient scale of this row: 1 for "sum"/"none", 1/(counted rows) for "mean", 0 if ignored.
+    # (With every row ignored the count is 0; the where() keeps inf out of the gradient.)
+    scale = 1.0
+    if MEAN:
+        n_counted = tl.load(stats_ptr)
+        scale = 1.0 / tl.maximum(n_counted, 1).to(tl.float32)
+    scale = tl.where(counted, scale, 0.0)
+    g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+
+    if SINGLE_BLOCK:
+        # The whole row in registers: read once, loss and gradient from the same values.
+        x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp2((x - m) * LOG2E)  # masked lanes: exp(-inf) = 0, out of the sum
+        d = tl.sum(e, axis=0)
+        lse = m + tl.log(d)
+        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+        if HAS_GRAD:
+            p = e * (1.0 / d)
+            grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+            tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
+        # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
+        # has no cross-lane reduction.
+        m = tl.full([BLOCK], -float("inf"), tl.float32)
+        d = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            x = tl.load(x_row + (start + cols) * x_stride_v, mask=start + cols < n_cols,
+                        other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            # A lane that has seen only -inf keeps d = 0 (exp(-inf - -inf) would be NaN).
+            alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp2((m - m_new) * LOG2E))
+            d = d * alpha + tl.where(m_new == -float("inf"), 0.0, tl.exp2((x - m_new) * LOG2E))
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        d_row = tl.sum(d * tl.exp2((m - m_row) * LOG2E), axis=0)
+        lse = m_row + tl.log(d_row)
+        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+        if HAS_GRAD:
+            # Pass 2: read the row again (mostly from L2, it was just read) and write the gradient.
+            for start in range(0, n_cols, BLOCK):
+                mask = start + cols < n_cols
+                x = tl.load(x_row + (start + cols) * x_stride_v, mask=mask, other=-float("inf")).to(tl.float32)
+                p = tl.exp2((x - lse) * LOG2E)
+                grad = (p - tl.where(start + cols == target, 1.0, 0.0)) * scale
+                tl.store(g_row + (start + cols) * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, dloss_ptr, dloss_stride, rows_per_batch, g_stride_b, g_stride_t, g_stride_v,
+                       n_cols, BLOCK: tl.constexpr):
+    # The backward of the fused loss: grad *= dloss[row] (dloss_stride = 0 for "mean"/"sum", where
+    # dloss is one scalar). When dloss is exactly 1 -- loss.backward() on a "mean" or "sum" loss --
+    # the buffer already holds the answer: each program reads one scalar and returns, with no
+    # host-device sync to find that out.
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
+    if g != 1.0:
+        b = row // rows_per_batch
+        t = row - b * rows_per_batch
+        g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+        cols = tl.arange(0, BLOCK).to(tl.int64)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            ptrs = g_row + (start + cols) * g_stride_v
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_params(n_cols: int, single_block: bool | None = None) -> tuple[int, bool, int]:
+    """Block width, whether the row is kept whole in registers, and warps (~16 fp32 values a thread)."""
+    whole = triton.next_power_of_2(n_cols)
+    single = whole <= MAX_FUSED_BLOCK if single_block is None else single_block
+    block = whole if single else min(ONLINE_BLOCK, whole)
+    num_warps = min(32, max(1, block // 512))
+    return block, single, num_warps
+
+
+def _row_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows_per_batch, stride_b, stride_t, stride_v) of a (N, V) or (B, T, V) tensor, for row = b*T + t."""
+    if t.dim() == 2:
+        return max(t.shape[0], 1), 0, t.stride(0), t.stride(1)
+    return max(t.shape[1], 1), t.stride(0), t.stride(1), t.stride(2)
+
+
+def _raise_if_bad_targets(stats: torch.Tensor, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+    """Raise ValueError if the pre-pass found targets outside [0, V) (reads one int back from the device)."""
+    n_bad = int(stats[1].item())
+    if n_bad:
+        flat = target.reshape(-1)
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_cols))
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"cross_entropy: {n_bad} target(s) outside [0, {n_cols}) that are not ignore_index={ignore_index}, "
+            f"e.g. target {int(flat[row])} at row {row} (of the flattened targets)")
+
+
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                          reduction: str = "mean", with_grad: bool = False, inplace: bool = False,
+                          single_block: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss and, when `with_grad`, the gradient d(loss)/d(logits) for an incoming gradient of 1.
+
+    The gradient lands in a new tensor shaped like the logits (in their dtype), or, with
+    `inplace`, in the logits' own storage. Inputs are assumed validated (see `cross_entropy`).
+    """
+    n_cols = logits.shape[-1]
+    n_rows = target.numel()
+    flat_target = target.reshape(-1).contiguous()
+    device = logits.device
+
+    stats = torch.zeros(2, dtype=torch.int32, device=device)
+    _target_stats_kernel[(triton.cdiv(n_rows, STATS_BLOCK),)](flat_target, stats, n_rows, n_cols, ignore_index,
+                                                            BLOCK=STATS_BLOCK, num_warps=4)
+    if inplace and with_grad:
+        # The gradient will overwrite the logits: check the targets first, so that an error leaves
+        # the caller's logits untouched.
+        _raise_if_bad_targets(stats, target, n_cols, ignore_index)
+
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    grad = None
+    if with_grad:
+        grad = logits if inplace else torch.empty_like(logits)
+    rows_per_batch, xsb, xst, xsv = _row_layout(logits)
+    _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
+    block, single, num_warps = _launch_params(n_cols, single_block)
+    _cross_entropy_fwd_kernel[(n_rows,)](
+        logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
+        rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
+        BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean", num_warps=num_warps)
+
+    if reduction == "mean":
+        loss = loss_rows.sum() / stats[0]  # 0 / 0 = NaN when every row is ignored, as in PyTorch
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.view(target.shape)
+    if not (inplace and with_grad):
+        # Checked last, so that the kernels above are already queued when the host waits for the flag.
+        _raise_if_bad_targets(stats, target, n_cols, ignore_index)
+    return loss, grad
+
+
+def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
+    """grad[row, :] *= dloss[row] in place (dloss a scalar or one value per row); free where dloss == 1."""
+    n_cols = grad.shape[-1]
+    n_rows = grad.numel() // n_cols
+    dloss = dloss.reshape(-1) if dloss.dim() else dloss.reshape(1)
+    dloss_stride = dloss.stride(0) if dloss.numel() == n_rows and n_rows > 1 else 0
+    rows_per_batch, sb, st, sv = _row_layout(grad)
+    block = min(ONLINE_BLOCK, triton.next_power_of_2(n_cols))
+    _scale_rows_kernel[(n_rows,)](grad, dloss, dloss_stride, rows_per_batch, sb, st, sv, n_cols,
+                                  BLOCK=block, num_warps=min(32, max(1, block // 512)))
+    return grad
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """The forward writes d(loss)/d(logits) for an incoming gradient of 1; the backward scales it.
+
+    The buffer is kept on ctx (it is neither an input nor an output of the forward, except
+    with `inplace`, where it is the logits' storage) and released by the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, reduction, inplace):
+        loss, grad = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=True, inplace=inplace)
+        if inplace:
+            # The logits now hold the gradient. Bumping their version makes autograd raise, instead of
+            # silently using the gradient, if some other operation saved the logits for its backward.
+            torch.autograd.graph.increment_version(logits)
+            grad = grad.detach()
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "cross_entropy: backward ran twice through the same graph. The fused loss writes its "
+                "gradient during the forward and the backward scales that buffer in place and releases "
+                "it, so retain_graph=True with a second backward is not supported.")
+        ctx.grad = None
+        return scale_rows_(grad, dloss), None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  *, inplace: bool = False) -> torch.Tensor:
+    """Cross-entropy of `logits` (N, V) or (B, T, V) against class indices `target` (N,) or (B, T).
+
+    Like ``F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=..., reduction=...)``
+    (``.view(target.shape)`` for "none"), with the classes along the last dimension. All math is
+    fp32 and the loss is returned in **float32** for fp32, fp16 and bf16 logits.
+
+    Rows whose target is `ignore_index` add 0 to the loss and get a zero gradient; "mean"
+    divides by the number of the other rows (NaN when there are none, as PyTorch).
+
+    When gradients are needed, the forward writes the gradient into one buffer shaped like the
+    logits, in their dtype; under ``torch.no_grad()`` (or logits that do not require grad) no
+    buffer is allocated. ``inplace=True`` writes it into the logits' own storage instead, saving
+    that buffer: the logits then hold the gradient after the call, so use it only when nothing
+    else reads them (e.g. the output of the LM head, straight into the loss). It needs
+    contiguous, non-leaf logits.
+    """
+    check_tensor("cross_entropy logits", logits, dtypes=FLOAT_DTYPES, ndim=(2, 3))
+    check_tensor("cross_entropy target", target, dtypes=INTEGER_DTYPES, device=logits.device)
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"cross_entropy: target of shape {tuple(target.shape)} does not match logits of shape "
+                         f"{tuple(logits.shape)}; expected target shape {tuple(logits.shape[:-1])} "
+                         "(classes are the last dimension of the logits)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if logits.shape[-1] == 0:
+        raise ValueError("cross_entropy: logits have 0 classes")
+    ignore_index = int(ignore_index)
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace and needs_grad:
+        if logits.is_leaf:
+            raise ValueError("cross_entropy: inplace=True would overwrite a leaf tensor's values with its own "
+                             "gradient; use it on the output of a layer (e.g. the LM head), or inplace=False")
+        if not logits.is_contiguous():
+            raise ValueError("cross_entropy: inplace=True needs contiguous logits")
+    if target.numel() == 0:  # nothing to launch: PyTorch's own answer (NaN, 0 or empty), still differentiable
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(0, logits.shape[-1]).float(), target.reshape(0).long(), ignore_index=ignore_index,
+            reduction=reduction).view(target.shape if reduction == "none" else ())
+    if needs_grad:
+        return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, inplace)
+    loss, _ = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=False)
+    return loss
