@@ -11,5 +11,6 @@ from .softmax import softmax  # noqa: F401
 from .layernorm import layer_norm  # noqa: F401
 from .matmul import linear  # noqa: F401
 from .attention import attention  # noqa: F401
+from .cross_entropy import cross_entropy  # noqa: F401
 
 __version__ = "0.1.0"
