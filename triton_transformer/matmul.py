@@ -483,11 +483,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         even_k = K % 128 == 0
         if big:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
-            _matmul_kernel[grid](*args, EVEN_K=even_k, **common)
+            runtime.launch(_matmul_kernel, grid, *args, EVEN_K=even_k, **common)
         else:
             cfg = SMALL_CONFIG
             grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
-            _matmul_kernel.fn[grid](*args, EVEN_K=K % cfg["BLOCK_K"] == 0, **common, **cfg)
+            runtime.launch(_matmul_kernel.fn, grid, *args, EVEN_K=K % cfg["BLOCK_K"] == 0, **common, **cfg)
     if split > 1:
         _sum_rows(out.view(split, M * N), c.view(-1))
     return c, z
@@ -497,7 +497,8 @@ def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> None:
     """out = x.sum(0) for a contiguous fp32 (R, N), deterministic, cast to out's dtype."""
     R, N = x.shape
     block_n = 256 if runtime.INTERPRET else 1024
-    _sum_rows_kernel[(triton.cdiv(N, block_n),)](x, out, R, N, BLOCK_R=8, BLOCK_N=block_n, num_warps=4)
+    runtime.launch(_sum_rows_kernel, (triton.cdiv(N, block_n),), x, out, R, N, BLOCK_R=8, BLOCK_N=block_n,
+                   num_warps=4)
 
 
 def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation: int, bias_grad: bool,
@@ -518,7 +519,8 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
     row_progs = triton.cdiv(M, rows_per_prog)
     part = torch.empty((row_progs, N), dtype=torch.float32, device=dy.device) if bias_grad else dz
     s = saved if saved is not None else dy
-    _act_bwd_kernel[(row_progs, col_progs)](
+    runtime.launch(
+        _act_bwd_kernel, (row_progs, col_progs),
         dy, s, dz, part, M, N, rows_per_prog, dy.stride(0), dy.stride(1), s.stride(0), dz.stride(0),
         ACTIVATION=activation, STORE_DZ=activation != 0, HAS_BIAS=bias_grad,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)

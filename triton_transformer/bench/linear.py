@@ -1,0 +1,71 @@
+"""Linear benchmark cases (issue 5): a plain GEMM and a GEMM with fused bias + gelu, forward and forward+backward.
+
+Shapes are [M, K, N]: x (M, K) times weight (N, K)^T. The first two are a GPT-2-small
+feed-forward (768 -> 3072 and back) over 16384 tokens, the third a square 8192 GEMM.
+
+Providers:
+  triton         tt.linear
+  cublas         torch.matmul(x, w.T): the GEMM alone, no bias or activation (the speed of light)
+  torch          eager F.linear (+ bias, + F.gelu(approximate="tanh") for linear_gelu)
+  torch.compile  torch.compile of the eager function
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .. import runtime
+from ..matmul import linear
+from . import Case
+
+SHAPES = [[16384, 768, 3072], [16384, 3072, 768], [8192, 8192, 8192]]
+QUICK_SHAPES = [[2048, 512, 1024]]
+
+
+def _torch_gelu(x, w, b):
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
+def _torch_plain(x, w, b):
+    return F.linear(x, w)
+
+
+def cases(quick: bool = False):
+    dtype = runtime.default_dtype()
+    device = runtime.DEVICE
+    for m, k, n in QUICK_SHAPES if quick else SHAPES:
+        for kernel, activation, ref in (("linear", None, _torch_plain), ("linear_gelu", "gelu", _torch_gelu)):
+            passes = ("fwd",) if quick else ("fwd", "fwdbwd")
+            for pass_ in passes:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                w = torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+                b = torch.randn(n, device=device, dtype=dtype) if activation else None
+                elt = x.element_size()
+                flops = 2 * m * n * k
+                # reads x and w, writes y (plus the bias, negligible)
+                nbytes = elt * (m * k + n * k + m * n)
+                compiled = torch.compile(ref)
+                if pass_ == "fwd":
+                    yield Case(kernel, "fwd", [m, k, n], dtype, bytes=nbytes, flops=flops, providers={
+                        "triton": lambda x=x, w=w, b=b, a=activation: linear(x, w, b, a),
+                        "cublas": lambda x=x, w=w: torch.matmul(x, w.t()),
+                        "torch": lambda x=x, w=w, b=b, ref=ref: ref(x, w, b),
+                        "torch.compile": lambda x=x, w=w, b=b, c=compiled: c(x, w, b),
+                    })
+                else:
+                    x.requires_grad_()
+                    w.requires_grad_()
+                    if b is not None:
+                        b.requires_grad_()
+                    dy = torch.randn(m, n, device=device, dtype=dtype)
+                    # forward as above; backward reads dy, x, w and writes dx, dW
+                    nbytes_fb = nbytes + elt * (m * n + 2 * m * k + 2 * n * k)
+                    leaves = [t for t in (x, w, b) if t is not None]
+                    yield Case(kernel, "fwdbwd", [m, k, n], dtype, bytes=nbytes_fb, flops=3 * flops,
+                               grad_to_none=leaves, providers={
+                                   "triton": lambda x=x, w=w, b=b, a=activation, dy=dy: linear(x, w, b, a).backward(dy),
+                                   "cublas": lambda x=x, w=w, dy=dy: torch.matmul(x, w.t()).backward(dy),
+                                   "torch": lambda x=x, w=w, b=b, dy=dy, ref=ref: ref(x, w, b).backward(dy),
+                                   "torch.compile": lambda x=x, w=w, b=b, dy=dy, c=compiled: c(x, w, b).backward(dy),
+                               })
+                    del dy
+                del x, w, b
