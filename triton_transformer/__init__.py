@@ -9,6 +9,7 @@ from .runtime import DEVICE, INTERPRET, default_dtype  # noqa: F401
 from .softmax import softmax  # noqa: F401
 # kernel exports: one line per module, in chapter order
 from .layernorm import layer_norm  # noqa: F401
+from .dropout import dropout  # noqa: F401
 from .matmul import linear  # noqa: F401
 from .attention import attention  # noqa: F401
 from .cross_entropy import cross_entropy  # noqa: F401

@@ -1,17 +1,253 @@
-"""Memory-efficient dropout (chapter 3). Work in progress: the seeded keep-mask is the shared piece."""
+"""Dropout whose mask is never stored: regenerated from a seed in the backward.
+
+    y = x * m / (1 - p),      m_i ~ Bernoulli(1 - p)
+    dx = dy * m / (1 - p)     (the same operation, with the same m)
+
+PyTorch's dropout saves the mask m for the backward: one byte per element on a
+GPU (a bool tensor), a full tensor of the input's dtype on a CPU. We save only
+the seed, a Python int. Every element's random number is a pure function of
+(seed, element index) computed by Philox4x32-10, a counter-based generator
+(Salmon et al., 2011), so the backward, or any other kernel, recomputes the
+identical mask on the fly.
+
+The mask convention, shared by every kernel of the package:
+
+    element e of a contiguous tensor uses output word (e % 4) of
+    Philox4x32-10(key = seed, counter = (e // 4, e // 2**34, 0, 0)) -- a uint32 r,
+    and is kept when  r >= floor(p * 2**32)  (p rounded to fp32).
+
+One Philox call yields four 32-bit words, so four neighbouring elements share one
+call: that is what makes the dropout kernel memory bound instead of bound by
+integer multiplies. The counter is 64 bits wide (two 32-bit words), so element
+indices are unique up to 2**66: no wrap-around at 2**32 elements.
+"""
 
 from __future__ import annotations
 
+import math
+import operator
+
+import torch
 import triton
 import triton.language as tl
+
+from .runtime import FLOAT_DTYPES, autotune, check_tensor
+
+
+@triton.jit
+def _threshold(p):
+    # P(r >= floor(p * 2**32)) = 1 - p exactly for a uniform uint32 r; p * 2**32 is exact in fp32.
+    # Clamped to [0, 1 - 2**-24] (the largest fp32 below 1) so the conversion cannot overflow;
+    # callers handle p >= 1 with (p < 1.0).
+    return (tl.maximum(tl.minimum(p, 0.99999994), 0.0) * 4294967296.0).to(tl.uint32)
 
 
 @triton.jit
 def keep_mask(seed, offsets, p):
-    """True where an element survives dropout with probability p.
+    """True where an element survives dropout with probability p (a bool block shaped like `offsets`).
 
-    The random number of each element is Philox(seed, offset): a pure function of
-    the seed and the element's position, so backward (and any other kernel, such as
-    attention dropping probabilities) regenerates the identical mask instead of storing it.
+    ``offsets`` are element indices (int32 or int64, >= 0); the random number of
+    each is a pure function of (seed, offset), so a backward kernel, or a kernel
+    that fuses dropout into something else, regenerates the identical mask
+    instead of storing it. Element e reads word e % 4 of Philox4x32-10 at counter
+    e // 4 (see the module docstring), which is exactly the mask
+    ``dropout(torch.ones(shape), p, seed=seed) != 0`` gives element e of a
+    contiguous tensor of that shape.
+
+    How attention uses it: to drop the probabilities P[b, h, i, j] of a (B, H, M, N)
+    attention inside its kernel, pass the index P[b, h, i, j] would have in a
+    contiguous tensor,
+
+        offsets = ((b * H + h) * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
+
+    (int64: B*H*M*N passes 2**31 at long sequence lengths), drop with
+    ``p_tile = tl.where(keep_mask(seed, offsets, p), p_tile * scale, 0.0)`` and, in
+    the backward, call it again with the same seed and offsets. The result is the
+    same mask as ``dropout`` applied to the materialised probabilities, which is
+    how it is tested. Faster, when N and the tile's first column are multiples of
+    4: ``keep_mask_2d(seed, ((b * H + h) * M + rows).to(tl.int64) * N, start_n, p, BLOCK_N)``
+    returns the same tile with one Philox call per four columns instead of one
+    per element (the compiler does not discover that sharing by itself).
+
+    p >= 1 drops everything; p <= 0 keeps everything.
     """
-    return tl.rand(seed, offsets) >= p
+    counter = offsets >> 2
+    lane = offsets & 3
+    lo = counter.to(tl.uint32)
+    if tl.constexpr(offsets.dtype.primitive_bitwidth) > 32:
+        hi = (counter >> 32).to(tl.uint32)
+    else:
+        hi = lo * 0
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return (r >= _threshold(p)) & (p < 1.0)
+
+
+@triton.jit
+def keep_mask_2d(seed, row_offsets, col_start, p, BN: tl.constexpr):
+    """`keep_mask` of a [BM, BN] tile of a row-major matrix, with one Philox call per four columns.
+
+    Returns ``keep_mask(seed, row_offsets[:, None] + col_start + tl.arange(0, BN)[None, :], p)``
+    provided every ``row_offsets + col_start`` is a multiple of 4 (row length and
+    ``col_start`` multiples of 4) and BN is a multiple of 4; otherwise use `keep_mask`.
+    ``row_offsets`` ([BM], int64) is the element index of each row's column 0.
+
+    `keep_mask` runs the full 10-round Philox for every element (~60 instructions);
+    this shares each call among the four elements it serves (~15 per element),
+    which matters inside attention, where the mask covers B*H*M*N probabilities.
+    """
+    BM: tl.constexpr = row_offsets.shape[0]
+    counter = ((row_offsets + col_start) >> 2)[:, None] + tl.arange(0, BN // 4)[None, :]
+    lo = counter.to(tl.uint32)
+    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    # Element 4g + 2j + i of a row takes word 2j + i of group g (join stacks along a new last axis).
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, BN])
+    return (r >= _threshold(p)) & (p < 1.0)
+
+
+def _configs():
+    # First config: the one the interpreter keeps (runtime.autotune) and that a T4 runs happily.
+    return [
+        triton.Config({"BLOCK": 1024}, num_warps=4),
+        triton.Config({"BLOCK": 2048}, num_warps=4),
+        triton.Config({"BLOCK": 4096}, num_warps=8),
+        triton.Config({"BLOCK": 4096}, num_warps=4),
+        triton.Config({"BLOCK": 8192}, num_warps=8),
+        triton.Config({"BLOCK": 8192}, num_warps=16),
+    ]
+
+
+@autotune(_configs(), key=["n_elements"])
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_kernel(x_ptr, y_ptr, n_elements, p, scale, seed, BLOCK: tl.constexpr):
+    # A block of the flat tensor is a one-row tile, so the mask comes from the same helper attention
+    # uses. Every config gives the same output: the mask depends on (seed, element index), not BLOCK.
+    start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: tensors of more than 2**31 elements
+    offs = tl.arange(0, BLOCK)[None, :]
+    in_bounds = offs < n_elements - start
+    x = tl.load(x_ptr + start + offs, mask=in_bounds, other=0.0)
+    keep = keep_mask_2d(seed, tl.full([1], 0, tl.int64) + start, 0, p, BLOCK)
+    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def normalize_seed(seed) -> int:
+    """Any integer -> the int64 (two's complement) whose 64 bits are the Philox key.
+
+    Seeds that agree modulo 2**64 give the same mask. The kernel receives it as i32 or i64
+    (Triton picks by value); both sign-extend to the same 64-bit key.
+    """
+    s = operator.index(seed)  # rejects floats and strings with a TypeError
+    return (s + 2**63) % 2**64 - 2**63
+
+
+def draw_seed() -> int:
+    """A fresh seed from torch's default (CPU) generator: `torch.manual_seed` makes it reproducible."""
+    return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
+
+
+def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Apply the mask of (seed, p) to x, scaled by 1/(1-p): the whole forward, and (on dy) the whole backward.
+
+    Non-contiguous x is copied first: the mask follows the element's index in
+    row-major order of the logical shape, whatever the memory layout.
+    """
+    if p >= 1.0:
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    x_c = x.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    n = x_c.numel()
+    if n == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+    _dropout_kernel[grid](x_c, y, n, float(p), 1.0 / (1.0 - p), seed)
+    return y
+
+
+class DropoutFunction(torch.autograd.Function):
+    """Saves two Python numbers, the seed and p: zero bytes per element."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        ctx.p = p
+        ctx.seed = seed
+        return dropout_forward(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        # d(x * m * s)/dx = m * s: the backward is dropout of dy with the same seed.
+        return dropout_forward(dy, ctx.p, ctx.seed), None, None
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | None = None) -> torch.Tensor:
+    """Like ``torch.nn.functional.dropout``: zero each element with probability p, scale the rest by 1/(1-p).
+
+    The mask is never stored; the backward regenerates it from ``seed``. Without a
+    seed, one is drawn from torch's default generator, so ``torch.manual_seed``
+    makes the result reproducible. ``training=False`` or ``p == 0`` returns ``x``
+    itself; ``p == 1`` returns zeros (and zero gradients).
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r}")
+    check_tensor("dropout input", x, dtypes=FLOAT_DTYPES)
+    if not training or p == 0:
+        return x
+    seed = draw_seed() if seed is None else normalize_seed(seed)
+    return DropoutFunction.apply(x, float(p), seed)
+
+
+# ---------------------------------------------------------------- reference (tests and the chapter)
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def philox4x32_reference(seed: int, c0, c1, c2=0, c3=0, rounds: int = 10):
+    """Philox4x32 in NumPy: counter (c0, c1, c2, c3), key (seed mod 2**32, seed // 2**32 mod 2**32).
+
+    Written from Salmon et al.'s definition, independently of Triton, so the tests
+    can check the kernels bit for bit (and this function against Random123's
+    published test vectors). Returns four uint32 arrays.
+    """
+    import numpy as np
+
+    key = normalize_seed(seed) % 2**64
+    k0, k1 = np.uint64(key & _U32), np.uint64(key >> 32)
+    c0 = np.asarray(c0, dtype=np.uint64) & _U32
+    c1 = np.asarray(c1, dtype=np.uint64) & _U32
+    c0, c1 = np.broadcast_arrays(c0, c1)
+    c2 = np.broadcast_to(np.asarray(c2, dtype=np.uint64) & _U32, c0.shape)
+    c3 = np.broadcast_to(np.asarray(c3, dtype=np.uint64) & _U32, c0.shape)
+    m0, m1 = np.uint64(_PHILOX_M[0]), np.uint64(_PHILOX_M[1])
+    mask32 = np.uint64(_U32)
+    for _ in range(rounds):
+        prod0 = m0 * c0  # both < 2**32: the product fits in 64 bits
+        prod1 = m1 * c2
+        c0, c1, c2, c3 = ((prod1 >> 32) ^ c1 ^ k0, prod1 & mask32,
+                          (prod0 >> 32) ^ c3 ^ k1, prod0 & mask32)
+        k0 = (k0 + np.uint64(_PHILOX_W[0])) & mask32
+        k1 = (k1 + np.uint64(_PHILOX_W[1])) & mask32
+    return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
+
+
+def reference_keep(seed: int, offsets, p: float) -> torch.Tensor:
+    """The keep mask of the given element indices, computed on the CPU from the definition (bool tensor)."""
+    import numpy as np
+
+    offsets = np.asarray(offsets, dtype=np.int64)
+    counter = (offsets >> 2).astype(np.uint64)
+    words = philox4x32_reference(seed, counter & _U32, counter >> 32)
+    r = np.choose((offsets & 3).astype(np.int64), words)
+    p32 = float(np.float32(p))
+    keep = r >= np.uint32(int(min(p32, 1 - 2**-24) * 2**32)) if p32 < 1 else np.zeros(r.shape, bool)
+    return torch.from_numpy(np.ascontiguousarray(keep))
+
+
+def reference_mask(shape, p: float, seed: int) -> torch.Tensor:
+    """The keep mask ``dropout`` uses for a tensor of `shape` with this seed (bool, CPU)."""
+    n = math.prod(shape)
+    return reference_keep(seed, range(n), p).reshape(shape)

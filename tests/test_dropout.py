@@ -1,0 +1,260 @@
+"""Dropout: the mask against an independent Philox reference, reproducibility, gradients, statistics, edge cases."""
+
+import importlib
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import DTYPES, ON_GPU, cuda_only
+
+from triton_transformer import dropout
+
+# the module itself (the package's `dropout` name is the function)
+D = importlib.import_module("triton_transformer.dropout")
+
+
+def expected(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * m / (1 - p) in float32 with the mask of the definition (computed on the CPU, independently of Triton)."""
+    keep = D.reference_mask(x.shape, p, seed).to(x.device)
+    return torch.where(keep, x.float() * (1.0 / (1.0 - p)), 0.0)
+
+
+# ---------------------------------------------------------------- the random numbers themselves
+
+def test_reference_philox_matches_random123_vectors():
+    """The NumPy Philox4x32-10 against the known-answer vectors published with Random123 (Salmon et al.)."""
+    P = D.philox4x32_reference
+    assert [int(w) for w in P(0, 0, 0)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    ones = 0xFFFFFFFF
+    assert [int(w) for w in P(2**64 - 1, ones, ones, ones, ones)] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    key = (0x299F31D0 << 32) | 0xA4093822
+    assert [int(w) for w in P(key, 0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)] == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_mask_is_the_reference_mask(p, device):
+    """Bit for bit: element e keeps iff word e % 4 of Philox(seed, e // 4) >= p * 2**32."""
+    x = torch.ones(3, 1001, device=device)  # 3003 elements: four programs and a ragged tail
+    for seed in [0, 123456789, -5, 2**63 + 17]:
+        y = dropout(x, p, seed=seed)
+        assert torch.equal((y != 0).cpu(), D.reference_mask(x.shape, p, seed)), seed
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, off_ptr, n, seed, p, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    offsets = tl.load(off_ptr + i, mask=i < n, other=0)
+    tl.store(out_ptr + i, D.keep_mask(seed, offsets, p).to(tl.int8), mask=i < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_keep_mask_helper_and_offsets_past_2_to_the_32(dtype, device):
+    """The shared jit helper, on int32 and on int64 offsets far past 2**31 and 2**32 (no wrap-around)."""
+    if dtype == torch.int64:
+        offs = [0, 1, 2, 3, 4, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**34, 2**34 + 3, 2**40 + 7, 2**62 + 5]
+    else:
+        offs = list(range(12)) + [2**31 - 2, 2**31 - 1]
+    off = torch.tensor(offs, dtype=dtype, device=device)
+    out = torch.empty(len(offs), dtype=torch.int8, device=device)
+    for seed, p in [(7, 0.5), (2**40 + 3, 0.25)]:
+        _keep_mask_kernel[(1,)](out, off, len(offs), seed, p, BLOCK=16)
+        assert out.bool().cpu().tolist() == D.reference_keep(seed, offs, p).tolist()
+    if dtype == torch.int64:
+        # 2**32 elements apart: same position in the counter's low word, different masks
+        many = torch.arange(64, dtype=torch.int64, device=device)
+        a, b = torch.empty(64, dtype=torch.int8, device=device), torch.empty(64, dtype=torch.int8, device=device)
+        _keep_mask_kernel[(1,)](a, many, 64, 3, 0.5, BLOCK=64)
+        _keep_mask_kernel[(1,)](b, many + 2**34, 64, 3, 0.5, BLOCK=64)
+        assert not torch.equal(a, b)
+
+
+@triton.jit
+def _attention_style_kernel(out_ptr, seed, p, H, M, N, BM: tl.constexpr, BN: tl.constexpr, TILE: tl.constexpr):
+    """Writes the keep mask of a (B, H, M, N) probability tensor one [BM, BN] tile at a time, as attention does."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(1) * BM + tl.arange(0, BM)
+    row_offsets = ((b * H + h) * M + rows).to(tl.int64) * N
+    for start_n in range(0, N, BN):
+        cols = start_n + tl.arange(0, BN)
+        offsets = row_offsets[:, None] + cols[None, :]
+        if TILE:
+            keep = D.keep_mask_2d(seed, row_offsets, start_n, p, BN)
+        else:
+            keep = D.keep_mask(seed, offsets, p)
+        tl.store(out_ptr + offsets, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@pytest.mark.parametrize("tile", [False, True])
+def test_attention_style_offsets_give_the_dropout_mask(tile, device):
+    """Per-(batch, head, row, col) offsets inside a tiled kernel reproduce dropout's mask of the full tensor."""
+    B, H, M, N, p, seed = 2, 3, 7, 12, 0.3, 99   # N a multiple of 4 (keep_mask_2d's condition); ragged rows
+    out = torch.zeros(B, H, M, N, dtype=torch.int8, device=device)
+    _attention_style_kernel[(B * H, triton.cdiv(M, 4))](out, seed, p, H, M, N, BM=4, BN=8, TILE=tile)
+    ref = dropout(torch.ones(B, H, M, N, device=device), p, seed=seed) != 0
+    assert torch.equal(out.bool(), ref)
+
+
+# ---------------------------------------------------------------- forward and backward
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (5, 7), (2, 3, 129)], ids=str)
+def test_forward_backward_against_the_mask(shape, dtype, device):
+    p, seed = 0.3, 42
+    x = (torch.randn(shape, device=device) + 3).to(dtype).requires_grad_()   # no zeros: y == 0 only where dropped
+    y = dropout(x, p, seed=seed)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.dtype == dtype and y.shape == x.shape
+    # the same formula as torch (fp32 multiply, one rounding): identical where the mask is identical
+    torch.testing.assert_close(y, expected(x.detach(), p, seed).to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(dx, expected(dy, p, seed).to(dtype), atol=0, rtol=0)
+    # dx is the mask applied to dy: zero exactly where y is zero
+    assert torch.equal(dx == 0, y == 0)
+
+
+def test_same_seed_same_result_different_seed_different(device):
+    x = torch.randn(2000, device=device, requires_grad=True)
+    dy = torch.randn(2000, device=device)
+    y1 = dropout(x, 0.5, seed=1)
+    (g1,) = torch.autograd.grad(y1, x, dy)
+    y2 = dropout(x, 0.5, seed=1)
+    (g2,) = torch.autograd.grad(y2, x, dy)
+    y3 = dropout(x, 0.5, seed=2)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert not torch.equal(y1, y3)
+    # seeds equal modulo 2**64 are the same key
+    assert torch.equal(dropout(x, 0.5, seed=-1), dropout(x, 0.5, seed=2**64 - 1))
+
+
+def test_seed_drawn_from_torch_generator(device):
+    x = torch.randn(1000, device=device)
+    torch.manual_seed(1234)
+    a, b = dropout(x), dropout(x)
+    torch.manual_seed(1234)
+    c, d = dropout(x), dropout(x)
+    assert torch.equal(a, c) and torch.equal(b, d)
+    assert not torch.equal(a, b)  # each call draws a new seed
+
+
+def test_saves_no_tensor_for_backward(device):
+    """Zero bytes per element: the autograd graph holds no tensor (PyTorch's dropout holds its mask)."""
+    saved = []
+    x = torch.randn(4, 100, device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x, 0.5)
+    assert saved == []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.nn.functional.dropout(x, 0.5, training=True)
+    assert sum(t.numel() for t in saved) >= x.numel()  # torch: one mask element per input element
+    y.sum().backward()  # and the backward still works (its dy is an expanded, stride-0 tensor)
+    assert torch.equal(x.grad == 0, y == 0)
+
+
+def test_non_contiguous_input(device):
+    base = torch.randn(40, 30, device=device, requires_grad=True)
+    xt = base.t()  # (30, 40), transposed
+    y = dropout(xt, 0.4, seed=5)
+    assert y.shape == xt.shape
+    # the mask follows the logical (row-major) index, whatever the memory layout
+    assert torch.equal(y, dropout(xt.contiguous(), 0.4, seed=5))
+    y.backward(torch.ones_like(y))
+    assert torch.equal(base.grad.t() != 0, y != 0)
+    sliced = torch.randn(10, 64, device=device)[::3, 5:37]
+    assert torch.equal(dropout(sliced, 0.2, seed=9), dropout(sliced.contiguous(), 0.2, seed=9))
+
+
+# ---------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_kept_fraction_within_binomial_bounds_and_mean_preserved(p, device):
+    n = 1 << 22 if ON_GPU else 8192   # the interpreter is slow: a small sample on a CPU
+    x = torch.ones(n, device=device)
+    for seed in range(2):
+        y = dropout(x, p, seed=seed)
+        kept = int((y != 0).sum())
+        sd = math.sqrt(n * p * (1 - p))
+        assert abs(kept - n * (1 - p)) < 5 * sd, (seed, kept)
+        # E[y] = x: the 1/(1-p) scale preserves the mean (sd of the mean: sqrt(p / ((1-p) n)))
+        assert abs(float(y.mean()) - 1.0) < 5 * math.sqrt(p / ((1 - p) * n))
+        # no lane of the four-words-per-call scheme is biased
+        lanes = (y != 0).view(-1, 4).float().mean(0)
+        assert ((lanes - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (n / 4))).all(), lanes
+
+
+def test_neighbours_are_independent(device):
+    """Adjacent elements (same Philox call, and across calls) are uncorrelated."""
+    n = 1 << 22 if ON_GPU else 16384
+    k = (dropout(torch.ones(n, device=device), 0.5, seed=11) != 0).float().cpu() - 0.5
+    for lag in (1, 2, 3, 4, 5):
+        corr = float((k[:-lag] * k[lag:]).mean() / 0.25)
+        assert abs(corr) < 5 / math.sqrt(n), (lag, corr)
+
+
+# ---------------------------------------------------------------- edge cases and bad input
+
+def test_p_zero_and_eval_return_the_input(device):
+    x = torch.randn(10, device=device)
+    assert dropout(x, 0.0) is x
+    assert dropout(x, 0.7, training=False) is x
+
+
+def test_p_one_gives_zeros_and_zero_gradients(device):
+    x = torch.randn(10, 3, device=device, requires_grad=True)
+    y = dropout(x, 1.0)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.backward(torch.randn_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_p_near_the_ends(device):
+    x = torch.ones(4096, device=device)
+    assert int((dropout(x, 1e-9, seed=0) == 0).sum()) == 0
+    assert int((dropout(x, 1 - 1e-9, seed=0) != 0).sum()) == 0  # rounds to p = 1 in fp32: all dropped
+
+
+def test_empty_and_scalar(device):
+    e = torch.empty(0, 5, device=device, requires_grad=True)
+    assert dropout(e, 0.5).shape == (0, 5)
+    s = torch.tensor(2.0, device=device)
+    assert dropout(s, 0.5, seed=0).shape == ()
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), "0.5", None])
+def test_bad_p(p, device):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(torch.randn(4, device=device), p)
+
+
+def test_bad_input(device):
+    with pytest.raises(TypeError, match="dtype"):
+        dropout(torch.arange(4, device=device), 0.5)
+    with pytest.raises(TypeError):
+        dropout(torch.randn(4, device=device), 0.5, seed=1.5)
+
+
+@cuda_only
+def test_more_than_2_to_the_31_elements():
+    """int64 offsets in a real launch: the tail of a 2**31 + 4100 element tensor matches the reference."""
+    n = 2**31 + 4100
+    try:
+        x = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+        y = dropout(x, 0.5, seed=77)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    for lo in (0, 2**31 - 2000, n - 5000):
+        got = (y[lo:lo + 5000] != 0).cpu()
+        assert torch.equal(got, D.reference_keep(77, range(lo, min(lo + 5000, n)), 0.5))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 only on a GPU")
+def test_bf16_matches_torch_formula():
+    x = torch.randn(1 << 20, device="cuda", dtype=torch.bfloat16)
+    y = dropout(x, 0.1, seed=3)
+    keep = y != 0
+    ref = torch.where(keep, (x.float() * (1 / 0.9)).to(torch.bfloat16), torch.zeros_like(x))
+    assert torch.equal(y, ref)
+    assert abs(float(keep.float().mean()) - 0.9) < 5 * math.sqrt(0.09 / x.numel())
