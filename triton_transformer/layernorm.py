@@ -351,6 +351,20 @@ def _bwd_params(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, in
     return rows, block, single, num_warps, programs
 
 
+def _sum_params(n_cols: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the partial-sum kernel: about one column block per SM, tiles of 2048 values.
+
+    The partial buffers are small (a few MB), so what matters is spreading them over
+    enough SMs: at N = 768 one block of 8 columns per program gives 96 programs.
+    """
+    if runtime.INTERPRET or device.type != "cuda":
+        block_c = min(1024, triton.next_power_of_2(n_cols))  # the interpreter prefers few, wide programs
+        return block_c, 64
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    block_c = min(128, max(8, triton.next_power_of_2(triton.cdiv(n_cols, sms))))
+    return block_c, 2048 // block_c
+
+
 def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
                         mean: torch.Tensor | None, rstd: torch.Tensor | None, eps: float, *,
                         compute_dx: bool = True, compute_dw: bool = True, compute_db: bool = True,
@@ -392,14 +406,10 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
            ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute, num_warps=num_warps)
     if part is not None:
-        # Narrow column blocks: enough programs even for N = 512 (the interpreter prefers few, wide ones).
-        if runtime.INTERPRET:
-            block_c = min(1024, triton.next_power_of_2(n_cols))
-        else:
-            block_c = 32 if n_cols <= 2048 else 64
+        block_c, block_p = _sum_params(n_cols, x2.device)
         launch(_sum_partials_kernel, (triton.cdiv(n_cols, block_c),),
                part[0], part[1], dw if compute_dw else dummy, db if compute_db else dummy, programs, n_cols,
-               BLOCK_P=64, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=4)
+               BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=4)
     return dx2, dw, db
 
 
