@@ -15,6 +15,10 @@ MM = importlib.import_module("triton_transformer.matmul")
 
 ACTIVATIONS = [None, "relu", "relu_squared", "gelu"]
 
+#: The TMA kernel runs under the interpreter and on Hopper (sm_90) or newer.
+tma_capable = pytest.mark.skipif(ON_GPU and torch.cuda.get_device_capability()[0] < 9,
+                                 reason="TMA needs sm_90 or newer")
+
 
 def act_ref(z, activation):
     if activation is None:
@@ -155,25 +159,30 @@ def test_autotuned_pointer_kernel(monkeypatch, device):
     """The autotuned launch (on CPU: the first config, 32 x 32 x 32) instead of SMALL_CONFIG."""
     monkeypatch.setattr(MM, "AUTOTUNE_MIN_MACS", 0)
     monkeypatch.setattr(MM, "TMA", False)
-    check(*inputs((33, 70), 130, torch.float32, device), "gelu")
+    # fp16 on a GPU: autotuning fp32 (exact "ieee" dots) over every config would mostly time compilation
+    check(*inputs((33, 70), 130, torch.float16 if ON_GPU else torch.float32, device), "gelu")
 
 
+@tma_capable
 def test_tma_kernel(monkeypatch, device):
     """The persistent TMA kernel, all three layouts (x W^T, dz W, dz^T x), ragged M and N."""
     spy = Spy(MM._matmul_tma_kernel)
     monkeypatch.setattr(MM, "_matmul_tma_kernel", spy)
     monkeypatch.setattr(MM, "TMA", True)
-    check(*inputs((2, 17, 64), 48, torch.float32, device), "gelu")
+    # on a GPU the TMA kernel only ever sees fp16/bf16; under the interpreter fp32 is exact enough to test
+    dtype = torch.float16 if ON_GPU else torch.float32
+    check(*inputs((2, 17, 64), 48, dtype, device), "gelu")
     assert spy.calls == 3  # forward, dx and dW all took it (strides are 16-byte aligned)
     check(*inputs((34, 64), 80, torch.float16, device, bias=False), None)
 
 
-@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("tma", [False, pytest.param(True, marks=tma_capable)], ids=["pointer", "tma"])
 def test_split_k(monkeypatch, tma, device):
     """dW with its K loop (the rows) split in 3, partial sums reduced in fp32."""
     monkeypatch.setattr(MM, "SPLIT_K", 3)
     monkeypatch.setattr(MM, "TMA", tma)
-    check(*inputs((100, 32), 48, torch.float32, device, bias=False), None)
+    dtype = torch.float16 if ON_GPU and tma else torch.float32
+    check(*inputs((100, 32), 48, dtype, device, bias=False), None)
 
 
 # ---------------------------------------------------------------- errors
@@ -205,7 +214,12 @@ def test_bad_input_raises_clear_errors(device):
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 def test_cuda_bf16(activation, bias, device):
     check(*inputs((33, 70), 130, torch.bfloat16, device, bias), activation)
-    # big enough to autotune: ragged (pointer kernel) and 16-byte aligned (TMA kernel on Hopper)
+
+
+@cuda_only
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu_squared", True), (None, False)], ids=str)
+def test_cuda_bf16_autotuned(activation, bias, device):
+    """Big enough to autotune: ragged rows of 1400 bytes (pointer kernel) and 16-byte aligned (TMA on Hopper)."""
     check(*inputs((1000, 700), 600, torch.bfloat16, device, bias), activation)
     check(*inputs((4, 512, 768), 1024, torch.bfloat16, device, bias), activation)
 
