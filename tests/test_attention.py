@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from conftest import DTYPES, ON_GPU, cuda_only
 
 from triton_transformer import attention
@@ -73,6 +74,7 @@ def check(q, k, v, mask=None, causal=False, scale=None, do=None):
     ref = fwd_bwd(reference, q, k, v, do.double(), mask=mask, causal=causal, scale=scale)
     torch_ = fwd_bwd(sdpa, q, k, v, do, mask=mask, causal=causal, scale=scale)
     for name, a, r, t in zip(("out", "dq", "dk", "dv"), ours, ref, torch_):
+        t = t.nan_to_num(0.0)  # some fused SDPA backends return NaN for fully masked rows; the reference says 0
         assert a.shape == r.shape and a.dtype == q.dtype, name
         assert not torch.isnan(a).any(), f"{name}: NaN"
         bound = 2 * err(t, r) + FLOOR[q.dtype] * max(1.0, r.abs().max().item())
@@ -163,7 +165,8 @@ def test_fully_masked_rows_match_pytorch(device):
     mask[0] = False  # batch 0: every key is padding
     do = randn(B, H, N, D, device=device)
     o, dq, dk, dv = fwd_bwd(attention, q, k, v, do, mask=mask)
-    o_t, dq_t, dk_t, dv_t = fwd_bwd(sdpa, q, k, v, do, mask=mask)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference semantics; fused GPU backends may differ on such rows
+        o_t, dq_t, dk_t, dv_t = fwd_bwd(sdpa, q, k, v, do, mask=mask)
     for a, b in [(o, o_t), (dq, dq_t), (dk, dk_t), (dv, dv_t)]:
         assert not torch.isnan(a).any()
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -14,13 +14,12 @@ N. Exponentials are base 2 with scale * log2(e) folded into one multiply-add
 row's log-sum-exp L = m + log2(l) (base 2, fp32, B*H*N_q floats): P can then be
 recomputed exactly as exp2(S*log2(e) - L) without a second online pass.
 
-Backward (FlashAttention-2's split, no atomics):
-  1. ``delta_i = sum_d dO_id * O_id`` (a small row-wise kernel);
+Backward (FlashAttention-2's split, no atomics), two kernels:
+  1. one program per query block loops over the key blocks it sees and
+     accumulates dQ = scale * dS K, where  dS = P * (dP - delta),  dP = dO V^T
+     and  delta_i = sum_d dO_id O_id  (computed here from O and dO, and stored);
   2. one program per key block loops over the query blocks that see it and
-     accumulates dK and dV in registers:  dV = P^T dO,  dS = P * (dP - delta),
-     dK = scale * dS^T Q  with  dP = dO V^T;
-  3. one program per query block loops over the key blocks it sees and
-     accumulates dQ = scale * dS K.
+     accumulates dK and dV in registers:  dV = P^T dO,  dK = scale * dS^T Q.
 Every tile of P is recomputed twice in the backward (once per kernel); that costs
 FLOPs but no memory traffic for an N x N matrix and no atomic adds.
 
@@ -33,9 +32,10 @@ multiple of the block). Loads in the mask-free phase carry no bounds checks.
 
 Key padding mask: a (B, N_k) bool tensor, True = attend (the seed's convention).
 Masked scores are -inf. A query row whose keys are all masked has no softmax;
-PyTorch's SDPA (torch 2.5 and later, all backends) returns 0 for such a row, and
-so do we: its output is 0, its stored L is +inf so that every recomputed P of that
-row is exactly 0, and its gradients are 0. Nothing of it leaks into other rows.
+PyTorch's SDPA returns 0 for such a row (its math backend since torch 2.5; checked
+on torch 2.13), and so do we: its output is 0, its stored L is +inf so that every
+recomputed P of that row is exactly 0, and its gradients are 0. Nothing of it
+leaks into other rows.
 
 Dropout on P happens inside the kernels with the dropout chapter's
 ``keep_mask(seed, offsets, p)`` (Philox, keyed by the 64-bit seed): element
@@ -244,24 +244,6 @@ _attn_fwd = autotune(_fwd_configs(), key=_KEY)(_attn_fwd_kernel)
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-                           H, N_Q, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the row term of dS = P * (dP - delta)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    o = _load_tile(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                   offs_m, N_Q, offs_d, D, True, not EVEN_D).to(tl.float32)
-    do = _load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                    offs_m, N_Q, offs_d, D, True, not EVEN_D).to(tl.float32)
-    delta = tl.sum(o * do, 1)
-    tl.store(DELTA + (b64 * H + h64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
-@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
                     lo, hi, start_n, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -302,8 +284,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_d
 
 def _dkdv_configs():
     # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N (keys, held) must be a multiple of BLOCK_M (queries, streamed).
+    # dK and dV stay in registers (2 * BLOCK_N * D fp32): at D = 128 a 128-key block needs 8 warps.
     cfg = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 128, 4, 5),
-           (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
+           (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
@@ -407,12 +390,12 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, str
 def _dq_configs():
     # BLOCK_M (queries, held) must be a multiple of BLOCK_N (keys, streamed).
     cfg = [(32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5),
-           (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
+           (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, KM,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                         stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn,
@@ -431,6 +414,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, KM,
     V += b64 * stride_vb + h64 * stride_vh
     DO += b64 * stride_dob + h64 * stride_doh
     DQ += b64 * stride_dqb + h64 * stride_dqh
+    O += b64 * stride_dqb + h64 * stride_dqh  # O and dQ are both contiguous (B, H, N_q, D): one set of strides
     KM += b64 * stride_mb
 
     start_m = pid_m * BLOCK_M
@@ -440,7 +424,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, KM,
     q = _load_tile(Q + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
     do = _load_tile(DO + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
     lse = tl.load(L + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij), the row term of dS = P * (dP - delta). This kernel
+    # runs first and stores it for the dK/dV kernel: no separate pre-processing launch.
+    o = _load_tile(O + offs_m[:, None] * stride_dqn + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
     km_ptrs = KM  # the loops add (start_n + offs_n) * stride_mn
@@ -467,7 +455,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, L, DELTA, KM,
 _attn_bwd_dkdv = autotune(_dkdv_configs(), key=_KEY)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = autotune(_dq_configs(), key=_KEY)(_attn_bwd_dq_kernel)
 
-PREPROCESS_BLOCK_M = 64
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -519,13 +506,10 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if do.stride(-1) != 1:
         do = do.contiguous()
+    o = o.contiguous()  # a no-op for the forward's output; the dQ kernel reads O with dQ's strides
     block_d = _block_d(D)
     even_d = block_d == D
     delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(N_Q, PREPROCESS_BLOCK_M), H, B)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, N_Q, D,
-        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d, EVEN_D=even_d)
-
     dq = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H, N_K, D), device=k.device, dtype=k.dtype)
     dv = torch.empty_like(dk)
@@ -534,12 +518,13 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
                   BLOCK_D=block_d, EVEN_D=even_d)
     common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
+    _launch(_attn_bwd_dq, lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B),
+            (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], smb, smn, *common),
+            consts, configs[1])
     _launch(_attn_bwd_dkdv, lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
             consts, configs[0])
-    _launch(_attn_bwd_dq, lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B),
-            (q, k, v, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], smb, smn, *common),
-            consts, configs[1])
     return dq, dk, dv
 
 
