@@ -1,0 +1,264 @@
+"""train.py and triton_transformer.training: the loop learns, resumes exactly, fails clearly, and runs under DDP.
+
+Everything here runs on the CPU with a tiny model on the PyTorch path (the
+Triton path's numerics are the other chapters' tests), in seconds.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from triton_transformer import runtime, training
+from triton_transformer.training import CheckpointError, DataError, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = dict(dim=32, depth=1, heads=2, dim_head=16, seq_len=32, batch_size=4, steps=30, warmup_steps=3, lr=3e-3,
+            eval_every=0, eval_batches=2, sample_every=0, sample_len=8, prompt_len=8, log_every=1, ckpt_every=0,
+            use_triton=False, device="cpu", progress=False)
+TINY_ARGS = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--seq-len", "32",
+             "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "1", "--eval-batches", "2", "--sample-len", "8",
+             "--prompt-len", "8", "--log-every", "1", "--no-progress", "--device", "cpu", "--no-use-triton"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Matrices 32 wide: threads cost more than they save, and on a busy machine they spin-wait for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """60 kB of regular Python-like text: structure a tiny model learns within a few dozen steps."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 3}\n\n" for i in range(2000)))
+    return path
+
+
+def cfg(corpus_file, tmp_path, **kw):
+    return TrainConfig(**{**TINY, "data": str(corpus_file), "out_dir": str(tmp_path / "run"), **kw})
+
+
+def losses(log_path):
+    return {r["step"]: r["loss"] for r in training.read_log(log_path) if r.get("loss") is not None}
+
+
+# ---------------------------------------------------------------- the loop learns
+
+def test_loss_falls_and_everything_is_written(corpus_file, tmp_path):
+    result = training.train(cfg(corpus_file, tmp_path, eval_every=15, sample_every=30))
+    rows = training.read_log(result.log_path)
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert first > math.log(256) - 0.5, first          # starts near uniform over 256 bytes
+    assert last < first - 1.5, (first, last)           # and learns
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    evals = [r for r in rows if r["val_bpb"] is not None]
+    assert [r["step"] for r in evals] == [15, 30] and evals[1]["val_bpb"] < evals[0]["val_bpb"] < 8
+    assert math.isclose(result.val_bpb, result.val_loss / math.log(2))
+    assert set(rows[-1]) >= {"step", "loss", "val_bpb", "tokens_per_s", "lr", "time", "sample"}
+    assert isinstance(result.samples[-1]["text"], str)
+    assert result.checkpoint.exists() and not result.interrupted
+    row = training.train_run_row(result, "torch")
+    assert row["kernel"] == "train_run" and row["pass"] == "fwdbwd" and row["provider"] == "torch"
+    assert row["shape"] == [4, 32, 32, 1, 256] and row["steps"] == 30 and row["gpus"] == 1
+    assert {"val_loss", "tokens_per_s", "gpu", "torch", "triton", "ms", "TFLOPs"} <= set(row)
+
+
+def test_cpu_fallback_says_what_it_does(corpus_file, tmp_path, capsys):
+    assert training.main(["--data", str(corpus_file), "--steps", "2", "--out-dir", str(tmp_path), *TINY_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "training a tiny configuration on the CPU" in out and "PyTorch path" in out and "Traceback" not in out
+
+
+# ---------------------------------------------------------------- checkpoints and exact resume
+
+def test_resume_equals_uninterrupted(corpus_file, tmp_path):
+    # dropout, gradient accumulation and a sample (all draw random numbers or batches) before the stop
+    kw = dict(steps=8, dropout=0.1, grad_accum=2, eval_every=4, sample_every=4)
+    full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
+    part = training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
+    assert part.interrupted and part.step == 4
+    resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)
+    assert resumed.step == 8
+    assert losses(resumed.log_path) == losses(full.log_path)  # exact: every step, before and after the stop
+    assert resumed.val_loss == full.val_loss
+    assert resumed.samples[-1]["text"] == full.samples[-1]["text"]
+
+
+def test_ctrl_c_saves_a_checkpoint_at_a_step_boundary(corpus_file, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = training.get_batch
+
+    def get_batch_then_ctrl_c(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # in the middle of step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "get_batch", get_batch_then_ctrl_c)
+    result = training.train(cfg(corpus_file, tmp_path, steps=10))
+    assert result.interrupted and result.step == 3
+    assert training.load_checkpoint(result.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_the_previous_is_kept(corpus_file, tmp_path, capsys):
+    c = cfg(corpus_file, tmp_path, steps=4, ckpt_every=2)
+    training.train(c)
+    ckpt = Path(c.out_dir) / "ckpt.pt"
+    prev = training.previous_checkpoint(ckpt)
+    assert training.load_checkpoint(ckpt)["step"] == 4 and training.load_checkpoint(prev)["step"] == 2
+
+    # a failed write (here: something unpicklable) leaves the good checkpoint alone and no temp file
+    with pytest.raises(Exception):
+        training.save_checkpoint({"step": 5, "bad": lambda: 0}, ckpt)
+    assert training.load_checkpoint(ckpt)["step"] == 4 and not list(Path(c.out_dir).glob("*.tmp"))
+
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(CheckpointError, match="corrupt") as err:
+        training.train(c, resume=True)
+    assert str(ckpt) in str(err.value) and str(prev) in str(err.value)
+    with pytest.raises(SystemExit) as exit_:
+        training.main(["--data", str(corpus_file), "--steps", "4", "--out-dir", c.out_dir, "--resume", *TINY_ARGS])
+    assert "corrupt" in str(exit_.value.code) and "Traceback" not in capsys.readouterr().err
+    # the previous checkpoint still resumes
+    assert training.train(c, resume=prev).step == 4
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.txt", "no such file"),
+    (lambda d: d, "not a file"),
+    (lambda d: (d / "small.txt").write_text("tiny " * 20) and d / "small.txt", "fewer than one window"),
+])
+def test_bad_data_is_a_clear_error(tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        training.main(["--data", str(path), "--steps", "1", "--out-dir", str(tmp_path / "run"), *TINY_ARGS])
+    assert message in str(err.value.code) and str(err.value.code).startswith("train.py: error:")
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_stdlib_corpus_is_fixed_and_cached(tmp_path):
+    """Sorted by relative path, site-packages left out, cached once (a stand-in tree keeps this fast)."""
+    root = tmp_path / "lib"
+    for rel, text in [("b.py", "b" * 40), ("a/z.py", "z" * 40), ("a/y.py", "y" * 40), ("site-packages/s.py", "s"),
+                      ("notes.txt", "t")]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    _, files = training.stdlib_files(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["a/y.py", "a/z.py", "b.py"]
+    a = training.stdlib_corpus(tmp_path / "cache", 0.25, root=root)
+    assert bytes(a.train) + bytes(a.val) == b"y" * 40 + b"z" * 40 + b"b" * 40 and len(a.val) == 30
+    assert len(list((tmp_path / "cache").glob("stdlib-py*.npy"))) == 1
+    (root / "b.py").write_text("b" * 80)  # a different library gets its own cache
+    assert len(training.stdlib_corpus(tmp_path / "cache", 0.25, root=root).val) == 40
+    assert len(list((tmp_path / "cache").glob("stdlib-py*.npy"))) == 2
+
+
+def test_enwik8_checks_and_download_errors(tmp_path, monkeypatch):
+    fake = tmp_path / "enwik8"
+    fake.write_bytes(b"x" * 1000)
+    with pytest.raises(DataError, match="100,000,000"):
+        training.verify_enwik8(fake)
+    fake.unlink()
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(training.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="could not download"):
+        training.enwik8_corpus(tmp_path)
+
+
+def test_batches_are_a_function_of_seed_step_and_index():
+    a = training.batch_starts(10_000, 32, 4, seed=1, step=7, index=1)
+    assert np.array_equal(a, training.batch_starts(10_000, 32, 4, seed=1, step=7, index=1))
+    assert not np.array_equal(a, training.batch_starts(10_000, 32, 4, seed=1, step=7, index=0))
+    assert not np.array_equal(a, training.batch_starts(10_000, 32, 4, seed=1, step=8, index=1))
+    assert (a >= 0).all() and (a + 32 < 10_000).all()
+
+
+# ---------------------------------------------------------------- schedule, FLOPs
+
+def test_schedule_and_mfu_table():
+    c = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = [training.lr_factor(s, c) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(f[10:], f[11:])) and f[-1] == pytest.approx(0.1, abs=1e-3)
+    assert training.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert training.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert training.peak_flops("Tesla T4") == 65e12 and training.peak_flops("Some Future GPU") is None
+    assert training.flops_per_token(1000, 2, 64, 16) == 6 * 1000 + 6 * 2 * 64 * 16
+
+
+# ---------------------------------------------------------------- DDP (gloo, two processes)
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process_accumulating(corpus_file, tmp_path):
+    """train.py in two CPU processes with torchrun's environment and gloo: each rank its own micro-batch
+    of every step, rank 0 logs and saves.
+
+    The global batch of a step does not depend on how it is split over processes, so two
+    ranks with one micro-batch each must reproduce one process accumulating two. (The
+    processes are started directly rather than through the torchrun launcher, which would
+    only add a third interpreter start-up to the test's time.)
+    """
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(corpus_file), "--steps", "3",
+           "--out-dir", str(tmp_path / "ddp"), "--ckpt-every", "0", *TINY_ARGS]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    single = training.train(cfg(corpus_file, tmp_path / "single", steps=3, grad_accum=2, warmup_steps=1))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "step 3" in outs[0] and "step 3" not in outs[1]  # only rank 0 talks
+    ddp = losses(tmp_path / "ddp" / "log.jsonl")
+    state = training.load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 3
+    one = losses(single.log_path)
+    assert sorted(ddp) == sorted(one) == [1, 2, 3]
+    for step in ddp:
+        assert ddp[step] == pytest.approx(one[step], rel=1e-4), (step, ddp, one)
+
+
+# ---------------------------------------------------------------- the Triton path in the same loop
+
+def test_triton_path_trains_like_the_pytorch_path(corpus_file, tmp_path):
+    """Two steps of the same run on both paths (interpreter on a CPU, compiled kernels and bf16 on a GPU)."""
+    kw = dict(steps=2, batch_size=2, eval_batches=1, sample_len=0, device="auto")
+    torch_run = training.train(cfg(corpus_file, tmp_path / "torch", use_triton=False, **kw))
+    triton_run = training.train(cfg(corpus_file, tmp_path / "triton", use_triton=True, **kw))
+    rel = 2e-2 if runtime.DEVICE.type == "cuda" else 1e-4
+    assert losses(triton_run.log_path) == pytest.approx(losses(torch_run.log_path), rel=rel)
+    assert triton_run.val_loss == pytest.approx(torch_run.val_loss, rel=rel)

@@ -1,0 +1,1126 @@
+"""Training the GPT: data, configuration, the loop, checkpoints and DDP.
+
+`train.py` at the repository root is a thin command line over this module, and
+the last chapter of the book calls the same functions, so what the book shows
+is what ``python train.py`` runs. Read it top to bottom:
+
+1. **Data.** A byte-level corpus as one ``uint8`` array split into train and
+   validation: the Python standard library's own sources (every machine with
+   Python has them, so the default run needs no download), the Hutter Prize
+   file enwik8 (the seed's data set, downloaded once and checksummed), or any
+   file you point at.
+2. **Batches** are a pure function of ``(seed, step, micro-batch index)``. No
+   stateful sampler means nothing to save: a resumed run draws exactly the
+   batches the uninterrupted run would have drawn, and a step's global batch is
+   the same whether one GPU accumulates it or eight GPUs share it.
+3. **The step**: bf16 autocast (fp16 with a loss scaler on GPUs without bf16),
+   gradient accumulation with the loss divided by the number of micro-batches,
+   gradient clipping, AdamW, warmup then cosine decay.
+4. **Around the step**: a progress bar with loss, tokens/s and MFU; validation
+   loss in bits per byte; a sample of generated text; a JSON-lines log;
+   checkpoints written atomically; Ctrl-C saves before exiting.
+5. **DDP** under ``torchrun``: one process per GPU, each with its own shard of
+   every step's batch, rank 0 logging and checkpointing.
+6. **Benchmark rows**: `benchmark` trains one configuration with one provider
+   (triton, torch, torch.compile) and returns a ``train_run`` results row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+# NVLink SHARP (NVLS) collectives hang or fail on some lent multi-GPU hosts; plain
+# ring/tree all-reduce is as fast for a model this size. Set before any process group.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import runtime  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_TOKENS = 256  # bytes
+
+
+class TrainingError(Exception):
+    """An error the user can fix (bad data path, corrupt checkpoint...): train.py prints it without a traceback."""
+
+
+class DataError(TrainingError):
+    pass
+
+
+class CheckpointError(TrainingError):
+    pass
+
+
+# ============================================================================ configuration
+
+def default_cache_dir() -> str:
+    """Where corpora are cached: $TRITON_TRANSFORMER_CACHE, else ~/.cache/triton_transformer."""
+    env = os.environ.get("TRITON_TRANSFORMER_CACHE")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "triton_transformer")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on. The defaults are the seed's model (dim 512, depth 6, 8 heads of 64, 1024 bytes
+    of context) trained as a causal byte-level GPT on one GPU."""
+
+    # data
+    data: str = "stdlib"            # "stdlib", "enwik8" or a path to a file
+    cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
+    val_fraction: float = 0.05      # the last 5% of the corpus validates (enwik8: the seed's fixed 90M/5M split)
+    # model
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    seq_len: int = 1024
+    ff_mult: int = 4
+    dropout: float = 0.0            # attention and feed-forward dropout; 0 for pre-training on this much data
+    use_triton: bool = True
+    compile: bool = False
+    # optimisation
+    batch_size: int = 16            # sequences per micro-batch per process (the seed: 4, accumulated 4 times)
+    grad_accum: int = 1             # micro-batches per optimizer step
+    steps: int = 2000               # optimizer steps; the cosine schedule ends here
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1       # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # max global gradient norm; 0 turns clipping off
+    dtype: str = "auto"             # auto (bf16 if the GPU has it, else fp16), bf16, fp16, fp32
+    # evaluation, logging, checkpoints
+    eval_every: int = 250
+    eval_batches: int = 16          # validation micro-batches (the same windows every time, for every provider)
+    sample_every: int = 1000        # 0: only at the end
+    sample_len: int = 256           # bytes generated
+    prompt_len: int = 128           # bytes of validation text the sample continues
+    temperature: float = 0.8
+    top_k: int | None = None
+    log_every: int = 10
+    ckpt_every: int = 500           # 0: only at the end (and on Ctrl-C)
+    out_dir: str = "runs/gpt"
+    seed: int = 1337
+    stop_at: int | None = None      # stop (with a checkpoint) after this step, as if interrupted
+    device: str = "auto"            # auto, cuda, cpu
+    progress: bool = True
+
+
+#: A configuration that trains in seconds on a CPU (the fallback without a GPU, and the chapter on CPU).
+TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, grad_accum=1, steps=100,
+            warmup_steps=10, lr=2e-3, eval_every=50, eval_batches=4, sample_every=0, sample_len=64, prompt_len=32,
+            log_every=10, ckpt_every=0, use_triton=False)
+
+#: Fields a resumed run may change; every other field comes from the checkpoint, so the run continues exactly.
+RESUMABLE_OVERRIDES = {"use_triton", "compile", "out_dir", "progress", "eval_every", "eval_batches", "sample_every",
+                       "sample_len", "prompt_len", "temperature", "top_k", "log_every", "ckpt_every", "stop_at",
+                       "device", "cache_dir"}
+
+#: How each benchmark provider trains: the Triton model, the PyTorch path eager, and the PyTorch path compiled.
+PROVIDERS = {
+    "triton": dict(use_triton=True, compile=False),
+    "torch": dict(use_triton=False, compile=False),
+    "torch.compile": dict(use_triton=False, compile=True),
+}
+
+
+# ============================================================================ data
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_SIZE = 100_000_000
+# The MD5 of the *extracted* 100,000,000-byte file as Matt Mahoney publishes it (mattmahoney.net/dc/textdata.html).
+# We could not download the file while writing this, so we check the published MD5 and the length rather than a
+# SHA-256 of our own making; both are checked after extraction, and a mismatch deletes the bad copy.
+ENWIK8_MD5 = "a1fa5ffddb56f4953e226637dabbb36a"
+ENWIK8_SPLIT = (90_000_000, 95_000_000)  # the seed's split: [0, 90M) train, [90M, 95M) validation (95M+: test)
+
+
+@dataclasses.dataclass
+class Corpus:
+    name: str
+    train: np.ndarray  # uint8, one byte per token
+    val: np.ndarray
+
+    def __repr__(self):
+        return f"Corpus({self.name!r}, train={len(self.train):,} bytes, val={len(self.val):,} bytes)"
+
+
+def _atomic_write_array(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary name in the same directory, then rename: a half-written cache never looks valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def stdlib_files(root: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
+    """The standard library's .py files in a fixed (sorted, relative-path) order, without site-packages."""
+    import sysconfig
+
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"the Python standard library directory {root} does not exist; pass --data PATH")
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if p.is_file() and not skip.intersection(p.relative_to(root).parts)]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_corpus(cache_dir: str | os.PathLike, val_fraction: float = 0.05,
+                  root: str | os.PathLike | None = None) -> Corpus:
+    """The standard library's sources, concatenated as bytes and cached as one .npy.
+
+    The file list differs between Python versions and distributions, so the cache's
+    name carries a fingerprint of the list (paths and sizes): a different Python
+    builds its own cache instead of silently reusing another's.
+    """
+    root, files = stdlib_files(root)
+    fingerprint = hashlib.sha1()
+    for p in files:
+        fingerprint.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = Path(cache_dir) / f"stdlib-py{version}-{fingerprint.hexdigest()[:12]}.npy"
+    if not path.exists():
+        data = np.frombuffer(b"".join(p.read_bytes() for p in files), dtype=np.uint8)
+        _atomic_write_array(path, data)
+    data = np.load(path, mmap_mode="r")
+    return _split(f"stdlib (Python {version}, {len(files)} files)", data, val_fraction)
+
+
+def _split(name: str, data: np.ndarray, val_fraction: float) -> Corpus:
+    n_val = int(len(data) * val_fraction)
+    if not 0 < n_val < len(data):
+        raise DataError(f"{name} has {len(data):,} bytes: too few to split into training and validation "
+                        f"(val_fraction={val_fraction})")
+    return Corpus(name, data[:-n_val], data[-n_val:])
+
+
+def verify_enwik8(path: Path) -> None:
+    """Check the extracted enwik8 against its published length and MD5; raise DataError if it does not match."""
+    size = path.stat().st_size
+    if size != ENWIK8_SIZE:
+        raise DataError(f"{path} has {size:,} bytes, enwik8 has {ENWIK8_SIZE:,}: delete it and run again")
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            md5.update(chunk)
+    if md5.hexdigest() != ENWIK8_MD5:
+        raise DataError(f"{path} has MD5 {md5.hexdigest()}, enwik8's published MD5 is {ENWIK8_MD5}: "
+                        "delete it and run again")
+
+
+def enwik8_corpus(cache_dir: str | os.PathLike) -> Corpus:
+    """enwik8, downloaded once from mattmahoney.net into the cache, checked, split 90M/5M as the seed did."""
+    cache = Path(cache_dir)
+    raw = cache / "enwik8"
+    verified = cache / "enwik8.verified"  # written after the MD5 passed once, so later runs skip hashing 100 MB
+    if not (raw.exists() and verified.exists()):
+        cache.mkdir(parents=True, exist_ok=True)
+        zpath = cache / "enwik8.zip"
+        if not zpath.exists():
+            tmp = zpath.with_name(f"enwik8.zip.{os.getpid()}.tmp")
+            print(f"downloading {ENWIK8_URL} (36 MB) to {zpath}")
+            try:
+                with urllib.request.urlopen(ENWIK8_URL, timeout=60) as r, open(tmp, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"could not download {ENWIK8_URL} ({err}). Without network, put enwik8.zip "
+                                f"(or the extracted enwik8) in {cache} yourself, or use --data stdlib") from err
+            os.replace(tmp, zpath)
+        if not raw.exists():
+            try:
+                with zipfile.ZipFile(zpath) as z, z.open("enwik8") as src, open(raw.with_suffix(".tmp"), "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, KeyError, OSError) as err:
+                zpath.unlink(missing_ok=True)
+                raise DataError(f"{zpath} is not a valid enwik8.zip ({err}); deleted it, run again to "
+                                "download it afresh") from err
+            os.replace(raw.with_suffix(".tmp"), raw)
+        try:
+            verify_enwik8(raw)
+        except DataError:
+            raw.unlink(missing_ok=True)
+            raise
+        verified.write_text(ENWIK8_MD5 + "\n")
+    data = np.memmap(raw, dtype=np.uint8, mode="r")
+    a, b = ENWIK8_SPLIT
+    return Corpus("enwik8", data[:a], data[a:b])
+
+
+def file_corpus(path: str | os.PathLike, val_fraction: float = 0.05) -> Corpus:
+    """Any file, read as bytes (memory-mapped, not copied): the last `val_fraction` validates."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"--data {str(path)!r}: no such file. Use 'stdlib' (the default), 'enwik8' or the path "
+                        "of a text file")
+    if not p.is_file():
+        raise DataError(f"--data {str(path)!r} is not a file (a directory?). Use 'stdlib', 'enwik8' or the path "
+                        "of a text file")
+    if p.stat().st_size == 0:
+        raise DataError(f"--data {str(path)!r} is empty")
+    return _split(p.name, np.memmap(p, dtype=np.uint8, mode="r"), val_fraction)
+
+
+def load_corpus(data: str, cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.05) -> Corpus:
+    """'stdlib', 'enwik8' or a file path -> Corpus."""
+    cache_dir = cache_dir or default_cache_dir()
+    if data == "stdlib":
+        return stdlib_corpus(cache_dir, val_fraction)
+    if data == "enwik8":
+        return enwik8_corpus(cache_dir)
+    return file_corpus(data, val_fraction)
+
+
+# ============================================================================ batches
+
+def batch_starts(n: int, seq_len: int, batch_size: int, seed: int, step: int, index: int) -> np.ndarray:
+    """Window starts of micro-batch `index` of optimizer step `step`: a pure function of its arguments.
+
+    numpy's SeedSequence mixes the three integers into an independent stream, so
+    no sampler state has to be saved for an exact resume, and micro-batch j of a
+    step is the same whichever process computes it.
+    """
+    rng = np.random.default_rng([seed, step, index])
+    return rng.integers(0, n - seq_len, size=batch_size)  # each window needs seq_len + 1 bytes
+
+
+def val_starts(n: int, seq_len: int, count: int) -> np.ndarray:
+    """Evenly spaced validation windows: the same for every run, seed and provider, so losses compare."""
+    return np.linspace(0, n - seq_len - 1, count).astype(np.int64)
+
+
+def get_batch(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device):
+    """Inputs x = bytes [s, s+T) and labels y = bytes [s+1, s+T+1) of each window, as int64 on `device`."""
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    if device.type == "cuda":
+        windows = windows.pin_memory().to(device, non_blocking=True)  # the copy overlaps the running step
+    return windows[:, :-1], windows[:, 1:]
+
+
+def check_corpus(corpus: Corpus, cfg: TrainConfig) -> None:
+    for split, arr in (("train", corpus.train), ("validation", corpus.val)):
+        if len(arr) < cfg.seq_len + 2:
+            raise DataError(f"{corpus.name}: the {split} split has {len(arr):,} bytes, fewer than one window of "
+                            f"seq_len + 1 = {cfg.seq_len + 1}; use a bigger file or a smaller --seq-len")
+
+
+# ============================================================================ model, optimizer, schedule
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    from .transformer import Transformer
+
+    return Transformer(num_tokens=NUM_TOKENS, max_seq_len=cfg.seq_len, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads,
+                       dim_head=cfg.dim_head, causal=True, ff_mult=cfg.ff_mult, attn_dropout=cfg.dropout,
+                       ff_dropout=cfg.dropout, use_triton=cfg.use_triton)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying LayerNorm gains and biases pulls them to 0 for no gain."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters instead of a loop
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at 0-based `step`: linear warmup to 1, then cosine down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig):
+    # A plain function (not a callable object) so that the scheduler's state_dict holds no config object.
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). bf16 where the GPU has it; fp16 (with a GradScaler) on older GPUs."""
+    if device.type != "cuda":
+        return None  # CPU: fp32 (the interpreter computes bf16 wrongly; CPU autocast would only be slower)
+    choice = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if cfg.dtype not in choice:
+        raise TrainingError(f"--dtype {cfg.dtype!r}: choose auto, bf16, fp16 or fp32")
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return choice[cfg.dtype]
+
+
+# ============================================================================ FLOPs and MFU
+
+#: Dense bf16 (fp16 where the GPU has no bf16) tensor-core peak FLOP/s, by a substring of the device name.
+#: First match wins, so the more specific names come first. Unknown GPUs get no MFU.
+PEAK_FLOPS = [
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),   # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("V100", 125e12),   # fp16
+    ("T4", 65e12),      # fp16
+]
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def matmul_params(model: torch.nn.Module, num_tokens: int = NUM_TOKENS) -> int:
+    """Parameters that take part in a matmul per token: every matrix except embedding tables (lookups).
+
+    The output projection to `num_tokens` logits is a matmul even when it shares
+    its weight with the token embedding, so it is counted in that case too.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    seen, n, head = set(), 0, False
+    for p in model.parameters():
+        if id(p) in seen or p.dim() < 2:
+            continue
+        seen.add(id(p))
+        if id(p) in embeddings:
+            continue
+        n += p.numel()
+        head |= p.shape[0] == num_tokens
+    if not head:  # tied head: the logits matmul uses the token embedding's (num_tokens, dim) matrix
+        dims = [p.shape[1] for p in model.parameters() if id(p) in embeddings and p.shape[0] == num_tokens]
+        n += num_tokens * dims[0] if dims else 0
+    return n
+
+
+def flops_per_token(n_matmul_params: int, depth: int, seq_len: int, attn_dim: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls (2 forward, 4 backward) plus causal attention.
+
+    Attention's QK^T and PV cost 2 * 2 * T * d FLOPs per token and layer forward,
+    three times that forward + backward, and causal masking halves the useful
+    part (the book counts useful FLOPs): 6 * L * T * d.
+    """
+    return 6 * n_matmul_params + 6 * depth * seq_len * attn_dim
+
+
+# ============================================================================ checkpoints
+
+def _rng_state() -> dict:
+    """Every RNG a step may draw from, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """Where the checkpoint before `path` is kept: ckpt.pt -> ckpt.prev.pt."""
+    p = Path(path)
+    return p.with_name(p.stem + ".prev" + p.suffix)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write `state` so that a crash at any moment leaves a loadable checkpoint.
+
+    torch.save goes to ``ckpt.pt.tmp`` in the same directory (so the rename below
+    stays on one file system), is flushed to disk, and only then replaces
+    ``ckpt.pt`` with one atomic ``os.replace``; the checkpoint it replaces is kept
+    as ``ckpt.prev.pt``. A failed or interrupted write leaves ckpt.pt untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if path.exists():
+        os.replace(path, previous_checkpoint(path))
+    os.replace(tmp, path)
+    return path
+
+
+CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "scheduler", "scaler", "rng")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """torch.load(weights_only=True) with a clear CheckpointError naming the file (and its predecessor) on failure."""
+    path = Path(path)
+    if not path.exists():
+        prev = previous_checkpoint(path)
+        hint = f" (the previous one, {prev}, exists: pass --resume {prev})" if prev.exists() else ""
+        raise CheckpointError(f"no checkpoint at {path}{hint}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"missing {missing}")
+    except Exception as err:
+        prev = previous_checkpoint(path)
+        hint = (f" The previous checkpoint {prev} is kept: resume from it with --resume {prev}."
+                if prev.exists() else " Delete it to start afresh.")
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a training checkpoint "
+                              f"({type(err).__name__}: {str(err)[:200]}).{hint}") from err
+    return state
+
+
+# ============================================================================ distributed
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: join the process group (NCCL on GPUs, gloo on CPUs)."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if runtime.DEVICE.type == "cuda" else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda, but no CUDA GPU is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device(want))
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if want == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    here = not dist.is_initialized()
+    if here:
+        dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device, here)
+
+
+def _all_reduce(t: torch.Tensor, d: Dist, op="avg") -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        if op == "avg":
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= d.world
+        else:
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
+    return t
+
+
+# ============================================================================ the loop
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None          # nats per byte
+    val_bpb: float | None           # bits per byte
+    tokens_per_s: float | None      # steady state (after the first logged interval), all processes together
+    mfu: float | None
+    flops_per_token: float
+    params: int
+    interrupted: bool
+    log: list                       # the rows written to log.jsonl by this call
+    samples: list                   # generated texts, by step
+    log_path: Path | None
+    checkpoint: Path | None
+    config: TrainConfig
+
+
+@torch.no_grad()
+def evaluate(model, corpus: Corpus, cfg: TrainConfig, d: Dist, amp) -> float:
+    """Mean validation loss (nats per byte) over the fixed validation windows, shared out over the processes."""
+    was_training = model.training
+    model.eval()
+    starts = val_starts(len(corpus.val), cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)  # sum of losses, number of batches
+    for j in range(d.rank, cfg.eval_batches, d.world):
+        x, y = get_batch(corpus.val, starts[j * cfg.batch_size:(j + 1) * cfg.batch_size], cfg.seq_len, d.device)
+        with amp():
+            loss = model(x, labels=y)
+        total[0] += loss.double()
+        total[1] += 1
+    _all_reduce(total, d, "sum")
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def sample_prompt(corpus: Corpus, cfg: TrainConfig) -> bytes:
+    """`prompt_len` bytes of validation text, starting after the first newline so the sample starts on a line."""
+    n = max(1, min(cfg.prompt_len, cfg.seq_len // 2))  # prompt + sample must fit the model's context
+    head = bytes(corpus.val[: 4 * n + 1])
+    start = head.find(b"\n") + 1 if b"\n" in head[: 3 * n] else 0
+    return bytes(corpus.val[start:start + n])
+
+
+@torch.no_grad()
+def generate_text(model, prompt: bytes, n: int, cfg: TrainConfig, device: torch.device, amp) -> str:
+    """Continue `prompt` by `n` bytes with model.generate; decode as UTF-8 (invalid bytes shown as U+FFFD)."""
+    was_training = model.training
+    model.eval()
+    x = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
+    with amp():
+        out = model.generate(x, n, temperature=cfg.temperature, top_k=cfg.top_k)
+    model.train(was_training)
+    out = out[0].tolist()
+    new = out[len(prompt):] if len(out) == len(prompt) + n else out[-n:]  # whether or not generate returns the prompt
+    return bytes(new).decode("utf-8", errors="replace")
+
+
+def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: TrainConfig, d: Dist, amp, step: int,
+               params) -> torch.Tensor:
+    """One optimizer step: `grad_accum` micro-batches per process, clip, AdamW, schedule.
+
+    Returns the step's mean loss as a 0-dim tensor on the device (reading it
+    with .item() would wait for the GPU, so the loop does that only when it logs).
+    """
+    loss_sum = torch.zeros((), device=d.device)
+    for m in range(cfg.grad_accum):
+        j = d.rank * cfg.grad_accum + m  # global micro-batch index: the same batches for any number of processes
+        x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, j),
+                         cfg.seq_len, d.device)
+        # DDP all-reduces gradients during backward; only the last micro-batch needs to
+        sync = m == cfg.grad_accum - 1 or d.world == 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with amp():
+                loss = model(x, labels=y)
+            # the mean over the whole batch, not the sum of the micro-batches' means
+            scaler.scale(loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones (a no-op without fp16)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(optimizer)  # with fp16: skipped if a gradient overflowed, and the scale shrinks
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return loss_sum / cfg.grad_accum
+
+
+def _merge_resume_config(cfg: TrainConfig, saved: dict, say) -> TrainConfig:
+    """The checkpoint's config, with only the fields that cannot change the training trajectory taken from `cfg`."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = dict(saved)
+    ignored = []
+    for f in dataclasses.fields(TrainConfig):
+        new = getattr(cfg, f.name)
+        if f.name in RESUMABLE_OVERRIDES or f.name not in saved:
+            merged[f.name] = new
+        elif saved[f.name] != new and f.name in getattr(cfg, "explicit", ()):
+            ignored.append(f"{f.name}={new!r} (checkpoint: {saved[f.name]!r})")
+    if ignored:
+        say("resuming with the checkpoint's settings; ignored " + ", ".join(ignored))
+    return TrainConfig(**{k: v for k, v in merged.items() if k in names})
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the loop to stop after the current step and save.
+
+    Saving at a step boundary is what keeps the resume exact. In a single process
+    the handler then steps aside, so a second Ctrl-C raises KeyboardInterrupt at
+    once. Under torchrun it stays: the agent forwards the terminal's Ctrl-C to
+    every worker a second time (and SIGKILLs them 30 s later), which must not
+    abort the save that the first one asked for.
+    """
+
+    def __init__(self, say, step_aside: bool = True):
+        self.requested = False
+        self.say = say
+        self.step_aside = step_aside
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # not allowed here (e.g. some embedded interpreters)
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            return
+        self.requested = True
+        if self.step_aside:
+            signal.signal(signum, self.previous[signum])
+        self.say(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping"
+                 + (" (Ctrl-C again quits at once)" if self.step_aside else ""))
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> TrainResult:
+    """Train (or resume) one run; see the module docstring. `resume`: True for out_dir/ckpt.pt, or a path."""
+    from tqdm import tqdm
+
+    d = setup_distributed(cfg)
+    try:
+        bar = None
+
+        def say(msg):
+            if d.main:
+                (bar.write if bar is not None else print)(msg)
+
+        # ---- resume: the checkpoint's config wins (except run-control fields)
+        state = None
+        if resume:
+            ckpt_path = Path(cfg.out_dir) / "ckpt.pt" if resume is True else Path(resume)
+            state = load_checkpoint(ckpt_path)
+            cfg = _merge_resume_config(cfg, state["config"], say)
+        if cfg.device == "auto" and d.device.type == "cpu" and cfg.use_triton and d.main:
+            say("note: no GPU, so the Triton kernels run in Triton's CPU interpreter (slow; --no-triton is faster)")
+
+        # ---- data (rank 0 builds any cache first, the others then read it)
+        if d.main:
+            corpus = load_corpus(cfg.data, cfg.cache_dir, cfg.val_fraction)
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if not d.main:
+            corpus = load_corpus(cfg.data, cfg.cache_dir, cfg.val_fraction)
+        check_corpus(corpus, cfg)
+
+        # ---- model, optimizer, schedule, precision
+        torch.manual_seed(cfg.seed)  # the same initial weights for every provider and world size
+        raw_model = build_model(cfg).to(d.device)
+        optimizer = make_optimizer(raw_model, cfg, d.device)
+        scheduler = make_scheduler(optimizer, cfg)
+        amp_dtype = autocast_dtype(cfg, d.device)
+        scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
+
+        def amp():
+            if amp_dtype is None:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=d.device.type, dtype=amp_dtype)
+
+        step, elapsed_before, tokens_seen = 0, 0.0, 0
+        # dropout draws from here: seeded per rank so the processes do not share masks
+        torch.manual_seed(cfg.seed + d.rank)
+        random.seed(cfg.seed + d.rank)
+        np.random.seed(cfg.seed + d.rank)
+        if state is not None:
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+            tokens_seen = int(state.get("tokens", 0))
+            rngs = state["rng"]
+            if len(rngs) == d.world:
+                _set_rng_state(rngs[d.rank])
+            else:
+                say(f"note: the checkpoint was written by {len(rngs)} processes, this run has {d.world}: "
+                    "random states are reseeded, so dropout masks differ from the original run")
+            say(f"resumed from {ckpt_path} at step {step}")
+            del state
+
+        model = raw_model
+        if cfg.compile:
+            model = torch.compile(model)
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        if hasattr(raw_model, "flops_per_token"):  # the model's own count (the same formula)
+            fpt = float(raw_model.flops_per_token(cfg.seq_len, training=True))
+        else:
+            fpt = flops_per_token(matmul_params(raw_model), cfg.depth, cfg.seq_len, cfg.heads * cfg.dim_head)
+        peak = peak_flops(torch.cuda.get_device_name(d.device)) if d.device.type == "cuda" else None
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
+        prompt = sample_prompt(corpus, cfg)
+        sample_len = max(0, min(cfg.sample_len, cfg.seq_len - len(prompt)))  # 0: no samples
+
+        # ---- outputs (rank 0 only)
+        out = Path(cfg.out_dir)
+        log_path, ckpt_path_out = out / "log.jsonl", out / "ckpt.pt"
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if step > 0 and log_path.exists():  # drop rows a crashed run wrote after its last checkpoint
+                kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            elif (out / "ckpt.pt").exists() and step == 0:
+                say(f"note: {out} holds a checkpoint; starting afresh and overwriting it (--resume continues it)")
+            log_path.write_text("".join(k + "\n" for k in kept))
+            say(f"{corpus} · model {n_params / 1e6:.2f}M parameters · {tokens_per_step:,} tokens/step · "
+                f"{'triton' if cfg.use_triton else 'pytorch'} path{' + torch.compile' if cfg.compile else ''} · "
+                f"{str(amp_dtype or torch.float32).replace('torch.', '')} · {d.device}"
+                f"{f' x {d.world} processes' if d.world > 1 else ''}")
+
+        rows, samples = [], []
+        last = dict(step=step, time=time.perf_counter())
+        t_start = time.perf_counter()
+        steady, intervals = dict(tokens=0, time=0.0), 0
+        loss_sum = torch.zeros((), device=d.device)
+        train_loss = val_loss = tps = mfu = None
+        interrupted = False
+        grad_params = [p for p in raw_model.parameters() if p.requires_grad]
+
+        def checkpoint_state() -> dict:
+            rngs = [_rng_state()]
+            if d.world > 1:
+                import torch.distributed as dist
+
+                rngs = [None] * d.world
+                dist.all_gather_object(rngs, _rng_state())
+            return {"format": "triton_transformer.training/1", "step": step, "config": dataclasses.asdict(cfg),
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                    "tokens": tokens_seen, "elapsed": elapsed_before + time.perf_counter() - t_start,
+                    "world_size": d.world}
+
+        def save():
+            st = checkpoint_state()  # every rank takes part in gathering the random states
+            if d.main:
+                save_checkpoint(st, ckpt_path_out)
+
+        def pause():
+            """Time spent evaluating, sampling or saving is not training time: stop the tokens/s clock."""
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            return time.perf_counter()
+
+        bar = tqdm(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
+                   mininterval=1.0, desc="train")
+        with _StopRequest(say, step_aside=d.world == 1) as stop:
+            while step < cfg.steps:
+                loss_sum += train_step(model, optimizer, scheduler, scaler, corpus.train, cfg, d, amp, step,
+                                       grad_params)
+                step += 1
+                tokens_seen += tokens_per_step
+                bar.update(1)
+
+                # ---- around the step
+                final = step == cfg.steps
+                do_eval = final or bool(cfg.eval_every and step % cfg.eval_every == 0)
+                do_sample = sample_len > 0 and (final or bool(cfg.sample_every and step % cfg.sample_every == 0))
+                do_log = do_eval or do_sample or step % cfg.log_every == 0 or step == cfg.stop_at
+                row = None
+                if do_log:
+                    # .item() waits for the GPU: the only synchronisation in a logged step
+                    train_loss = _all_reduce(loss_sum, d).item() / (step - last["step"])
+                    loss_sum.zero_()
+                    now = time.perf_counter()
+                    tps = (step - last["step"]) * tokens_per_step / (now - last["time"])
+                    intervals += 1
+                    if intervals > 1:  # the first interval holds compilation and warm-up: not steady state
+                        steady["tokens"] += (step - last["step"]) * tokens_per_step
+                        steady["time"] += now - last["time"]
+                    mfu = fpt * tps / (peak * d.world) if peak else None
+                    row = {"step": step, "loss": round(train_loss, 5), "val_loss": None, "val_bpb": None,
+                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
+                           "mfu": round(mfu, 4) if mfu is not None else None, "tokens": tokens_seen,
+                           "time": round(elapsed_before + now - t_start, 3)}
+                    last.update(step=step, time=now)
+                    bar.set_postfix_str(f"loss {train_loss:.3f} · {tps:,.0f} tok/s"
+                                        + (f" · MFU {mfu:.1%}" if mfu is not None else ""), refresh=False)
+                paused = None
+                if do_eval:
+                    paused = pause()
+                    val_loss = evaluate(raw_model, corpus, cfg, d, amp)
+                    row.update(val_loss=round(val_loss, 5), val_bpb=round(val_loss / math.log(2), 5))
+                    say(f"step {step}: train loss {train_loss:.4f} · val loss {val_loss:.4f} "
+                        f"= {val_loss / math.log(2):.4f} bits/byte")
+                if do_sample and d.main:
+                    paused = paused or pause()
+                    text = generate_text(raw_model, prompt, sample_len, cfg, d.device, amp)
+                    samples.append({"step": step, "prompt": prompt.decode("utf-8", errors="replace"), "text": text})
+                    row["sample"] = text
+                    say(f"--- sample at step {step} ---\n{prompt.decode('utf-8', errors='replace')}"
+                        f"\u2502{text}\n---")
+                if row is not None and d.main:
+                    rows.append(row)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                # Stop where every process stops at the same step: a single process checks its flag every
+                # step; under DDP the processes agree (a collective) at logged steps, which all of them share.
+                stop_now = step == cfg.stop_at
+                if d.world == 1:
+                    stop_now |= stop.requested
+                elif do_log:
+                    flag = torch.tensor([float(stop.requested)], device=d.device)
+                    stop_now |= bool(_all_reduce(flag, d, "max").item())
+                if final or stop_now or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                    paused = paused or pause()
+                    save()
+                    if stop_now and not final:
+                        interrupted = True
+                        say(f"stopped at step {step}; checkpoint {ckpt_path_out} (continue with --resume)")
+                        break
+                if paused is not None:
+                    last["time"] += time.perf_counter() - paused
+        bar.close()
+        tps_steady = steady["tokens"] / steady["time"] if steady["time"] > 0 else tps
+        mfu_steady = fpt * tps_steady / (peak * d.world) if peak and tps_steady else None
+        return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss,
+                           val_bpb=val_loss / math.log(2) if val_loss is not None else None,
+                           tokens_per_s=tps_steady, mfu=mfu_steady, flops_per_token=fpt, params=n_params,
+                           interrupted=interrupted, log=rows, samples=samples,
+                           log_path=log_path if d.main else None,
+                           checkpoint=ckpt_path_out if d.main else None, config=cfg)
+    finally:
+        if d.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ============================================================================ benchmark rows and logs
+
+TRAIN_LOGS_DIR = REPO_ROOT / "benchmarks" / "results" / "train_logs"
+
+
+def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
+    """A BOOK.md results row for one training run (kernel "train_run", pass "fwdbwd")."""
+    from . import bench
+
+    cfg = result.config
+    dtype = autocast_dtype(cfg, torch.device("cuda")) if torch.cuda.is_available() else torch.float32
+    tps = result.tokens_per_s
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * gpus
+    return {
+        "kernel": "train_run", "pass": "fwdbwd",
+        "shape": [cfg.batch_size * cfg.grad_accum * gpus, cfg.seq_len, cfg.dim, cfg.depth, NUM_TOKENS],
+        "dtype": bench.dtype_name(dtype or torch.float32), "provider": provider,
+        "ms": round(1e3 * tokens_per_step / tps, 3) if tps else None,  # per optimizer step
+        "GBps": None,
+        "TFLOPs": round(result.flops_per_token * tps / 1e12, 1) if tps else None,
+        "val_loss": round(result.val_loss, 5) if result.val_loss is not None else None,
+        "val_bpb": round(result.val_bpb, 5) if result.val_bpb is not None else None,
+        "tokens_per_s": round(tps, 1) if tps else None,
+        "mfu": round(result.mfu, 4) if result.mfu is not None else None,
+        "steps": result.step, "gpus": gpus, "seed": cfg.seed, "data": cfg.data,
+        "params": result.params, "heads": cfg.heads, "dim_head": cfg.dim_head,
+        **bench.versions(),
+    }
+
+
+def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = True, out_root: str = "runs/bench",
+              **overrides) -> dict:
+    """Train `cfg` from scratch with one provider; return its train_run row (appended to the results if `record`).
+
+    The run's log is copied to benchmarks/results/train_logs/<gpu>/<provider>.jsonl
+    when recorded, so the chapter can plot the curves on a machine without a GPU.
+    """
+    from . import bench
+
+    if provider not in PROVIDERS:
+        raise TrainingError(f"provider {provider!r}: choose from {list(PROVIDERS)}")
+    cfg = dataclasses.replace(cfg or TrainConfig(), **overrides, **PROVIDERS[provider],
+                              out_dir=str(Path(out_root) / provider.replace(".", "_")), stop_at=None)
+    result = train(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    row = train_run_row(result, provider, gpus=world)
+    if record and result.log_path is not None:  # rank 0
+        bench.append([row])
+        dest = TRAIN_LOGS_DIR / bench.results_file(row["gpu"]).stem / f"{provider}.jsonl"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(Path(result.log_path).read_text())
+    if result.log_path is not None:
+        print(f"{provider}: val loss {row['val_loss']} ({row['val_bpb']} bits/byte), {row['tokens_per_s']} tokens/s"
+              + (f", MFU {row['mfu']:.1%}" if row["mfu"] else ""))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def compare(cfg: TrainConfig | None = None, providers=tuple(PROVIDERS), *, record: bool = True, **overrides):
+    """Train the same configuration (seed, data, steps) once per provider, one after the other; return the rows."""
+    return [benchmark(p, cfg, record=record, **overrides) for p in providers]
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def committed_logs(gpu: str | None = None) -> tuple[str | None, dict[str, list[dict]]]:
+    """(gpu, {provider: rows}) of the training logs committed under benchmarks/results/train_logs/."""
+    if not TRAIN_LOGS_DIR.is_dir():
+        return None, {}
+    dirs = sorted(p for p in TRAIN_LOGS_DIR.iterdir() if p.is_dir() and (gpu is None or p.name == gpu))
+    if not dirs:
+        return None, {}
+    logs = {p.stem: read_log(p) for p in sorted(dirs[0].glob("*.jsonl"))}
+    return dirs[0].name, logs
+
+
+def plot_curves(logs: dict[str, list[dict]], title: str = ""):
+    """Training loss and validation bits per byte against step, one line per provider (the book's colours)."""
+    import matplotlib.pyplot as plt
+
+    from .bench import PROVIDER_COLORS
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, rows in logs.items():
+        color = PROVIDER_COLORS.get(name)
+        tr = [r for r in rows if r.get("loss") is not None]
+        va = [r for r in rows if r.get("val_bpb") is not None]
+        a.plot([r["step"] for r in tr], [r["loss"] / math.log(2) for r in tr], label=name, color=color, lw=1)
+        b.plot([r["step"] for r in va], [r["val_bpb"] for r in va], "o-", label=name, color=color, ms=3)
+    a.set_title("training loss", fontsize=10)
+    b.set_title("validation loss", fontsize=10)
+    for ax in (a, b):
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ============================================================================ command line
+
+def argument_parser() -> argparse.ArgumentParser:
+    """train.py's options. Defaults of None mean "from TrainConfig", or from the tiny CPU preset without a GPU."""
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a causal byte-level GPT built from triton_transformer's kernels.",
+        epilog="examples:\n"
+               "  python train.py                          # stdlib sources, seed config, 2000 steps\n"
+               "  python train.py --data enwik8 --steps 20000\n"
+               "  python train.py --resume                 # continue runs/gpt/ckpt.pt exactly\n"
+               "  torchrun --nproc_per_node=8 train.py     # DistributedDataParallel\n"
+               "  python train.py --bench --steps 2000     # triton vs torch vs torch.compile: train_run rows")
+    B = argparse.BooleanOptionalAction
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="'stdlib' (default: this Python's standard library sources), 'enwik8' "
+                                  "(downloaded, checksummed, cached), or the path of a text file")
+    g.add_argument("--cache-dir", help=f"where corpora are cached (default {default_cache_dir()})")
+    g = p.add_argument_group("model")
+    for name in ("dim", "depth", "heads", "dim-head", "seq-len", "ff-mult"):
+        g.add_argument(f"--{name}", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--use-triton", action=B, help="Triton kernels (default on a GPU) or the PyTorch path")
+    g.add_argument("--compile", action=B, help="torch.compile the model")
+    g = p.add_argument_group("optimisation")
+    for name in ("batch-size", "grad-accum", "steps", "warmup-steps", "seed", "stop-at"):
+        g.add_argument(f"--{name}", type=int)
+    for name in ("lr", "min-lr-ratio", "weight-decay", "beta1", "beta2", "grad-clip"):
+        g.add_argument(f"--{name}", type=float)
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    for name in ("eval-every", "eval-batches", "sample-every", "sample-len", "prompt-len", "top-k", "log-every",
+                 "ckpt-every"):
+        g.add_argument(f"--{name}", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--out-dir", help="log.jsonl and ckpt.pt go here (default runs/gpt)")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue exactly from OUT_DIR/ckpt.pt, or from CKPT")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    g.add_argument("--progress", action=B, help="show the progress bar")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--bench", action="store_true", help="train once per provider and append train_run rows to "
+                                                        "benchmarks/results/<gpu>.jsonl")
+    g.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    g.add_argument("--no-record", action="store_true", help="with --bench: print the rows, write nothing")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, say=print) -> TrainConfig:
+    """TrainConfig from parsed options: the defaults on a GPU; without one, the tiny CPU preset (said out loud)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    on_gpu = runtime.DEVICE.type == "cuda" and given.get("device") != "cpu"
+    if on_gpu:
+        cfg = TrainConfig(**given)
+        cfg.explicit = set(given)  # what the user asked for: --resume warns when it cannot honour these
+        return cfg
+    preset = {k: v for k, v in TINY.items() if k not in given}
+    use_triton = given.get("use_triton", False)
+    why = "--device cpu" if runtime.DEVICE.type == "cuda" else "No CUDA GPU found"
+    say(f"{why}: training a tiny configuration on the CPU "
+        f"(dim {given.get('dim', TINY['dim'])}, depth {given.get('depth', TINY['depth'])}, "
+        f"seq {given.get('seq_len', TINY['seq_len'])}, {given.get('steps', TINY['steps'])} steps) with "
+        + ("the Triton kernels in Triton's CPU interpreter (slow)." if use_triton else
+           "the PyTorch path (use_triton=False; --use-triton runs the Triton kernels in the slow interpreter).")
+        + " This checks the pipeline end to end; real training needs a GPU.")
+    cfg = TrainConfig(**{**preset, **given, "device": "cpu"})
+    cfg.explicit = set(given)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # matrices this small: more threads only add synchronisation (and spin-waits)
+    return cfg
+
+
+def main(argv=None) -> int:
+    """Entry point of train.py. User errors (TrainingError) exit with a message, never a traceback."""
+    args = argument_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.bench:
+            if args.resume:
+                raise TrainingError("--bench trains from scratch; it cannot --resume")
+            compare(cfg, providers=args.providers, record=not args.no_record)
+        else:
+            result = train(cfg, resume=args.resume)
+            if result.log_path is not None and result.val_bpb is not None:
+                print(f"done: step {result.step}, val {result.val_bpb:.4f} bits/byte; log {result.log_path}, "
+                      f"checkpoint {result.checkpoint}")
+    except TrainingError as err:
+        raise SystemExit(f"train.py: error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("train.py: interrupted (no checkpoint written for the unfinished step)") from None
+    return 0
