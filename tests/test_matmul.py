@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ON_GPU, cuda_only
 
-from triton_transformer import linear, runtime
+from triton_transformer import linear
 from triton_transformer.testing import tolerance
 
 # the module (the package's `linear` name is the function), for its knobs: TMA, SPLIT_K, AUTOTUNE_MIN_MACS
@@ -239,5 +239,9 @@ def test_cuda_fp32_follows_torch_matmul_precision(device):
     check(*inputs((300, 256), 384, torch.float32, device), "gelu")
 
 
-if not ON_GPU:
-    assert runtime.INTERPRET
+def test_double_backward_is_refused(device):
+    x, w, b = inputs((4, 16), 8, torch.float32, device)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(linear(x, w, b, "gelu").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gx.sum().backward()

@@ -554,6 +554,7 @@ class LinearFunction(torch.autograd.Function):
         return y2.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward's kernels are not themselves differentiable
     def backward(ctx, dy):
         x2, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
