@@ -44,9 +44,9 @@ def badge(url: str, branch: str, path: str) -> str:
 def install_source(url: str) -> str:
     return (
         "# Colab only: install the package this book builds (skipped everywhere else).\n"
-        "import sys\n"
+        "import subprocess, sys\n"
         "if \"google.colab\" in sys.modules:\n"
-        f"    !pip install -q \"triton-transformer @ git+{url}\"\n"
+        f"    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"triton-transformer @ git+{url}\"], check=True)\n"
     )
 
 
