@@ -13,5 +13,6 @@ from .dropout import dropout  # noqa: F401
 from .matmul import linear  # noqa: F401
 from .attention import attention  # noqa: F401
 from .cross_entropy import cross_entropy  # noqa: F401
+from .transformer import Transformer, TransformerConfig  # noqa: F401
 
 __version__ = "0.1.0"

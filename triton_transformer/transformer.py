@@ -26,9 +26,8 @@ What changed from the seed (lucidrains/triton-transformer):
 
 Inference: under ``torch.no_grad()`` autograd records nothing, so no kernel saves
 anything for a backward that will never come. `Transformer.generate` decodes with a
-key/value cache: the prompt goes through the fused attention kernel once, then
-each new token attends to the cached keys and values (one query against the cache is a
-matrix-vector product, memory bound, so it uses PyTorch's attention).
+key/value cache: the prompt goes through the model once, its keys and values are
+kept, and each new token then runs alone, its one query attending to the cache.
 
 ``torch.compile(model)`` works on both paths: the Triton path's ops are opaque
 to the compiler (``torch.compiler.disable``), so it compiles the glue between them.
@@ -44,6 +43,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .attention import attention as tt_attention
+from .cross_entropy import cross_entropy as tt_cross_entropy
+from .dropout import dropout as tt_dropout
+from .layernorm import layer_norm as tt_layer_norm
+from .matmul import linear as tt_linear
 
 # ---------------------------------------------------------------- configuration
 
@@ -83,49 +88,41 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 
 @torch.compiler.disable
 def _triton_layer_norm(x, weight, bias, eps):
-    from .layernorm import layer_norm
-
     # autocast runs layer norm in fp32, whatever comes in
     if _autocast_dtype(x) is not None:
         x, weight, bias = x.float(), weight.float(), bias.float()
-    return layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return tt_layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 @torch.compiler.disable
 def _triton_linear(x, weight, bias, activation):
-    from .matmul import linear
-
     dt = _autocast_dtype(x)
     if dt is not None:  # autocast casts input, weight and bias of a linear to its dtype
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
-    return linear(x, weight, bias, activation=activation)
+    return tt_linear(x, weight, bias, activation=activation)
 
 
 @torch.compiler.disable
 def _triton_attention(q, k, v, mask, causal, dropout_p):
-    from .attention import attention
-
     dt = _autocast_dtype(q)
     if dt is not None:
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    return attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p)
+    return tt_attention(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p)
 
 
 @torch.compiler.disable
 def _triton_dropout(x, p):
-    from .dropout import dropout
-
-    return dropout(x, p=p, training=True)
+    return tt_dropout(x, p=p, training=True)
 
 
 @torch.compiler.disable
 def _triton_cross_entropy(logits, target, ignore_index):
-    from .cross_entropy import cross_entropy
-
     # Autocast would upcast the logits to fp32; the kernel reads bf16 and computes in
     # fp32 itself, which is the same arithmetic without a (tokens x vocab) fp32 copy.
-    return cross_entropy(logits, target, ignore_index=ignore_index)
+    # inplace: the gradient overwrites the logits, which nothing else reads (the model does
+    # not return them with the loss and the logits projection does not save its output).
+    return tt_cross_entropy(logits, target, ignore_index=ignore_index, inplace=logits.requires_grad)
 
 
 def layer_norm(x, ln: nn.LayerNorm, use_triton: bool):
@@ -208,23 +205,25 @@ class Attention(nn.Module):
     def forward(self, x, mask, use_triton: bool, cache: KVCache | None = None):
         b, n, _ = x.shape
         qkv = linear(layer_norm(x, self.norm, use_triton), self.to_qkv, use_triton)
-        # (b, n, 3 * heads * dim_head) -> three (b, heads, n, dim_head) views, no copy
-        q, k, v = qkv.view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        # (b, n, 3 * heads * dim_head) -> three (b, heads, n, dim_head) views, no copy. Unbinding
+        # dim 2 means the backward stacks dq, dk, dv straight into qkv's contiguous layout.
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.heads, self.dim_head).unbind(2))
         p = self.dropout if self.training else 0.0
         if cache is None or cache.length == 0:
             if cache is not None:  # prefill: cache the prompt's keys and values, attend as usual
                 cache.update(self.layer, k, v)
             out = attention(q, k, v, mask, self.causal, p, use_triton)
         else:
-            # decoding: the n new queries attend to every cached key and to the new ones up to
-            # themselves (the causal triangle aligned to the bottom right)
-            k, v = cache.update(self.layer, k, v)
             start = cache.length
-            seen = None
-            if n > 1:
+            k, v = cache.update(self.layer, k, v)
+            if n == 1:  # one new token sees every cached key: no mask at all
+                out = attention(q, k, v, None, False, p, use_triton)
+            else:
+                # a chunk of new tokens: query i sees the cache and the new tokens up to itself, a
+                # causal triangle aligned to the bottom right, which the kernel (top-left) does not do
                 i = torch.arange(n, device=x.device)[:, None]
                 seen = torch.arange(start + n, device=x.device)[None, :] <= start + i
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=p)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=p)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
         return linear(out, self.to_out, use_triton)
 
