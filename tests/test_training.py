@@ -262,3 +262,10 @@ def test_triton_path_trains_like_the_pytorch_path(corpus_file, tmp_path):
     rel = 2e-2 if runtime.DEVICE.type == "cuda" else 1e-4
     assert losses(triton_run.log_path) == pytest.approx(losses(torch_run.log_path), rel=rel)
     assert triton_run.val_loss == pytest.approx(torch_run.val_loss, rel=rel)
+
+
+@pytest.mark.skipif(runtime.DEVICE.type == "cuda", reason="checks the CPU refusal")
+def test_bench_without_a_gpu_is_a_clear_error(corpus_file, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        training.main(["--bench", "--data", str(corpus_file), "--out-dir", str(tmp_path), *TINY_ARGS])
+    assert "needs a CUDA GPU" in str(err.value.code)

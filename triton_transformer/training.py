@@ -521,7 +521,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
 
     @property
     def main(self) -> bool:
@@ -546,10 +545,18 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    here = not dist.is_initialized()
-    if here:
+    if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, device, here)
+    return Dist(rank, world, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if any. train() stays in it, so that `compare` can train several runs in one
+    torchrun job without tearing the group down and rendezvousing again between them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _all_reduce(t: torch.Tensor, d: Dist, op="avg") -> torch.Tensor:
@@ -713,9 +720,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
     """Train (or resume) one run; see the module docstring. `resume`: True for out_dir/ckpt.pt, or a path."""
     from tqdm import tqdm
 
-    d = setup_distributed(cfg)
+    d = setup_distributed(cfg)  # joins the process group under torchrun and stays in it (see shutdown_distributed)
+    bar = None
     try:
-        bar = None
 
         def say(msg):
             if d.main:
@@ -887,7 +894,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                     paused = paused or pause()
                     text = generate_text(raw_model, prompt, sample_len, cfg, d.device, amp)
                     samples.append({"step": step, "prompt": prompt.decode("utf-8", errors="replace"), "text": text})
-                    row["sample"] = text
+                    row.update(prompt=samples[-1]["prompt"], sample=text)
                     say(f"--- sample at step {step} ---\n{prompt.decode('utf-8', errors='replace')}"
                         f"\u2502{text}\n---")
                 if row is not None and d.main:
@@ -911,7 +918,6 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                         break
                 if paused is not None:
                     last["time"] += time.perf_counter() - paused
-        bar.close()
         tps_steady = steady["tokens"] / steady["time"] if steady["time"] > 0 else tps
         mfu_steady = fpt * tps_steady / (peak * d.world) if peak and tps_steady else None
         return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss,
@@ -921,10 +927,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                            log_path=log_path if d.main else None,
                            checkpoint=ckpt_path_out if d.main else None, config=cfg)
     finally:
-        if d.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        if bar is not None:
+            bar.close()
 
 
 # ============================================================================ benchmark rows and logs
@@ -957,6 +961,11 @@ def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
     }
 
 
+def run_dir(out_root: str | os.PathLike, provider: str) -> Path:
+    """Where `benchmark` puts one provider's log and checkpoint: <out_root>/<provider, dots as underscores>."""
+    return Path(out_root) / provider.replace(".", "_")
+
+
 def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = True, out_root: str = "runs/bench",
               **overrides) -> dict:
     """Train `cfg` from scratch with one provider; return its train_run row (appended to the results if `record`).
@@ -969,8 +978,11 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
     if provider not in PROVIDERS:
         raise TrainingError(f"provider {provider!r}: choose from {list(PROVIDERS)}")
     cfg = dataclasses.replace(cfg or TrainConfig(), **overrides, **PROVIDERS[provider],
-                              out_dir=str(Path(out_root) / provider.replace(".", "_")), stop_at=None)
+                              out_dir=str(run_dir(out_root, provider)), stop_at=None)
     result = train(cfg)
+    if result.interrupted:
+        raise TrainingError(f"the {provider} run stopped at step {result.step} of {cfg.steps}: no results row "
+                            "recorded (a benchmark row needs the whole run)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     row = train_run_row(result, provider, gpus=world)
     if record and result.log_path is not None:  # rank 0
@@ -986,9 +998,10 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
     return row
 
 
-def compare(cfg: TrainConfig | None = None, providers=tuple(PROVIDERS), *, record: bool = True, **overrides):
+def compare(cfg: TrainConfig | None = None, providers=tuple(PROVIDERS), *, record: bool = True,
+            out_root: str = "runs/bench", **overrides):
     """Train the same configuration (seed, data, steps) once per provider, one after the other; return the rows."""
-    return [benchmark(p, cfg, record=record, **overrides) for p in providers]
+    return [benchmark(p, cfg, record=record, out_root=out_root, **overrides) for p in providers]
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -1113,6 +1126,9 @@ def main(argv=None) -> int:
         if args.bench:
             if args.resume:
                 raise TrainingError("--bench trains from scratch; it cannot --resume")
+            if cfg.device == "cpu" and not args.no_record:
+                raise TrainingError("--bench records GPU throughput and needs a CUDA GPU (--no-record to try it "
+                                    "on the CPU anyway)")
             compare(cfg, providers=args.providers, record=not args.no_record)
         else:
             result = train(cfg, resume=args.resume)
@@ -1123,4 +1139,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"train.py: error: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit("train.py: interrupted (no checkpoint written for the unfinished step)") from None
+    finally:
+        shutdown_distributed()
     return 0
