@@ -42,10 +42,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import FLOAT_DTYPES, check_tensor
+from .runtime import FLOAT_DTYPES, check_tensor, launch
 
-#: Longest row (after rounding up to a power of two) kept whole in registers.
-#: GPT-2's 50 304 rounds to 65 536 and takes this path.
+#: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
+#: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
+#: 65 536 and takes this path in bf16.
 MAX_FUSED_BLOCK = 65536
 #: Block width of the online path, for longer rows.
 ONLINE_BLOCK = 8192
@@ -55,7 +56,7 @@ STATS_BLOCK = 1024
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "sum", "none")
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native instruction
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native instruction
 
 
 @triton.jit
@@ -108,15 +109,16 @@ def _cross_entropy_fwd_kernel(
     g_row = grad_ptr + b * g_stride_b + t * g_stride_t
 
     if SINGLE_BLOCK:
-        # The whole row in registers: read once, loss and gradient from the same values.
-        x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        m = tl.max(x, axis=0)
-        e = tl.exp2((x - m) * LOG2E)  # masked lanes: exp(-inf) = 0, out of the sum
-        d = tl.sum(e, axis=0)
+        # The whole row on chip: read once, loss and gradient from the same values. x stays in its
+        # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
+        # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
+        x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf"))
+        m = tl.max(x, axis=0).to(tl.float32)
+        d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
         lse = m + tl.log(d)
         tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
         if HAS_GRAD:
-            p = e * (1.0 / d)
+            p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
             grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
             tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
     else:
@@ -168,12 +170,15 @@ def _scale_rows_kernel(grad_ptr, dloss_ptr, dloss_stride, rows_per_batch, g_stri
             tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_params(n_cols: int, single_block: bool | None = None) -> tuple[int, bool, int]:
-    """Block width, whether the row is kept whole in registers, and warps (~16 fp32 values a thread)."""
+def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None = None) -> tuple[int, bool, int]:
+    """Block width, whether the row is kept whole on chip, and warps (4 to 16).
+
+    `single_block` forces one path or the other (to measure them against each other).
+    """
     whole = triton.next_power_of_2(n_cols)
-    single = whole <= MAX_FUSED_BLOCK if single_block is None else single_block
+    single = whole <= MAX_FUSED_BLOCK * 2 // element_size if single_block is None else single_block
     block = whole if single else min(ONLINE_BLOCK, whole)
-    num_warps = min(32, max(1, block // 512))
+    num_warps = min(16, max(4, block // 1024))
     return block, single, num_warps
 
 
@@ -210,8 +215,8 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     device = logits.device
 
     stats = torch.zeros(2, dtype=torch.int32, device=device)
-    _target_stats_kernel[(triton.cdiv(n_rows, STATS_BLOCK),)](flat_target, stats, n_rows, n_cols, ignore_index,
-                                                            BLOCK=STATS_BLOCK, num_warps=4)
+    launch(_target_stats_kernel, (triton.cdiv(n_rows, STATS_BLOCK),), flat_target, stats, n_rows, n_cols,
+           ignore_index, BLOCK=STATS_BLOCK, num_warps=4)
     if inplace and with_grad:
         # The gradient will overwrite the logits: check the targets first, so that an error leaves
         # the caller's logits untouched.
@@ -223,11 +228,11 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
         grad = logits if inplace else torch.empty_like(logits)
     rows_per_batch, xsb, xst, xsv = _row_layout(logits)
     _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
-    block, single, num_warps = _launch_params(n_cols, single_block)
-    _cross_entropy_fwd_kernel[(n_rows,)](
-        logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
-        rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
-        BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean", num_warps=num_warps)
+    block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
+    launch(_cross_entropy_fwd_kernel, (n_rows,),
+           logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
+           rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
+           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean", num_warps=num_warps)
 
     if reduction == "mean":
         loss = loss_rows.sum() / stats[0]  # 0 / 0 = NaN when every row is ignored, as in PyTorch
@@ -249,8 +254,8 @@ def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     dloss_stride = dloss.stride(0) if dloss.numel() == n_rows and n_rows > 1 else 0
     rows_per_batch, sb, st, sv = _row_layout(grad)
     block = min(ONLINE_BLOCK, triton.next_power_of_2(n_cols))
-    _scale_rows_kernel[(n_rows,)](grad, dloss, dloss_stride, rows_per_batch, sb, st, sv, n_cols,
-                                  BLOCK=block, num_warps=min(32, max(1, block // 512)))
+    launch(_scale_rows_kernel, (n_rows,), grad, dloss, dloss_stride, rows_per_batch, sb, st, sv, n_cols,
+           BLOCK=block, num_warps=min(16, max(4, block // 1024)))
     return grad
 
 
