@@ -15,7 +15,7 @@ the logits ever reach memory. At GPT-2's vocabulary the logits are the largest
 tensor of training, so this is where most of the memory is saved.
 
 A program owns one row. When the row fits in one block (up to MAX_FUSED_BLOCK
-columns) it stays in registers: one read, one write. Longer rows use the online
+columns in bf16/fp16, half that in fp32) it stays on chip: one read, one write. Longer rows use the online
 logsumexp (running max, rescaled running sum; Milakov & Gimelshein) over blocks
 of ONLINE_BLOCK, then a second pass re-reads the row to write the gradient.
 
