@@ -216,6 +216,14 @@ def test_p_near_the_ends(device):
     assert int((dropout(x, 1 - 1e-9, seed=0) != 0).sum()) == 0  # rounds to p = 1 in fp32: all dropped
 
 
+def test_inf_and_nan_like_torch(device):
+    """torch computes x * mask * scale: a dropped inf becomes NaN, a kept one stays inf. So do we."""
+    x = torch.tensor([float("inf"), float("nan"), -float("inf"), 1.0] * 16, device=device)
+    y = dropout(x, 0.5, seed=3)
+    keep = D.reference_mask(x.shape, 0.5, 3).to(device)
+    torch.testing.assert_close(y, x * keep * 2.0, equal_nan=True, atol=0, rtol=0)
+
+
 def test_empty_and_scalar(device):
     e = torch.empty(0, 5, device=device, requires_grad=True)
     assert dropout(e, 0.5).shape == (0, 5)

@@ -130,7 +130,9 @@ def _dropout_kernel(x_ptr, y_ptr, n_elements, p, scale, seed, BLOCK: tl.constexp
     in_bounds = offs < n_elements - start
     x = tl.load(x_ptr + start + offs, mask=in_bounds, other=0.0)
     keep = keep_mask_2d(seed, tl.full([1], 0, tl.int64) + start, 0, p, BLOCK)
-    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    # x * (scale or 0), as torch computes it: kept elements round once, like x * scale, and a dropped
+    # inf or NaN gives NaN, as in torch. (Selecting after the multiply costs 1.5 more instructions/element.)
+    y = x.to(tl.float32) * tl.where(keep, scale, 0.0)
     tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds)
 
 
