@@ -128,8 +128,8 @@ class TrainConfig:
 
 
 #: A configuration that trains in seconds on a CPU (the fallback without a GPU, and the chapter on CPU).
-TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, grad_accum=1, steps=100,
-            warmup_steps=10, lr=2e-3, eval_every=50, eval_batches=4, sample_every=0, sample_len=64, prompt_len=32,
+TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, grad_accum=1, steps=200,
+            warmup_steps=10, lr=2e-3, eval_every=100, eval_batches=4, sample_every=0, sample_len=64, prompt_len=32,
             log_every=10, ckpt_every=0, use_triton=False)
 
 #: Fields a resumed run may change; every other field comes from the checkpoint, so the run continues exactly.
@@ -1093,6 +1093,10 @@ def argument_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _silent(*args, **kwargs):
+    pass
+
+
 def config_from_args(args: argparse.Namespace, say=print) -> TrainConfig:
     """TrainConfig from parsed options: the defaults on a GPU; without one, the tiny CPU preset (said out loud)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -1105,6 +1109,8 @@ def config_from_args(args: argparse.Namespace, say=print) -> TrainConfig:
     preset = {k: v for k, v in TINY.items() if k not in given}
     use_triton = given.get("use_triton", False)
     why = "--device cpu" if runtime.DEVICE.type == "cuda" else "No CUDA GPU found"
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        say = _silent
     say(f"{why}: training a tiny configuration on the CPU "
         f"(dim {given.get('dim', TINY['dim'])}, depth {given.get('depth', TINY['depth'])}, "
         f"seq {given.get('seq_len', TINY['seq_len'])}, {given.get('steps', TINY['steps'])} steps) with "
@@ -1132,7 +1138,7 @@ def main(argv=None) -> int:
             compare(cfg, providers=args.providers, record=not args.no_record)
         else:
             result = train(cfg, resume=args.resume)
-            if result.log_path is not None and result.val_bpb is not None:
+            if result.log_path is not None and result.val_bpb is not None and not result.interrupted:
                 print(f"done: step {result.step}, val {result.val_bpb:.4f} bits/byte; log {result.log_path}, "
                       f"checkpoint {result.checkpoint}")
     except TrainingError as err:
