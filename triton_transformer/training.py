@@ -716,10 +716,36 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class _PlainBar:
+    """Stands in for tqdm where it is not installed: the postfix is printed at each log step instead."""
+
+    def __init__(self, total, initial=0, disable=False, **kwargs):
+        self.n, self.total, self.disable = initial, total, disable
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, s, refresh=True):
+        if not self.disable:
+            print(f"step {self.n}/{self.total}: {s}", flush=True)
+
+    def write(self, s):
+        print(s, flush=True)
+
+    def close(self):
+        pass
+
+
+def _progress_bar(**kwargs):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainBar(**kwargs)
+    return tqdm(**kwargs)
+
+
 def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> TrainResult:
     """Train (or resume) one run; see the module docstring. `resume`: True for out_dir/ckpt.pt, or a path."""
-    from tqdm import tqdm
-
     d = setup_distributed(cfg)  # joins the process group under torchrun and stays in it (see shutdown_distributed)
     bar = None
     try:
@@ -849,8 +875,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                 torch.cuda.synchronize(d.device)
             return time.perf_counter()
 
-        bar = tqdm(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
-                   mininterval=1.0, desc="train")
+        bar = _progress_bar(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
+                            mininterval=1.0, desc="train")
         with _StopRequest(say, step_aside=d.world == 1) as stop:
             while step < cfg.steps:
                 loss_sum += train_step(model, optimizer, scheduler, scaler, corpus.train, cfg, d, amp, step,
