@@ -71,7 +71,7 @@ def test_loss_falls_and_everything_is_written(corpus_file, tmp_path):
     assert result.checkpoint.exists() and not result.interrupted
     row = training.train_run_row(result, "torch")
     assert row["kernel"] == "train_run" and row["pass"] == "fwdbwd" and row["provider"] == "torch"
-    assert row["shape"] == [4, 32, 32, 1, 256] and row["steps"] == 30 and row["gpus"] == 1
+    assert row["shape"] == [4, 32, 32, 1, 256] and row["steps"] == 30 and row["gpus"] == 1 and row["dtype"] == "float32"
     assert {"val_loss", "tokens_per_s", "gpu", "torch", "triton", "ms", "TFLOPs"} <= set(row)
 
 

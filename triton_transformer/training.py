@@ -584,6 +584,7 @@ class TrainResult:
     flops_per_token: float
     params: int
     interrupted: bool
+    dtype: str                      # what the matmuls ran in: bfloat16, float16 (autocast) or float32
     log: list                       # the rows written to log.jsonl by this call
     samples: list                   # generated texts, by step
     log_path: Path | None
@@ -949,7 +950,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         return TrainResult(step=step, train_loss=train_loss, val_loss=val_loss,
                            val_bpb=val_loss / math.log(2) if val_loss is not None else None,
                            tokens_per_s=tps_steady, mfu=mfu_steady, flops_per_token=fpt, params=n_params,
-                           interrupted=interrupted, log=rows, samples=samples,
+                           interrupted=interrupted, dtype=str(amp_dtype or torch.float32).replace("torch.", ""),
+                           log=rows, samples=samples,
                            log_path=log_path if d.main else None,
                            checkpoint=ckpt_path_out if d.main else None, config=cfg)
     finally:
@@ -967,13 +969,12 @@ def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
     from . import bench
 
     cfg = result.config
-    dtype = autocast_dtype(cfg, torch.device("cuda")) if torch.cuda.is_available() else torch.float32
     tps = result.tokens_per_s
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * gpus
     return {
         "kernel": "train_run", "pass": "fwdbwd",
         "shape": [cfg.batch_size * cfg.grad_accum * gpus, cfg.seq_len, cfg.dim, cfg.depth, NUM_TOKENS],
-        "dtype": bench.dtype_name(dtype or torch.float32), "provider": provider,
+        "dtype": result.dtype, "provider": provider,
         "ms": round(1e3 * tokens_per_step / tps, 3) if tps else None,  # per optimizer step
         "GBps": None,
         "TFLOPs": round(result.flops_per_token * tps / 1e12, 1) if tps else None,
