@@ -4,7 +4,6 @@ Everything here runs on the CPU with a tiny model on the PyTorch path (the
 Triton path's numerics are the other chapters' tests), in seconds.
 """
 
-import json
 import math
 import os
 import signal
