@@ -17,8 +17,8 @@ each call: ``model(x, use_triton=False)``.
 What changed from the seed (lucidrains/triton-transformer):
 
 * the padding mask is a (batch, seq) key mask handed to attention as is; the seed
-  built a (batch, seq, seq) mask and broadcast it against (batch * heads) score
-  matrices, which is wrong as soon as batch > 1 and heads > 1;
+  built a (batch, seq, seq) mask and applied it to (batch * heads, seq, seq) scores,
+  which does not broadcast (an error) as soon as batch > 1 and heads > 1;
 * dropout follows ``self.training``, not ``requires_grad``;
 * weights start GPT-2 style (std 0.02, the residual projections scaled by
   1/sqrt(2 * depth)); the seed's feed-forward weight had std 1;
