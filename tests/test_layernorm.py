@@ -49,8 +49,10 @@ def check_fwd_bwd(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         scale = max(1.0, float(ref.abs().max()))
         torch.testing.assert_close(ours.double() / scale, ref / scale, **tolerance(t.dtype), msg=name)
     # and against PyTorch in the input dtype, the way a user would swap one for the other
+    # (F.layer_norm on CUDA wants parameters in x's dtype, so cast them for this comparison)
     with torch.no_grad():
-        torch.testing.assert_close(y.float(), F.layer_norm(x, ref_shape, weight, bias, eps).float(), **tol)
+        w_, b_ = (t.to(x.dtype) if t is not None else None for t in (weight, bias))
+        torch.testing.assert_close(y.float(), F.layer_norm(x, ref_shape, w_, b_, eps).float(), **tol)
     return grads
 
 

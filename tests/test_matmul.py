@@ -111,7 +111,7 @@ def test_strided_inputs_and_reduced_output_gradient(device):
     w = torch.randn(70, 130, device=device).t() / 8       # (130, 70), column-major
     b = torch.randn(130, device=device)
     check(x, w, b, "gelu")
-    check(x, w, b, "relu", dy=torch.ones(()).expand(33, 130))
+    check(x, w, b, "relu", dy=torch.ones((), device=device).expand(33, 130))
 
 
 def test_no_grad_saves_nothing_and_frozen_weight_saves_no_input(device):
