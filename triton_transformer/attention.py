@@ -268,7 +268,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_d
         do = _load_tile(do_ptrs + start_m * stride_don, offs_m, N_Q, offs_d, D, MASKED, not EVEN_D)
         dpT = tl.dot(v, tl.trans(do))
         if DROPOUT:
-            keep = tl.trans(_keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED))
+            # the mask comes out (queries, keys); transposed through int8 (bool tiles in shared memory are fragile)
+            keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
+            keep = tl.trans(keep.to(tl.int8)) != 0
             dv = tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, dv)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)  # dP of the undropped P
         else:
