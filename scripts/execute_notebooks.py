@@ -10,6 +10,7 @@ old outputs and the script exits non-zero after trying the others.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TT_RECORD_BENCH", "1")  # chapters executed here record their benchmark rows
 
 
 def execute(path: Path, timeout: int = 1200) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -88,12 +89,22 @@ def peak_gib(fn: Callable[[], object]) -> float:
 
 
 def run_case(case: Case) -> list[dict]:
-    """Measure every provider of `case` (one after the other, same process) and return BOOK.md rows."""
+    """Measure every provider of `case` (one after the other, same process) and return BOOK.md rows.
+
+    Backward runs on the calling thread (autograd multithreading off) for every provider: on the
+    lent H100's virtual machine, handing each backward to autograd's device thread and back cost
+    ~0.1 ms of wall time per call, which swamped sub-millisecond kernels.
+    """
     rows = []
     for provider, fn in case.providers.items():
         try:
-            ms = measure_ms(fn, case.grad_to_none)
-            mem = peak_gib(fn)
+            with torch.autograd.set_multithreading_enabled(False):
+                ms = measure_ms(fn, case.grad_to_none)
+                for t in case.grad_to_none or []:
+                    t.grad = None  # the peak below counts what one call allocates, not a leftover gradient
+                mem = peak_gib(fn)
+                for t in case.grad_to_none or []:
+                    t.grad = None
         except Exception as err:  # a provider that cannot run this case (e.g. torch.compile OOM) is reported, not fatal
             print(f"  {case.kernel} {case.pass_} {case.shape} {provider}: failed: {type(err).__name__}: {err}"[:300])
             continue
@@ -185,6 +196,9 @@ def show(kernel: str | list[str], metric: str = "GBps", quick: bool = False, liv
     live = runtime.DEVICE.type == "cuda" if live is None else live
     if live:
         rows = [r for k in kernels for r in measure(k, quick=quick)]
+        if os.environ.get("TT_RECORD_BENCH") == "1" and not quick:
+            # scripts/execute_notebooks.py sets this: the chapter's live run is also the recorded one
+            print(f"recorded {len(rows)} rows in {append(rows)}")
     else:
         rows = load(kernels)
         if not rows:
