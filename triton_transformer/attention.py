@@ -163,7 +163,7 @@ def _fwd_configs():
     # First config: what the interpreter runs, and small enough for a T4 (64 KB shared memory).
     # BLOCK_M must be a multiple of BLOCK_N (the causal diagonal then starts on a key-block edge).
     cfg = [(32, 32, 4, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
-           (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2)]
+           (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
@@ -288,7 +288,7 @@ def _dkdv_configs():
     # (BLOCK_M, BLOCK_N, warps, stages): BLOCK_N (keys, held) must be a multiple of BLOCK_M (queries, streamed).
     # dK and dV stay in registers (2 * BLOCK_N * D fp32): at D = 128 a 128-key block needs 8 warps.
     cfg = [(32, 32, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (32, 128, 4, 5),
-           (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
+           (32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 3), (64, 128, 4, 3), (64, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
