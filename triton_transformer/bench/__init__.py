@@ -143,6 +143,9 @@ def measure(kernel: str, quick: bool = False) -> list[dict]:
     for case in cases_of(kernel, quick):
         rows += run_case(case)
         torch.cuda.empty_cache()
+    if os.environ.get("TT_RECORD_BENCH") == "1" and not quick:
+        # scripts/execute_notebooks.py sets this: a chapter's live run on the GPU is also the recorded one
+        print(f"recorded {len(rows)} rows in {append(rows)}")
     return rows
 
 
@@ -171,7 +174,10 @@ def _key(row: dict) -> tuple:
 
 
 def load(kernel: str | Iterable[str] | None = None, gpu: str | None = None) -> list[dict]:
-    """Committed rows (the newest for each kernel/pass/shape/dtype/provider/gpu), optionally filtered."""
+    """Committed rows (the newest for each kernel/pass/shape/dtype/provider/gpu), optionally filtered.
+
+    A family name also selects its variants: "linear" loads "linear" and "linear_gelu" rows.
+    """
     kernels = {kernel} if isinstance(kernel, str) else (set(kernel) if kernel else None)
     latest: dict[tuple, dict] = {}
     for path in sorted(RESULTS_DIR.glob("*.jsonl")):
@@ -179,7 +185,7 @@ def load(kernel: str | Iterable[str] | None = None, gpu: str | None = None) -> l
             if not line.strip():
                 continue
             row = json.loads(line)
-            if kernels and row["kernel"] not in kernels:
+            if kernels and not any(row["kernel"] == k or row["kernel"].startswith(k + "_") for k in kernels):
                 continue
             if gpu and row["gpu"] != gpu:
                 continue
@@ -196,9 +202,6 @@ def show(kernel: str | list[str], metric: str = "GBps", quick: bool = False, liv
     live = runtime.DEVICE.type == "cuda" if live is None else live
     if live:
         rows = [r for k in kernels for r in measure(k, quick=quick)]
-        if os.environ.get("TT_RECORD_BENCH") == "1" and not quick:
-            # scripts/execute_notebooks.py sets this: the chapter's live run is also the recorded one
-            print(f"recorded {len(rows)} rows in {append(rows)}")
     else:
         rows = load(kernels)
         if not rows:
