@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 
 import torch
 
@@ -32,6 +33,12 @@ import triton  # noqa: E402  (must follow the environment variable above)
 
 #: True when kernels run in Triton's CPU interpreter instead of being compiled.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    # The interpreter runs kernels as numpy: a kernel's deliberate -inf - -inf (masked lanes of an
+    # online max) becomes a numpy RuntimeWarning on stderr, which a compiled kernel never prints.
+    # Silence it so a chapter's output is the same on the CPU as on the GPU.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
 #: The device every tensor of a chapter or test is created on.
 DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
