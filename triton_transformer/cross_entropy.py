@@ -43,6 +43,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .runtime import FLOAT_DTYPES, check_tensor, launch
+from .softmax import LOG2E, online_combine, online_update
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -56,7 +57,6 @@ STATS_BLOCK = 1024
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "sum", "none")
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native instruction
 
 
 @triton.jit
@@ -130,13 +130,8 @@ def _cross_entropy_fwd_kernel(
         for start in range(0, n_cols, BLOCK):
             x = tl.load(x_row + (start + cols) * x_stride_v, mask=start + cols < n_cols,
                         other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # A lane that has seen only -inf keeps d = 0 (exp(-inf - -inf) would be NaN).
-            alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp2((m - m_new) * LOG2E))
-            d = d * alpha + tl.where(m_new == -float("inf"), 0.0, tl.exp2((x - m_new) * LOG2E))
-            m = m_new
-        m_row = tl.max(m, axis=0)
-        d_row = tl.sum(d * tl.exp2((m - m_row) * LOG2E), axis=0)
+            m, d = online_update(m, d, x)
+        m_row, d_row = online_combine(m, d)
         lse = m_row + tl.log(d_row)
         tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
         if HAS_GRAD:

@@ -36,6 +36,27 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def online_update(m, d, x):
+    """One block of the online softmax: per-lane running max `m` and sum `d` of exp(x - m), after seeing `x`.
+
+    When the max grows from m to m', the sum so far is rescaled by exp(m - m'). A lane that
+    has seen only -inf keeps d = 0 (exp(-inf - -inf) would be NaN). Cross-entropy (chapter 6)
+    streams its vocabulary rows through the same two functions.
+    """
+    m_new = tl.maximum(m, x)
+    alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp2((m - m_new) * LOG2E))
+    d = d * alpha + tl.where(m_new == -float("inf"), 0.0, tl.exp2((x - m_new) * LOG2E))
+    return m_new, d
+
+
+@triton.jit
+def online_combine(m, d):
+    """Combine the lanes of `online_update`: the row's max and its sum of exp(x - max)."""
+    m_row = tl.max(m, axis=0)
+    return m_row, tl.sum(d * tl.exp2((m - m_row) * LOG2E), axis=0)
+
+
+@triton.jit
 def _softmax_fwd_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_cols, rows_per_matrix,
                         BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
     # int64 row offsets: rows * stride can pass 2**31 elements on big activations.
@@ -64,14 +85,8 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_cols, rows_p
         d = tl.zeros([BLOCK], tl.float32)
         for start in range(0, n_seen, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # A lane that has seen only -inf keeps d = 0 (exp(-inf - -inf) would be NaN).
-            alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp2((m - m_new) * LOG2E))
-            d = d * alpha + tl.where(m_new == -float("inf"), 0.0, tl.exp2((x - m_new) * LOG2E))
-            m = m_new
-        # Combine the lanes: rescale every lane's sum to the row's max.
-        m_row = tl.max(m, axis=0)
-        d_row = tl.sum(d * tl.exp2((m - m_row) * LOG2E), axis=0)
+            m, d = online_update(m, d, x)
+        m_row, d_row = online_combine(m, d)
         # Pass 2: normalise and write (columns past n_seen get exp(-inf) = 0).
         for start in range(0, n_cols, BLOCK):
             x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
