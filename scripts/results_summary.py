@@ -1,0 +1,82 @@
+"""Summarise the committed H100 results: a Markdown table and a speed-up plot for the intro and README.
+
+    python scripts/results_summary.py        # prints the table, writes book/images/results.png
+
+One headline case per kernel, read from benchmarks/results/ (the newest row of each).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADLINES = [  # (kernel, pass, shape, baseline providers)
+    ("softmax", "fwd", [4096, 4096]),
+    ("softmax", "fwd", [8192, 50304]),
+    ("softmax", "fwdbwd", [4096, 4096]),
+    ("layer_norm", "fwd", [16384, 768]),
+    ("layer_norm", "fwdbwd", [16384, 768]),
+    ("dropout", "fwd", [16777216]),
+    ("dropout", "fwdbwd", [16777216]),
+    ("linear", "fwd", [16384, 768, 3072]),
+    ("linear", "fwdbwd", [16384, 768, 3072]),
+    ("linear_gelu", "fwd", [16384, 768, 3072]),
+    ("attention_causal", "fwdbwd", [8, 12, 1024, 64]),
+    ("cross_entropy", "fwdbwd", [8192, 50304]),
+    ("transformer_train_step", "fwdbwd", [16, 1024, 512, 6, 256]),
+]
+BASELINES = ["torch", "torch.compile", "cublas", "sdpa"]
+
+
+def main() -> None:
+    import triton_transformer  # noqa: F401
+    from triton_transformer import bench
+
+    rows = bench.load()
+    table = ["| kernel | pass | shape | triton | " + " | ".join(BASELINES) + " |",
+             "|---|---|---|---|" + "---|" * len(BASELINES)]
+    bars = []
+    for kernel, pass_, shape in HEADLINES:
+        by = {r["provider"]: r for r in rows if r["kernel"] == kernel and r["pass"] == pass_ and r["shape"] == shape}
+        if "triton" not in by:
+            continue
+        t = by["triton"]["ms"]
+        cells = []
+        for b in BASELINES:
+            cells.append(f"{by[b]['ms']:.3f} ms ({by[b]['ms'] / t:.2f}x)" if b in by else "")
+        table.append(f"| {kernel} | {pass_} | {'x'.join(map(str, shape))} | {t:.3f} ms | " + " | ".join(cells) + " |")
+        bars.append((f"{kernel} {pass_}\n{'x'.join(map(str, shape))}",
+                     {b: by[b]["ms"] / t for b in BASELINES if b in by}))
+    r0 = next(r for r in rows if r["provider"] == "triton")
+    print(f"Measured on {r0['gpu']}, torch {r0['torch']}, triton {r0['triton']}, bf16. "
+          "Each cell: time, and in brackets the Triton speed-up over that provider (above 1: Triton is faster).\n")
+    print("\n".join(table))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    width = 0.8 / len(BASELINES)
+    for i, b in enumerate(BASELINES):
+        xs = [j + (i - 1.5) * width for j, (_, s) in enumerate(bars) if b in s]
+        ys = [s[b] for _, s in bars if b in s]
+        ax.barh(xs, ys, width, label=f"vs {b}", color=bench.PROVIDER_COLORS[b])
+    ax.set_yticks(range(len(bars)))
+    ax.set_yticklabels([name for name, _ in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", linewidth=1)
+    ax.set_xlabel("Triton speed-up (time of baseline / time of Triton; > 1 means Triton is faster)")
+    ax.set_title(f"{r0['gpu']} · bf16 · torch {r0['torch']} · triton {r0['triton']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = ROOT / "book" / "images" / "results.png"
+    fig.savefig(out, dpi=110)
+    print(f"\n(plot: {out.relative_to(ROOT)})")
+
+
+if __name__ == "__main__":
+    main()
