@@ -2,6 +2,11 @@
 
     python scripts/execute_notebooks.py                       # every book/*.ipynb
     python scripts/execute_notebooks.py book/01_softmax.ipynb
+    python scripts/execute_notebooks.py --out $OUT book/05_attention.ipynb book/07_transformer.ipynb
+
+--out DIR copies each notebook there the moment it finishes (and the benchmark
+results file with it), so a run cut short by a time limit still returns the
+chapters that completed.
 
 Cells run with the working directory set to book/, as a reader's Jupyter would.
 The Colab install cell is a no-op outside Colab. A notebook that fails keeps its
@@ -11,6 +16,7 @@ old outputs and the script exits non-zero after trying the others.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,8 +44,20 @@ def execute(path: Path, timeout: int = 1200) -> bool:
 
 
 def main() -> int:
-    paths = [Path(p) for p in sys.argv[1:]] or sorted((ROOT / "book").glob("*.ipynb"))
-    results = [execute(p.resolve()) for p in paths]
+    args = sys.argv[1:]
+    out = None
+    if "--out" in args:
+        i = args.index("--out")
+        out = Path(args[i + 1])
+        del args[i:i + 2]
+    paths = [Path(p) for p in args] or sorted((ROOT / "book").glob("*.ipynb"))
+    results = []
+    for p in paths:
+        results.append(execute(p.resolve()))
+        if out is not None and results[-1]:
+            shutil.copy(p, out / p.name)
+            for f in (ROOT / "benchmarks" / "results").glob("*.jsonl"):
+                shutil.copy(f, out / f.name)
     return 0 if all(results) else 1
 
 
