@@ -48,8 +48,11 @@ def chromium() -> str:
 
 
 def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *args: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # one line per request would bury the verdicts
+            pass
+
+    handler = functools.partial(Quiet, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -60,7 +63,7 @@ def render(url: str, profile: str, screenshot: Path | None = None) -> str:
     base = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=15000"]
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     if screenshot is not None:
-        subprocess.run([*base, f"--screenshot={screenshot}", "--window-size=1280,2400", url],
+        subprocess.run([*base, f"--screenshot={screenshot}", "--window-size=1280,6000", url],
                        capture_output=True, timeout=120)
     return dom
 
