@@ -1,11 +1,16 @@
 """Shared test set-up: the package is imported first, so it chooses GPU or interpreter before triton loads."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# On a GPU, autotune over the first two configs of each kernel only (runtime.autotune reads this at
+# import): the whole suite then fits in minutes. TT_AUTOTUNE_CONFIGS=0 tests with every config.
+os.environ.setdefault("TT_AUTOTUNE_CONFIGS", "2")
 
 import triton_transformer  # noqa: E402,F401  (sets TRITON_INTERPRET=1 when there is no GPU)
 from triton_transformer import runtime  # noqa: E402

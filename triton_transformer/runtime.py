@@ -76,9 +76,16 @@ def autotune(configs, key, **kwargs):
     config makes the autotuner try. The first config of each list is therefore the
     one that must work everywhere, small enough for a T4's 64 KB of shared memory.
     Configs too big for the GPU at hand are skipped by the autotuner itself (it
-    catches the out-of-resources error and moves on).
+    catches the out-of-resources error and moves on). ``TT_AUTOTUNE_CONFIGS=N`` keeps the first
+    N configs of every list (the test suite uses 2 on a GPU; unset or 0: all).
     """
-    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key, **kwargs)
+    if INTERPRET:
+        configs = configs[:1]
+    elif int(os.environ.get("TT_AUTOTUNE_CONFIGS", "0")) > 0:
+        # tests on a GPU set this: every new shape autotunes, and compiling every config of
+        # every kernel for every test shape takes longer than the tests themselves
+        configs = configs[: int(os.environ["TT_AUTOTUNE_CONFIGS"])]
+    return triton.autotune(configs=configs, key=key, **kwargs)
 
 
 def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None) -> None:
