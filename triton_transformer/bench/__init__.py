@@ -193,26 +193,31 @@ def load(kernel: str | Iterable[str] | None = None, gpu: str | None = None) -> l
     return list(latest.values())
 
 
-def show(kernel: str | list[str], metric: str = "GBps", quick: bool = False, live: bool | None = None, **plot_kw):
-    """What a chapter's benchmark cell calls: measure live on a GPU, else plot the committed results.
-
-    Returns the rows it plotted.
-    """
+def results(kernel: str | list[str], quick: bool = False, live: bool | None = None) -> list[dict]:
+    """A chapter's benchmark rows: measured live on a GPU, else the committed ones of one GPU (said which)."""
     kernels = [kernel] if isinstance(kernel, str) else list(kernel)
     live = runtime.DEVICE.type == "cuda" if live is None else live
     if live:
-        rows = [r for k in kernels for r in measure(k, quick=quick)]
-    else:
-        rows = load(kernels)
-        if not rows:
-            print(f"No committed results for {kernels} in {RESULTS_DIR}; run benchmarks/run.py on a GPU.")
-            return rows
-        gpus = sorted({r["gpu"] for r in rows})
-        gpu = gpus[0]
-        rows = [r for r in rows if r["gpu"] == gpu]
-        print(f"No GPU here: plotting committed results measured on {gpu} "
-              f"(torch {rows[0]['torch']}, triton {rows[0]['triton']}).")
-    plot(rows, metric=metric, **plot_kw)
+        return [r for k in kernels for r in measure(k, quick=quick)]
+    rows = load(kernels)
+    if not rows:
+        print(f"No committed results for {kernels} in {RESULTS_DIR}; run benchmarks/run.py on a GPU.")
+        return rows
+    gpu = sorted({r["gpu"] for r in rows})[0]
+    rows = [r for r in rows if r["gpu"] == gpu]
+    print(f"No GPU here: plotting committed results measured on {gpu} "
+          f"(torch {rows[0]['torch']}, triton {rows[0]['triton']}).")
+    return rows
+
+
+def show(kernel: str | list[str], metric: str = "GBps", quick: bool = False, live: bool | None = None, **plot_kw):
+    """What a chapter's benchmark cell calls: `results` (live on a GPU, committed on a CPU), plotted.
+
+    Returns the rows it plotted.
+    """
+    rows = results(kernel, quick=quick, live=live)
+    if rows:
+        plot(rows, metric=metric, **plot_kw)
     return rows
 
 
