@@ -386,3 +386,43 @@ def test_memory_is_linear_in_n(device):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 8 * q.numel() * q.element_size(), f"{extra / 2**20:.0f} MiB above the inputs"
+
+
+# ------------------------------------------------------------------ packed q | k | v
+
+@pytest.mark.parametrize("causal,masked,p", [(True, False, 0.0), (False, True, 0.0), (True, True, 0.2)],
+                         ids=["causal", "mask", "causal-mask-dropout"])
+def test_packed_qkv_equals_split_heads(causal, masked, p, device):
+    """attention_qkv runs the same kernels on strided views: the same values as splitting the heads by hand."""
+    B, N, H, D = 2, 37, 3, 24
+    qkv = randn(B, N, 3 * H * D, device=device)
+    mask = (torch.rand(B, N, device=device) > 0.3) if masked else None
+    dout = randn(B, N, H * D, device=device)
+
+    def split(qkv):
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3, H, D).unbind(2))
+        o = attention(q, k, v, mask=mask, causal=causal, dropout_p=p, seed=7)
+        return o.transpose(1, 2).reshape(B, N, H * D)
+
+    outs = []
+    for fn in (lambda t: A.attention_qkv(t, H, mask=mask, causal=causal, dropout_p=p, seed=7), split):
+        x = qkv.detach().requires_grad_()
+        o = fn(x)
+        outs.append((o, *torch.autograd.grad(o, x, dout)))
+    (o, dqkv), (o_ref, dqkv_ref) = outs
+    assert o.shape == (B, N, H * D) and o.is_contiguous() and dqkv.is_contiguous()
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(dqkv, dqkv_ref, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(A.attention_qkv(qkv, H, mask=mask, causal=causal, dropout_p=p, seed=7), o_ref,
+                                   rtol=0, atol=0)
+
+
+def test_packed_qkv_bad_input(device):
+    qkv = randn(2, 5, 3 * 2 * 16, device=device)
+    with pytest.raises(ValueError, match="3 \\* heads \\* head_dim"):
+        A.attention_qkv(qkv, 5)
+    with pytest.raises(ValueError, match="dimensions"):
+        A.attention_qkv(qkv[0], 2)
+    with pytest.raises(ValueError, match="key padding mask"):
+        A.attention_qkv(qkv, 2, mask=torch.ones(2, 4, dtype=torch.bool, device=device))

@@ -167,9 +167,9 @@ def test_statistics_stored_only_when_grad_is_needed(monkeypatch, device):
     calls = []
     forward = L.layer_norm_forward
 
-    def spy(*args, store_stats):
+    def spy(*args, store_stats, **kw):
         calls.append(store_stats)
-        return forward(*args, store_stats=store_stats)
+        return forward(*args, store_stats=store_stats, **kw)
 
     monkeypatch.setattr(L, "layer_norm_forward", spy)
     x = torch.randn(4, 32, device=device, requires_grad=True)
@@ -258,3 +258,22 @@ def test_cuda_deterministic_bf16(device):
         again = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
         for a, c in zip(first, again):
             assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("out_dtype", [d for d in DTYPES if d != torch.float32])
+def test_out_dtype_is_the_cast_fused(out_dtype, device):
+    """fp32 in, low precision out: the same values as F.layer_norm(x).to(out_dtype), and the same gradients."""
+    x = torch.randn(37, 300, device=device, requires_grad=True)
+    w, b = make_params(300, device, torch.float32)
+    y = layer_norm(x, (300,), w, b, out_dtype=out_dtype)
+    ref = F.layer_norm(x, (300,), w, b).to(out_dtype)
+    assert y.dtype == out_dtype
+    torch.testing.assert_close(y, ref, **tolerance(out_dtype))
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    refs = torch.autograd.grad(ref, (x, w, b), dy)
+    for g, r in zip(grads, refs):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="out_dtype"):
+        layer_norm(x, (300,), out_dtype=torch.int32)

@@ -268,3 +268,36 @@ def test_bench_without_a_gpu_is_a_clear_error(corpus_file, tmp_path):
     with pytest.raises(SystemExit) as err:
         training.main(["--bench", "--data", str(corpus_file), "--out-dir", str(tmp_path), *TINY_ARGS])
     assert "needs a CUDA GPU" in str(err.value.code)
+
+
+# ---------------------------------------------------------------- CUDA graphs
+
+@pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_cuda_graph_steps_equal_eager_steps(corpus_file, tmp_path, use_triton):
+    """Replaying the recorded step trains exactly as running it eagerly: same kernels, same order, same bits."""
+    kw = dict(steps=6, batch_size=2, eval_every=6, sample_len=0, device="auto", use_triton=use_triton)
+    eager = training.train(cfg(corpus_file, tmp_path / "eager", cuda_graph=False, **kw))
+    graphed = training.train(cfg(corpus_file, tmp_path / "graph", cuda_graph=True, **kw))
+    assert losses(graphed.log_path) == losses(eager.log_path)
+    assert graphed.val_loss == eager.val_loss
+
+
+@pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
+    kw = dict(steps=8, batch_size=2, eval_every=4, sample_len=0, device="auto", use_triton=True, cuda_graph=True)
+    full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
+    training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
+    resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)
+    assert losses(resumed.log_path) == losses(full.log_path) and resumed.val_loss == full.val_loss
+
+
+def test_cuda_graph_says_when_a_run_cannot_be_recorded():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    ok = TrainConfig()
+    assert training.CudaGraphStep.unsupported(ok, gpu, 1, torch.bfloat16) is None
+    assert training.CudaGraphStep.unsupported(ok, cpu, 1, None) == "no CUDA device"
+    assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, 1, None) == "dropout > 0"
+    assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, 1, None) == "gradient accumulation"
+    assert training.CudaGraphStep.unsupported(ok, gpu, 2, None) == "several processes (DDP)"
+    assert training.CudaGraphStep.unsupported(ok, gpu, 1, torch.float16) == "fp16 loss scaling"

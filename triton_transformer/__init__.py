@@ -11,7 +11,7 @@ from .softmax import softmax  # noqa: F401
 from .layernorm import layer_norm  # noqa: F401
 from .dropout import dropout  # noqa: F401
 from .matmul import linear  # noqa: F401
-from .attention import attention  # noqa: F401
+from .attention import attention, attention_qkv  # noqa: F401
 from .cross_entropy import cross_entropy  # noqa: F401
 from .transformer import Transformer, TransformerConfig  # noqa: F401
 

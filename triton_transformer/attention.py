@@ -400,7 +400,7 @@ def _dq_configs():
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                        stride_dqb, stride_dqh, stride_dqn, stride_mb, stride_mn,
+                        stride_dqb, stride_dqh, stride_dqn, stride_ob, stride_oh, stride_on, stride_mb, stride_mn,
                         H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -416,7 +416,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
     V += b64 * stride_vb + h64 * stride_vh
     DO += b64 * stride_dob + h64 * stride_doh
     DQ += b64 * stride_dqb + h64 * stride_dqh
-    O += b64 * stride_dqb + h64 * stride_dqh  # O and dQ are both contiguous (B, H, N_q, D): one set of strides
+    O += b64 * stride_ob + h64 * stride_oh
     KM += b64 * stride_mb
 
     start_m = pid_m * BLOCK_M
@@ -428,7 +428,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
     lse = tl.load(L + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij), the row term of dS = P * (dP - delta). This kernel
     # runs first and stores it for the dK/dV kernel: no separate pre-processing launch.
-    o = _load_tile(O + offs_m[:, None] * stride_dqn + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
+    o = _load_tile(O + offs_m[:, None] * stride_on + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -482,12 +482,15 @@ def _launch(kernel, grid, args, consts, config):
 
 
 def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0, need_lse=True,
-                      config=None):
-    """O (B, H, N_q, D) and, when `need_lse`, the base-2 log-sum-exp L (B*H, N_q) fp32 of every row."""
+                      config=None, out=None):
+    """O (B, H, N_q, D) and, when `need_lse`, the base-2 log-sum-exp L (B*H, N_q) fp32 of every row.
+
+    O is a new contiguous tensor, or `out`: any (B, H, N_q, D) view with unit stride along D.
+    """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
+    o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((B * H, N_Q), device=q.device, dtype=torch.float32) if need_lse else o
     km, smb, smn = _mask_args(mask, q)
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
@@ -501,20 +504,26 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
 
 
 def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0,
-                       configs=(None, None)):
-    """dQ, dK, dV from dO and what the forward saved (q, k, v, o and the log-sum-exp)."""
+                       configs=(None, None), grads=None):
+    """dQ, dK, dV from dO and what the forward saved (q, k, v, o and the log-sum-exp).
+
+    They are new contiguous tensors, or the (dq, dk, dv) views `grads`, unit stride along D,
+    dk and dv with the same strides (e.g. three slices of one packed qkv gradient).
+    """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if do.stride(-1) != 1:
         do = do.contiguous()
-    o = o.contiguous()  # a no-op for the forward's output; the dQ kernel reads O with dQ's strides
     block_d = _block_d(D)
     even_d = block_d == D
     delta = torch.empty_like(lse)
-    dq = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H, N_K, D), device=k.device, dtype=k.dtype)
-    dv = torch.empty_like(dk)
+    if grads is None:
+        dq = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, H, N_K, D), device=k.device, dtype=k.dtype)
+        dv = torch.empty_like(dk)
+    else:
+        dq, dk, dv = grads
     km, smb, smn = _mask_args(mask, q)
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
                   BLOCK_D=block_d, EVEN_D=even_d)
@@ -522,7 +531,8 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
     _launch(_attn_bwd_dq, lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B),
-            (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], smb, smn, *common),
+            (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], *o.stride()[:3], smb, smn,
+             *common),
             consts, configs[1])
     _launch(_attn_bwd_dkdv, lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
@@ -545,6 +555,13 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, mask = ctx.saved_tensors
         dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
         return dq, dk, dv, None, None, None, None, None
+
+
+def _philox_key(dropout_p: float, seed: int | None) -> int:
+    """The dropout seed as the kernels' signed 64-bit Philox key (as dropout() normalises it)."""
+    if dropout_p > 0 and seed is None:
+        seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))  # CPU generator: no GPU sync
+    return (int(seed or 0) + 2**63) % 2**64 - 2**63
 
 
 def _check_inputs(q, k, v, mask, dropout_p):
@@ -600,10 +617,79 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     elif scale == 0:  # every score is 0: attention is a plain average of v (over the unmasked keys)
         q, scale = q * 0.0, 1.0
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))  # CPU generator: no GPU sync
-    seed = (int(seed or 0) + 2**63) % 2**64 - 2**63  # the 64-bit Philox key, as dropout() normalises it
+    seed = _philox_key(dropout_p, seed)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return AttentionFunction.apply(q, k, v, mask, bool(causal), float(dropout_p), scale, seed)
     o, _ = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False)
     return o
+
+
+# ----------------------------------------------------------------------------- packed q | k | v
+
+
+def _split_heads(qkv: torch.Tensor, heads: int):
+    """Three (B, H, N, D) views of a packed (B, N, 3 * H * D) tensor: no copy."""
+    B, N, C = qkv.shape
+    return tuple(t.transpose(1, 2) for t in qkv.view(B, N, 3, heads, C // (3 * heads)).unbind(2))
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """Attention on the packed output of one qkv projection, with no copy in either direction.
+
+    Splitting (B, N, 3*H*D) into heads and back costs PyTorch a copy of every gradient
+    (the backward of ``unbind`` stacks dq, dk, dv) and one of the output each way (heads
+    back to (B, N, H*D)). Here the kernels take strides instead: the forward writes O
+    straight into (B, N, H, D), the backward writes dq, dk, dv straight into one tensor
+    laid out like qkv.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, heads, mask, causal, dropout_p, scale, seed):
+        q, k, v = _split_heads(qkv, heads)
+        B, H, N, D = q.shape
+        out = qkv.new_empty((B, N, H, D))
+        _, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True,
+                                   out=out.transpose(1, 2))
+        ctx.save_for_backward(qkv, out, lse, mask)
+        ctx.heads, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = heads, causal, dropout_p, scale, seed
+        return out.view(B, N, H * D)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse, mask = ctx.saved_tensors
+        B, N, H, D = out.shape
+        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        attention_backward(dout.reshape(B, N, H, D).transpose(1, 2), *_split_heads(qkv, H), out.transpose(1, 2),
+                           lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, grads=_split_heads(dqkv, H))
+        return dqkv, None, None, None, None, None, None
+
+
+def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = None, causal: bool = False,
+                  dropout_p: float = 0.0, scale: float | None = None, *, seed: int | None = None) -> torch.Tensor:
+    """`attention` on a packed projection: (B, N, 3 * heads * D) in, (B, N, heads * D) out.
+
+    The last dimension of ``qkv`` holds q, then k, then v, each ``heads`` heads of D
+    (what ``nn.Linear(dim, 3 * heads * D)`` produces); the output has the heads side by
+    side, ready for the output projection. Same options as `attention`. The result
+    equals ``attention(q, k, v, ...).transpose(1, 2).reshape(B, N, heads * D)`` on the
+    split heads, without the copies that splitting and merging them cost.
+    """
+    check_tensor("attention_qkv: qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
+    if not isinstance(heads, int) or heads < 1 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"attention_qkv: the last dimension of qkv ({qkv.shape[-1]}) must be 3 * heads * head_dim "
+                         f"with heads a positive int, got heads={heads!r}")
+    if qkv.stride(-1) != 1 or not qkv.is_contiguous():
+        qkv = qkv.contiguous()
+    q, k, v = _split_heads(qkv, heads)
+    _check_inputs(q, k, v, mask, dropout_p)
+    B, H, N, D = q.shape
+    if N == 0 or B == 0 or (scale is not None and scale <= 0):  # the general function's special cases
+        o = attention(q, k, v, mask, causal, dropout_p, scale, seed=seed)
+        return o.transpose(1, 2).reshape(B, N, H * D)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    seed = _philox_key(dropout_p, seed)
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return PackedAttentionFunction.apply(qkv, heads, mask, bool(causal), float(dropout_p), scale, seed)
+    out = qkv.new_empty((B, N, H, D))
+    attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False, out=out.transpose(1, 2))
+    return out.view(B, N, H * D)

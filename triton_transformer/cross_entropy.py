@@ -96,8 +96,10 @@ def _cross_entropy_fwd_kernel(
     counted = target != ignore_index
     # The target's logit, read only when the target is a real column: a bad target never
     # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
-    x_target = tl.load(x_row + target * x_stride_v, mask=counted & (target >= 0) & (target < n_cols),
-                       other=0.0).to(tl.float32)
+    in_range = (target >= 0) & (target < n_cols)
+    x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
+    # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
+    x_target = tl.where(in_range, x_target, float("nan"))
 
     # Gradient scale of this row: 1 for "sum"/"none", 1/(counted rows) for "mean", 0 if ignored.
     # (With every row ignored the count is 0; the where() keeps inf out of the gradient.)
@@ -185,7 +187,13 @@ def _row_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _raise_if_bad_targets(stats: torch.Tensor, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
-    """Raise ValueError if the pre-pass found targets outside [0, V) (reads one int back from the device)."""
+    """Raise ValueError if the pre-pass found targets outside [0, V) (reads one int back from the device).
+
+    Not while a CUDA graph is being recorded: reading back is forbidden there. A replayed graph
+    cannot raise; the kernel makes a bad target's loss NaN instead.
+    """
+    if stats.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     n_bad = int(stats[1].item())
     if n_bad:
         flat = target.reshape(-1)

@@ -165,10 +165,10 @@ def _block_n(n_cols: int) -> tuple[int, bool]:
 
 
 def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                       store_stats: bool):
-    """y (rows, N) in x's dtype, and the fp32 row statistics (mean, rstd) when `store_stats`, else (None, None)."""
+                       store_stats: bool, out_dtype: torch.dtype | None = None):
+    """y (rows, N) in `out_dtype` (default x's), and the fp32 row statistics (mean, rstd) when `store_stats`."""
     n_rows, n_cols = x2.shape
-    y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    y2 = torch.empty((n_rows, n_cols), dtype=out_dtype or x2.dtype, device=x2.device)
     mean = rstd = None
     if store_stats:
         mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
@@ -426,11 +426,11 @@ class LayerNormFunction(torch.autograd.Function):
     """Layer norm over the last `n_cols` elements of each row. Saves x, weight and the fp32 mean and rstd."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, n_rows: int, n_cols: int, eps: float):
+    def forward(ctx, x, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype: torch.dtype | None):
         x2 = _as_rows(x, n_rows, n_cols)
         w = weight.reshape(-1).contiguous() if weight is not None else None
         b = bias.reshape(-1).contiguous() if bias is not None else None
-        y2, mean, rstd = layer_norm_forward(x2, w, b, eps, store_stats=True)
+        y2, mean, rstd = layer_norm_forward(x2, w, b, eps, store_stats=True, out_dtype=out_dtype)
         ctx.save_for_backward(x2, w, mean, rstd)
         ctx.eps = eps
         ctx.x_shape = x.shape
@@ -449,7 +449,7 @@ class LayerNormFunction(torch.autograd.Function):
         dx = dx2.view(ctx.x_shape) if dx2 is not None else None
         dw = dw.view(ctx.w_shape) if dw is not None else None
         db = db.view(ctx.b_shape) if db is not None else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _normalized(normalized_shape) -> tuple[int, ...]:
@@ -466,15 +466,20 @@ def _normalized(normalized_shape) -> tuple[int, ...]:
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Layer norm like ``torch.nn.functional.layer_norm``: normalize over the trailing `normalized_shape` dims.
 
-    Statistics are computed in fp32; the result has x's dtype. `weight` and `bias`,
-    if given, have shape `normalized_shape` (any float dtype). Gradients flow to x,
-    weight and bias; under ``torch.no_grad()`` (or when none of them requires a
-    gradient) the forward saves nothing.
+    Statistics are computed in fp32; the result has x's dtype, or `out_dtype`: an fp32
+    residual stream normalized straight into the bf16 that the next matmul reads needs no
+    separate cast (the gradient then comes back in `out_dtype`; x's gradient has x's dtype).
+    `weight` and `bias`, if given, have shape `normalized_shape` (any float dtype).
+    Gradients flow to x, weight and bias; under ``torch.no_grad()`` (or when none of
+    them requires a gradient) the forward saves nothing.
     """
     check_tensor("layer_norm input", x, dtypes=FLOAT_DTYPES)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     shape = _normalized(normalized_shape)
     if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ValueError(f"layer_norm: normalized_shape {list(shape)} must match the last dimensions of the "
@@ -490,9 +495,10 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        return LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps))
+        return LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype)
     # Inference: no autograd context and no statistics stored.
     w = weight.reshape(-1).contiguous() if weight is not None else None
     b = bias.reshape(-1).contiguous() if bias is not None else None
-    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False)
+    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False,
+                                  out_dtype=out_dtype)
     return y2.view(x.shape)

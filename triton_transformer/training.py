@@ -98,6 +98,7 @@ class TrainConfig:
     dropout: float = 0.0            # attention and feed-forward dropout; 0 for pre-training on this much data
     use_triton: bool = True
     compile: bool = False
+    cuda_graph: bool = True         # replay each step's forward+backward as one CUDA graph (see CudaGraphStep)
     # optimisation
     batch_size: int = 16            # sequences per micro-batch per process (the seed: 4, accumulated 4 times)
     grad_accum: int = 1             # micro-batches per optimizer step
@@ -133,15 +134,15 @@ TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, gr
             log_every=10, ckpt_every=0, use_triton=False)
 
 #: Fields a resumed run may change; every other field comes from the checkpoint, so the run continues exactly.
-RESUMABLE_OVERRIDES = {"use_triton", "compile", "out_dir", "progress", "eval_every", "eval_batches", "sample_every",
+RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "out_dir", "progress", "eval_every", "eval_batches", "sample_every",
                        "sample_len", "prompt_len", "temperature", "top_k", "log_every", "ckpt_every", "stop_at",
                        "device", "cache_dir"}
 
 #: How each benchmark provider trains: the Triton model, the PyTorch path eager, and the PyTorch path compiled.
 PROVIDERS = {
-    "triton": dict(use_triton=True, compile=False),
-    "torch": dict(use_triton=False, compile=False),
-    "torch.compile": dict(use_triton=False, compile=True),
+    "triton": dict(use_triton=True, compile=False, cuda_graph=True),
+    "torch": dict(use_triton=False, compile=False, cuda_graph=False),
+    "torch.compile": dict(use_triton=False, compile=True, cuda_graph=False),
 }
 
 
@@ -632,15 +633,86 @@ def generate_text(model, prompt: bytes, n: int, cfg: TrainConfig, device: torch.
     return bytes(new).decode("utf-8", errors="replace")
 
 
+class CudaGraphStep:
+    """Forward, loss and backward of one batch, recorded once as a CUDA graph and replayed every step after.
+
+    Why: the Triton path launches about 170 kernels per step of the seed's model, each from Python. A launch
+    costs tens of microseconds of CPU time, so on a slow host the GPU spends much of the step waiting for the
+    next kernel. A CUDA graph records the whole sequence of launches once; a replay submits all of them with one
+    call and the CPU time per step no longer depends on the number of kernels.
+
+    What a replay assumes, and how this class keeps it true:
+
+    * the same addresses: every input goes through ``static_x``/``static_y`` (the new batch is copied in), the
+      activations and gradients live in the graph's private memory pool, and the optimizer updates the
+      parameters in place;
+    * nothing chooses on the host: Triton autotunes and compiles during the first `warmup` calls, which run
+      eagerly, and no kernel of the step reads a value back to the CPU;
+    * the gradients are *written*, not accumulated: they were None when the graph was recorded, so a replay
+      overwrites them (no gradient accumulation over micro-batches) and `__call__` re-attaches them to the
+      parameters should anything have set ``.grad`` to None;
+    * no randomness: a dropout seed is a Python integer, recorded into the graph, so every replay would draw
+      the same mask. `unsupported` says when a run cannot be graphed; training then runs eagerly.
+    """
+
+    def __init__(self, forward, params, amp_dtype: torch.dtype | None, warmup: int = 2):
+        """`forward(x, labels=y)` returns the loss; `params` are the parameters it trains."""
+        self.forward, self.params, self.amp_dtype, self.warmup = forward, list(params), amp_dtype, warmup
+        self.calls, self.graph = 0, None
+
+    @staticmethod
+    def unsupported(cfg: TrainConfig, device: torch.device, world: int, amp_dtype) -> str | None:
+        """Why this run cannot use a CUDA graph, or None if it can."""
+        reasons = [(device.type != "cuda", "no CUDA device"), (cfg.dropout > 0, "dropout > 0"),
+                   (cfg.grad_accum > 1, "gradient accumulation"), (world > 1, "several processes (DDP)"),
+                   (amp_dtype == torch.float16, "fp16 loss scaling"), (cfg.compile, "torch.compile")]
+        return next((why for bad, why in reasons if bad), None)
+
+    def _forward_backward(self, x, y, cache: bool) -> torch.Tensor:
+        # autocast's weight cache must stay off while recording: cached casts would outlive the graph's pool
+        amp = (torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=cache) if self.amp_dtype
+               else contextlib.nullcontext())
+        with amp:
+            loss = self.forward(x, labels=y)
+        loss.backward()
+        return loss.detach()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Run forward and backward on (x, y); returns the loss (a tensor the next call overwrites)."""
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            return self._forward_backward(x, y, cache=True)
+        if self.graph is None:
+            self.static_x, self.static_y = x.clone(), y.clone()
+            for p in self.params:
+                p.grad = None  # recorded as fresh tensors in the graph's pool, written by every replay
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_loss = self._forward_backward(self.static_x, self.static_y, cache=False)
+            self.grads = [p.grad for p in self.params]
+        else:
+            self.static_x.copy_(x, non_blocking=True)
+            self.static_y.copy_(y, non_blocking=True)
+        self.graph.replay()  # recording runs nothing: the first replay computes the recorded step
+        for p, g in zip(self.params, self.grads):
+            if p.grad is not g:
+                p.grad = g
+        return self.static_loss
+
+
 def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: TrainConfig, d: Dist, amp, step: int,
-               params) -> torch.Tensor:
+               params, graphed: CudaGraphStep | None = None) -> torch.Tensor:
     """One optimizer step: `grad_accum` micro-batches per process, clip, AdamW, schedule.
 
     Returns the step's mean loss as a 0-dim tensor on the device (reading it
     with .item() would wait for the GPU, so the loop does that only when it logs).
     """
     loss_sum = torch.zeros((), device=d.device)
-    for m in range(cfg.grad_accum):
+    if graphed is not None:  # one micro-batch, one process: the recorded forward and backward
+        x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, 0),
+                         cfg.seq_len, d.device)
+        loss_sum += graphed(x, y).float()
+    for m in range(cfg.grad_accum if graphed is None else 0):
         j = d.rank * cfg.grad_accum + m  # global micro-batch index: the same batches for any number of processes
         x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, j),
                          cfg.seq_len, d.device)
@@ -817,6 +889,14 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
 
             model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
+        graphed = None
+        if cfg.cuda_graph:
+            why_not = CudaGraphStep.unsupported(cfg, d.device, d.world, amp_dtype)
+            if why_not is None:
+                graphed = CudaGraphStep(model, [p for p in raw_model.parameters() if p.requires_grad], amp_dtype)
+            elif d.device.type == "cuda":
+                say(f"note: each step runs eagerly, not as a CUDA graph ({why_not})")
+
         n_params = sum(p.numel() for p in raw_model.parameters())
         if hasattr(raw_model, "flops_per_token"):  # the model's own count (the same formula)
             fpt = float(raw_model.flops_per_token(cfg.seq_len, training=True))
@@ -881,7 +961,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         with _StopRequest(say, step_aside=d.world == 1) as stop:
             while step < cfg.steps:
                 loss_sum += train_step(model, optimizer, scheduler, scaler, corpus.train, cfg, d, amp, step,
-                                       grad_params)
+                                       grad_params, graphed)
                 step += 1
                 tokens_seen += tokens_per_step
                 bar.update(1)
@@ -1096,6 +1176,7 @@ def argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float)
     g.add_argument("--use-triton", action=B, help="Triton kernels (default on a GPU) or the PyTorch path")
     g.add_argument("--compile", action=B, help="torch.compile the model")
+    g.add_argument("--cuda-graph", action=B, help="replay each step as a CUDA graph (default on where possible)")
     g = p.add_argument_group("optimisation")
     for name in ("batch-size", "grad-accum", "steps", "warmup-steps", "seed", "stop-at"):
         g.add_argument(f"--{name}", type=int)

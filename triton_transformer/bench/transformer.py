@@ -5,7 +5,8 @@ update, on random tokens. The three providers share one model and one
 optimizer, so parameters, gradients and Adam's state weigh the same in every
 provider's peak memory:
 
-* ``triton``: the model with ``use_triton=True`` (every op one of our kernels);
+* ``triton``: the model with ``use_triton=True`` (every op one of our kernels), forward and backward
+  replayed as one CUDA graph (`training.CudaGraphStep`), as ``train.py`` runs it;
 * ``torch``: the same model with ``use_triton=False``, eager PyTorch (SDPA attention);
 * ``torch.compile``: ``torch.compile(model)`` called with ``use_triton=False``.
 
@@ -20,6 +21,7 @@ import functools
 import torch
 
 from .. import runtime
+from ..training import CudaGraphStep
 from ..transformer import Transformer
 from . import Case
 
@@ -27,8 +29,22 @@ SHAPES = [(16, 1024, 512, 6, 256), (16, 1024, 768, 12, 50304)]
 QUICK = [(2, 128, 128, 2, 256)]
 
 
-def train_step(forward, optimizer, x, y, dtype):
-    """One zero-argument training step: autocast forward + loss, backward, AdamW, drop the gradients."""
+def train_step(forward, optimizer, x, y, dtype, cuda_graph=False):
+    """One zero-argument training step: autocast forward + loss, backward, AdamW, drop the gradients.
+
+    With `cuda_graph`, forward and backward replay as one CUDA graph (`training.CudaGraphStep`, as
+    ``train.py`` runs the Triton path), recorded on the step's first calls, which warm up do_bench.
+    """
+    if cuda_graph:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        graphed = CudaGraphStep(forward, params, dtype)
+
+        def step():
+            graphed(x, y)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
 
     def step():
         with torch.autocast(x.device.type, dtype=dtype):
@@ -52,13 +68,16 @@ def cases(quick: bool = False):
         compiled = torch.compile(model)
         x = torch.randint(0, num_tokens, (batch, seq), device=device)
         y = torch.randint(0, num_tokens, (batch, seq), device=device)
+        # The Triton provider goes last: its graph keeps its memory pool for as long as it lives, which
+        # must not count in the other providers' peak memory.
+        graph = device.type == "cuda"
         providers = {
-            "triton": functools.partial(model, use_triton=True),
-            "torch": functools.partial(model, use_triton=False),
-            "torch.compile": functools.partial(compiled, use_triton=False),
+            "torch": train_step(functools.partial(model, use_triton=False), optimizer, x, y, dtype),
+            "torch.compile": train_step(functools.partial(compiled, use_triton=False), optimizer, x, y, dtype),
+            "triton": train_step(functools.partial(model, use_triton=True), optimizer, x, y, dtype, graph),
         }
         yield Case("transformer_train_step", "fwdbwd", [batch, seq, dim, depth, num_tokens], dtype,
-                   providers={name: train_step(fwd, optimizer, x, y, dtype) for name, fwd in providers.items()},
+                   providers=providers,
                    flops=model.flops_per_token(seq) * batch * seq, extra={"tokens": batch * seq})
         del model, optimizer, compiled, providers, x, y
         torch._dynamo.reset()
