@@ -27,6 +27,7 @@ HEADLINES = [  # (kernel, pass, shape, baseline providers)
     ("attention_causal", "fwdbwd", [8, 12, 1024, 64]),
     ("cross_entropy", "fwdbwd", [8192, 50304]),
     ("transformer_train_step", "fwdbwd", [16, 1024, 512, 6, 256]),
+    ("transformer_train_step", "fwdbwd", [16, 1024, 768, 12, 50304]),
 ]
 BASELINES = ["torch", "torch.compile", "cublas", "sdpa"]
 

@@ -658,7 +658,7 @@ class CudaGraphStep:
     def __init__(self, forward, params, amp_dtype: torch.dtype | None, warmup: int = 2):
         """`forward(x, labels=y)` returns the loss; `params` are the parameters it trains."""
         self.forward, self.params, self.amp_dtype, self.warmup = forward, list(params), amp_dtype, warmup
-        self.calls, self.graph = 0, None
+        self.calls, self.graph, self.peak_bytes = 0, None, None
 
     @staticmethod
     def unsupported(cfg: TrainConfig, device: torch.device, world: int, amp_dtype) -> str | None:
@@ -687,8 +687,13 @@ class CudaGraphStep:
             for p in self.params:
                 p.grad = None  # recorded as fresh tensors in the graph's pool, written by every replay
             self.graph = torch.cuda.CUDAGraph()
+            # The step's memory peak, taken while recording: a replay reuses the graph's private pool, which
+            # max_memory_allocated does not see filling up again (it resets the device's peak statistics).
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             with torch.cuda.graph(self.graph):
                 self.static_loss = self._forward_backward(self.static_x, self.static_y, cache=False)
+            self.peak_bytes = torch.cuda.max_memory_allocated()
             self.grads = [p.grad for p in self.params]
         else:
             self.static_x.copy_(x, non_blocking=True)
