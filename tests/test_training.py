@@ -301,3 +301,20 @@ def test_cuda_graph_says_when_a_run_cannot_be_recorded():
     assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, 1, None) == "gradient accumulation"
     assert training.CudaGraphStep.unsupported(ok, gpu, 2, None) == "several processes (DDP)"
     assert training.CudaGraphStep.unsupported(ok, gpu, 1, torch.float16) == "fp16 loss scaling"
+
+
+def test_scaling_runs_are_kept_apart_from_the_provider_comparison(corpus_file, tmp_path, monkeypatch):
+    """A run with gradient accumulation (or several GPUs) logs under scaling/, and only scaling_runs reads it."""
+    from triton_transformer import bench
+
+    monkeypatch.setattr(training, "TRAIN_LOGS_DIR", tmp_path / "logs")
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "results")
+    kw = dict(TINY, data=str(corpus_file), steps=2, eval_every=2, sample_len=0)
+    training.benchmark("torch", TrainConfig(**kw), out_root=str(tmp_path / "runs"))
+    training.benchmark("torch", TrainConfig(**{**kw, "grad_accum": 2}), out_root=str(tmp_path / "runs"))
+    gpu_dir = next((tmp_path / "logs").iterdir())
+    assert [p.name for p in gpu_dir.glob("*.jsonl")] == ["torch.jsonl"]
+    assert [p.name for p in gpu_dir.glob("scaling/*.jsonl")] == ["torch_1gpus_accum2.jsonl"]
+    rows, logs = training.scaling_runs()
+    assert [r["grad_accum"] for r in rows] == [2] and list(logs) == ["torch_1gpus_accum2"]
+    assert training.committed_logs()[1].keys() == {"torch"}

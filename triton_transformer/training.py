@@ -1067,7 +1067,7 @@ def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
         "val_bpb": round(result.val_bpb, 5) if result.val_bpb is not None else None,
         "tokens_per_s": round(tps, 1) if tps else None,
         "mfu": round(result.mfu, 4) if result.mfu is not None else None,
-        "steps": result.step, "gpus": gpus, "seed": cfg.seed, "data": cfg.data,
+        "steps": result.step, "gpus": gpus, "grad_accum": cfg.grad_accum, "seed": cfg.seed, "data": cfg.data,
         "params": result.params, "heads": cfg.heads, "dim_head": cfg.dim_head,
         **bench.versions(),
     }
@@ -1099,7 +1099,10 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
     row = train_run_row(result, provider, gpus=world)
     if record and result.log_path is not None:  # rank 0
         bench.append([row])
-        dest = TRAIN_LOGS_DIR / bench.results_file(row["gpu"]).stem / f"{provider}.jsonl"
+        # one GPU, one micro-batch: the provider comparison; anything else is a scaling run, kept apart
+        name = (f"{provider}.jsonl" if world == 1 and cfg.grad_accum == 1
+                else f"scaling/{provider}_{world}gpus_accum{cfg.grad_accum}.jsonl")
+        dest = TRAIN_LOGS_DIR / bench.results_file(row["gpu"]).stem / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(Path(result.log_path).read_text())
     if result.log_path is not None:
@@ -1129,6 +1132,18 @@ def committed_logs(gpu: str | None = None) -> tuple[str | None, dict[str, list[d
         return None, {}
     logs = {p.stem: read_log(p) for p in sorted(dirs[0].glob("*.jsonl"))}
     return dirs[0].name, logs
+
+
+def scaling_runs(gpu: str | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Committed data-parallel scaling runs (``scripts/scaling.sh``): their train_run rows and logs, by name."""
+    from . import bench
+
+    rows = [r for r in bench.load("train_run", gpu=gpu) if r.get("gpus", 1) > 1 or r.get("grad_accum", 1) > 1]
+    logs = {}
+    for path in sorted(TRAIN_LOGS_DIR.glob("*/scaling/*.jsonl")) if TRAIN_LOGS_DIR.is_dir() else []:
+        if gpu is None or path.parent.parent.name == bench.results_file(gpu).stem:
+            logs[path.stem] = read_log(path)
+    return rows, logs
 
 
 def plot_curves(logs: dict[str, list[dict]], title: str = ""):
