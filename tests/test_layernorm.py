@@ -277,3 +277,58 @@ def test_out_dtype_is_the_cast_fused(out_dtype, device):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
     with pytest.raises(TypeError, match="out_dtype"):
         layer_norm(x, (300,), out_dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- residual add fused in
+
+def check_add_layer_norm(x, r, n, out_dtype=None, use_h=True):
+    """add_layer_norm against h = x + r; F.layer_norm(h).to(out_dtype): y, h and every gradient."""
+    w, b = make_params(n, x.device, torch.float32)
+    x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
+    y, h = L.add_layer_norm(x, r, (n,), w, b, out_dtype=out_dtype)
+    h_ref = x + r
+    y_ref = F.layer_norm(h_ref, (n,), w, b)
+    y_ref = y_ref.to(out_dtype) if out_dtype is not None else y_ref
+    assert y.dtype == y_ref.dtype and h.dtype == h_ref.dtype
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)  # the same rounding as the separate add
+    torch.testing.assert_close(y, y_ref, **tolerance(y.dtype))
+    dy = torch.randn_like(y_ref)
+    dh = torch.randn_like(h_ref) if use_h else None
+    outs, refs = (y, h) if use_h else (y,), (y_ref, h_ref) if use_h else (y_ref,)
+    grads = torch.autograd.grad(outs, (x, r, w, b), (dy, dh) if use_h else (dy,))
+    ref_grads = torch.autograd.grad(refs, (x, r, w, b), (dy, dh) if use_h else (dy,))
+    for name, g, ref in zip(("dx", "dr", "dw", "db"), grads, ref_grads):
+        assert g.dtype == ref.dtype, name
+        torch.testing.assert_close(g, ref, **tolerance(g.dtype), msg=name)
+
+
+@pytest.mark.parametrize("use_h", [True, False], ids=["h-used", "h-unused"])
+def test_add_layer_norm_matches_add_then_norm(use_h, device):
+    check_add_layer_norm(torch.randn(3, 37, 200, device=device), torch.randn(3, 37, 200, device=device), 200,
+                         use_h=use_h)
+
+
+def test_add_layer_norm_mixed_precision(device):
+    """The model's case: fp32 residual stream, half-precision sublayer output, normalized into half precision."""
+    half = torch.bfloat16 if torch.bfloat16 in DTYPES else torch.float16
+    check_add_layer_norm(torch.randn(2, 65, 96, device=device), torch.randn(2, 65, 96, device=device).to(half), 96,
+                         out_dtype=half)
+
+
+def test_add_layer_norm_long_rows(monkeypatch, device):
+    monkeypatch.setattr(L, "MAX_FUSED_BLOCK", 64)  # rows of 150 take the looping path (LOOP_BLOCK chunks)
+    monkeypatch.setattr(L, "LOOP_BLOCK", 64)
+    check_add_layer_norm(torch.randn(5, 150, device=device), torch.randn(5, 150, device=device), 150)
+
+
+def test_add_layer_norm_without_grad_and_without_residual(device):
+    x, r = torch.randn(4, 48, device=device), torch.randn(4, 48, device=device)
+    with torch.no_grad():
+        y, h = L.add_layer_norm(x, r, 48)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, F.layer_norm(x + r, (48,)), **tolerance(torch.float32))
+    y, h = L.add_layer_norm(x, None, 48)
+    assert h is x
+    torch.testing.assert_close(y, F.layer_norm(x, (48,)), **tolerance(torch.float32))
+    with pytest.raises(ValueError, match="residual has shape"):
+        L.add_layer_norm(x, r[:, :10], 48)

@@ -8,7 +8,7 @@ from . import runtime  # noqa: F401  (must come first: sets TRITON_INTERPRET bef
 from .runtime import DEVICE, INTERPRET, default_dtype  # noqa: F401
 from .softmax import softmax  # noqa: F401
 # kernel exports: one line per module, in chapter order
-from .layernorm import layer_norm  # noqa: F401
+from .layernorm import add_layer_norm, layer_norm  # noqa: F401
 from .dropout import dropout  # noqa: F401
 from .matmul import linear  # noqa: F401
 from .attention import attention, attention_qkv  # noqa: F401

@@ -56,10 +56,11 @@ INTERPRET_BWD_PROGRAMS = 3
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
-                           x_row_stride, y_row_stride, n_rows, n_cols, eps,
+def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr, h_ptr,
+                           x_row_stride, y_row_stride, r_row_stride, h_row_stride, n_rows, n_cols, eps,
                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr):
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr):
     # A program normalizes ROWS rows at once as a [ROWS, BLOCK_N] tile: short rows
     # (512, 768 columns) would otherwise give each program too little to keep in flight.
     # int64 row indices: rows * stride can pass 2**31 elements on big activations.
@@ -68,12 +69,20 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
     cols = tl.arange(0, BLOCK_N)
     x_rows = x_ptr + rows[:, None] * x_row_stride
     y_rows = y_ptr + rows[:, None] * y_row_stride
+    # With a residual: h = x + r is what gets normalized, and is written out for the next residual add.
+    r_rows = r_ptr + rows[:, None] * r_row_stride
+    h_rows = h_ptr + rows[:, None] * h_row_stride
 
     if SINGLE_BLOCK:
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
         # The whole row stays in registers: x is read once, y written once.
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            # rounded to h's dtype before normalizing, exactly as `layer_norm(x + r)` would see it
+            h = (x + tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_rows + cols[None, :], h, mask=mask)
+            x = h.to(tl.float32)
         mean = tl.sum(x, axis=1) / n_cols
         # Statistics in fp32, variance from centred values (not E[x^2] - mean^2, which
         # cancels catastrophically when |mean| >> std). Padding lanes must not count.
@@ -91,8 +100,17 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
-            acc += tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(r_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                h = (x + r).to(h_ptr.dtype.element_ty)
+                tl.store(h_rows + start + cols[None, :], h, mask=mask)
+                x = h.to(tl.float32)
+            acc += x
         mean = tl.sum(acc, axis=1) / n_cols
+        if HAS_RESIDUAL:
+            tl.debug_barrier()  # the passes below read back h, written by other threads of this program
+            x_rows = h_rows
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             mask = row_mask[:, None] & (start + cols < n_cols)[None, :]
@@ -152,7 +170,7 @@ def _fwd_kernel_for(block_n: int, single: bool):
     The forward may be autotuned freely: each row is computed by one program whatever
     the tile, so the choice changes speed, never which values are summed together.
     """
-    return runtime.autotune(_fwd_configs(block_n, single), key=["n_cols", "HAS_W", "HAS_B", "STORE_STATS"])(
+    return runtime.autotune(_fwd_configs(block_n, single), key=["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL"])(
         _layer_norm_fwd_kernel)
 
 
@@ -165,8 +183,13 @@ def _block_n(n_cols: int) -> tuple[int, bool]:
 
 
 def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                       store_stats: bool, out_dtype: torch.dtype | None = None):
-    """y (rows, N) in `out_dtype` (default x's), and the fp32 row statistics (mean, rstd) when `store_stats`."""
+                       store_stats: bool, out_dtype: torch.dtype | None = None,
+                       residual: torch.Tensor | None = None, h: torch.Tensor | None = None):
+    """y (rows, N) in `out_dtype` (default x's), and the fp32 row statistics (mean, rstd) when `store_stats`.
+
+    With `residual` (rows, N), the row normalized is x + residual, written into `h` (rows, N), which the
+    caller allocates in the dtype the sum should have.
+    """
     n_rows, n_cols = x2.shape
     y2 = torch.empty((n_rows, n_cols), dtype=out_dtype or x2.dtype, device=x2.device)
     mean = rstd = None
@@ -179,11 +202,14 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
     kernel = _fwd_kernel_for(block, single)
     grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)  # noqa: E731  (ROWS comes from the tuned config)
     # Unused pointers still need a tensor; x2 is never read through them.
+    has_r = residual is not None
     launch(kernel, grid, x2, y2, weight if weight is not None else x2, bias if bias is not None else x2,
            mean if store_stats else y2, rstd if store_stats else y2,
-           x2.stride(0), y2.stride(0), n_rows, n_cols, eps,
+           residual if has_r else x2, h if has_r else x2,
+           x2.stride(0), y2.stride(0), residual.stride(0) if has_r else 0, h.stride(0) if has_r else 0,
+           n_rows, n_cols, eps,
            BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, HAS_B=bias is not None,
-           STORE_STATS=store_stats)
+           STORE_STATS=store_stats, HAS_RESIDUAL=has_r)
     return y2, mean, rstd
 
 
@@ -192,10 +218,16 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
 @triton.jit
 def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_part_ptr, db_part_ptr,
-                           x_row_stride, dy_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program, eps,
+                           dh_ptr, dr_ptr,
+                           x_row_stride, dy_row_stride, dx_row_stride, dh_row_stride, dr_row_stride,
+                           n_rows, n_cols, rows_per_program, eps,
                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                            HAS_W: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                           COMPUTE_DB: tl.constexpr, RECOMPUTE_STATS: tl.constexpr):
+                           COMPUTE_DB: tl.constexpr, RECOMPUTE_STATS: tl.constexpr,
+                           HAS_DH: tl.constexpr, STORE_DR: tl.constexpr):
+    # With a fused residual add (h = x + r normalized): x_ptr holds h, dh_ptr the gradient that
+    # reaches h from its other use (the residual stream), added to dx; dr_ptr gets the same sum
+    # in r's dtype, since h = x + r passes one gradient to both.
     # Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and walks
     # them ROWS at a time. Besides dx it sums dy * xhat and dy over its rows, in a fixed
     # order, and writes those partial sums to row p of the [programs, N] buffers.
@@ -234,8 +266,14 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
                 c1 = tl.sum(xhat * g, axis=1) / n_cols
                 c2 = tl.sum(g, axis=1) / n_cols
                 dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                if HAS_DH:
+                    dx += tl.load(dh_ptr + rows[:, None] * dh_row_stride + cols[None, :], mask=mask,
+                                  other=0.0).to(tl.float32)
                 tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                          mask=mask)
+                if STORE_DR:
+                    tl.store(dr_ptr + rows[:, None] * dr_row_stride + cols[None, :],
+                             dx.to(dr_ptr.dtype.element_ty), mask=mask)
             # dgamma needs xhat, the normalized input -- not y = xhat * w + b (the seed's bug).
             if COMPUTE_DW:
                 dw_acc += dy * xhat
@@ -292,7 +330,13 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
                         if HAS_W:
                             g = dy * tl.load(w_ptr + start + cols, mask=m, other=0.0).to(tl.float32)
                         dx = (g - (xhat * c1 + c2)) * rstd
+                        if HAS_DH:
+                            dx += tl.load(dh_ptr + row * dh_row_stride + start + cols, mask=m,
+                                          other=0.0).to(tl.float32)
                         tl.store(dx_ptr + row * dx_row_stride + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+                        if STORE_DR:
+                            tl.store(dr_ptr + row * dr_row_stride + start + cols, dx.to(dr_ptr.dtype.element_ty),
+                                     mask=m)
                     # Each program only touches its own partial row, so no other program races it.
                     if COMPUTE_DW:
                         p = dw_part_ptr + part_offset + start + cols
@@ -368,11 +412,14 @@ def _sum_params(n_cols: int, device: torch.device) -> tuple[int, int]:
 def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None,
                         mean: torch.Tensor | None, rstd: torch.Tensor | None, eps: float, *,
                         compute_dx: bool = True, compute_dw: bool = True, compute_db: bool = True,
-                        bias_dtype: torch.dtype | None = None, num_programs: int | None = None):
+                        bias_dtype: torch.dtype | None = None, num_programs: int | None = None,
+                        dh: torch.Tensor | None = None, dr: torch.Tensor | None = None):
     """(dx (rows, N) or None, dweight (N,) or None, dbias (N,) or None).
 
     `mean`/`rstd` None means: recompute them from x (the chapter times this against
     storing them). `num_programs` overrides the row split (the chapter sweeps it).
+    For a fused residual add, x is the normalized sum h: `dh` (rows, N) is added to dx,
+    and `dr` (rows, N, allocated by the caller) receives the same gradient in its own dtype.
     """
     n_rows, n_cols = x2.shape
     compute_dw = compute_dw and weight is not None
@@ -402,9 +449,12 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
            x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
            dummy if recompute else mean, dummy if recompute else rstd,
            part[0] if part is not None else dummy, part[1] if part is not None else dummy,
-           x2.stride(0), dy2.stride(0), n_cols, n_rows, n_cols, rows_per_program, eps,
+           dh if dh is not None else dummy, dr if dr is not None else dummy,
+           x2.stride(0), dy2.stride(0), n_cols, dh.stride(0) if dh is not None else 0,
+           dr.stride(0) if dr is not None else 0, n_rows, n_cols, rows_per_program, eps,
            ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
-           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute, num_warps=num_warps)
+           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute,
+           HAS_DH=dh is not None and compute_dx, STORE_DR=dr is not None and compute_dx, num_warps=num_warps)
     if part is not None:
         block_c, block_p = _sum_params(n_cols, x2.device)
         launch(_sum_partials_kernel, (triton.cdiv(n_cols, block_c),),
@@ -465,18 +515,8 @@ def _normalized(normalized_shape) -> tuple[int, ...]:
     return shape
 
 
-def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Layer norm like ``torch.nn.functional.layer_norm``: normalize over the trailing `normalized_shape` dims.
-
-    Statistics are computed in fp32; the result has x's dtype, or `out_dtype`: an fp32
-    residual stream normalized straight into the bf16 that the next matmul reads needs no
-    separate cast (the gradient then comes back in `out_dtype`; x's gradient has x's dtype).
-    `weight` and `bias`, if given, have shape `normalized_shape` (any float dtype).
-    Gradients flow to x, weight and bias; under ``torch.no_grad()`` (or when none of
-    them requires a gradient) the forward saves nothing.
-    """
+def _check_args(x, normalized_shape, weight, bias, out_dtype) -> tuple[int, int]:
+    """Validate layer_norm's arguments; return (rows, N) of the normalized view."""
     check_tensor("layer_norm input", x, dtypes=FLOAT_DTYPES)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
@@ -492,6 +532,22 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
             raise ValueError(f"layer_norm: {name} has shape {list(p.shape)} but normalized_shape is {list(shape)}")
     n_cols = math.prod(shape)
     n_rows = math.prod(x.shape[:x.dim() - len(shape)])
+    return n_rows, n_cols
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Layer norm like ``torch.nn.functional.layer_norm``: normalize over the trailing `normalized_shape` dims.
+
+    Statistics are computed in fp32; the result has x's dtype, or `out_dtype`: an fp32
+    residual stream normalized straight into the bf16 that the next matmul reads needs no
+    separate cast (the gradient then comes back in `out_dtype`; x's gradient has x's dtype).
+    `weight` and `bias`, if given, have shape `normalized_shape` (any float dtype).
+    Gradients flow to x, weight and bias; under ``torch.no_grad()`` (or when none of
+    them requires a gradient) the forward saves nothing.
+    """
+    n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
@@ -502,3 +558,76 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False,
                                   out_dtype=out_dtype)
     return y2.view(x.shape)
+
+
+# ---------------------------------------------------------------- residual add fused in
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    """(y, h) with h = x + r and y = layer_norm(h). Saves h, weight and the fp32 mean and rstd.
+
+    A pre-norm transformer adds each sublayer's output to the residual stream and
+    normalizes the sum for the next sublayer: two kernels going forward (the add, the
+    norm), and two coming back (the norm's backward, then autograd adding the gradient
+    that arrives through the stream). Fused, the forward writes h while normalizing it,
+    and the backward adds the stream's gradient dh in the pass that computes dx and
+    writes the sum in both x's dtype (the stream) and r's (the sublayer's output).
+    """
+
+    @staticmethod
+    def forward(ctx, x, r, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype):
+        x2, r2 = _as_rows(x, n_rows, n_cols), _as_rows(r, n_rows, n_cols)
+        h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
+        w = weight.reshape(-1).contiguous() if weight is not None else None
+        b = bias.reshape(-1).contiguous() if bias is not None else None
+        y2, mean, rstd = layer_norm_forward(x2, w, b, eps, store_stats=True, out_dtype=out_dtype, residual=r2, h=h2)
+        ctx.save_for_backward(h2, w, mean, rstd)
+        ctx.set_materialize_grads(False)  # the last h of a model has no later use: no gradient reaches it
+        ctx.eps, ctx.shape, ctx.x_dtype, ctx.r_dtype = eps, x.shape, x.dtype, r.dtype
+        ctx.w_shape = weight.shape if weight is not None else None
+        ctx.b_shape, ctx.b_dtype = (bias.shape, bias.dtype) if bias is not None else (None, None)
+        return y2.view(x.shape), h2.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h2, w, mean, rstd = ctx.saved_tensors
+        n_rows, n_cols = h2.shape
+        need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        dy2 = _as_rows(dy, n_rows, n_cols) if dy is not None else h2.new_zeros(h2.shape)
+        dh2 = _as_rows(dh, n_rows, n_cols) if dh is not None else None
+        dr2 = torch.empty((n_rows, n_cols), dtype=ctx.r_dtype, device=h2.device) if need_r else None
+        dx2, dw, db = layer_norm_backward(dy2, h2, w, mean, rstd, ctx.eps, compute_dw=need_w, compute_db=need_b,
+                                          bias_dtype=ctx.b_dtype, dh=dh2, dr=dr2)
+        dx = dx2.to(ctx.x_dtype).view(ctx.shape) if need_x else None  # dx2 has h's dtype: x's, unless r's is wider
+        return (dx, dr2.view(ctx.shape) if need_r else None, dw.view(ctx.w_shape) if dw is not None else None,
+                db.view(ctx.b_shape) if db is not None else None, None, None, None, None)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_shape,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` and ``layer_norm(h, ...)`` in one pass, forward and backward; returns (y, h).
+
+    The residual-stream update of a pre-norm transformer block and the norm that
+    follows it. h has the promoted dtype of x and residual (an fp32 stream plus a bf16
+    sublayer output stays fp32) and is rounded to it before being normalized, exactly
+    as ``layer_norm(x + residual)``; y is in `out_dtype` (default h's). With
+    ``residual=None`` this is `layer_norm`, returning (y, x).
+    """
+    n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
+    if residual is None:
+        return layer_norm(x, normalized_shape, weight, bias, eps, out_dtype=out_dtype), x
+    check_tensor("add_layer_norm residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
+    if residual.shape != x.shape:
+        raise ValueError(f"add_layer_norm: residual has shape {list(residual.shape)} but x has {list(x.shape)}")
+    if x.numel() == 0:
+        h = x + residual
+        return layer_norm(h, normalized_shape, weight, bias, eps, out_dtype=out_dtype), h
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        return AddLayerNormFunction.apply(x, residual, weight, bias, n_rows, n_cols, float(eps), out_dtype)
+    h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    w = weight.reshape(-1).contiguous() if weight is not None else None
+    b = bias.reshape(-1).contiguous() if bias is not None else None
+    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False,
+                                  out_dtype=out_dtype, residual=_as_rows(residual, n_rows, n_cols), h=h2)
+    return y2.view(x.shape), h2.view(x.shape)

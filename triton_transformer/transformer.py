@@ -6,6 +6,11 @@
         x = x + FeedForward(LayerNorm(x))          linear + squared ReLU (Primer) -> linear
     logits = Linear(LayerNorm(x))                  (batch, seq, num_tokens)
 
+Each residual add is fused into the layer norm that follows it (`add_norm`: a block
+receives the stream h and the previous sublayer's output r, and normalizes h + r in
+the same pass that forms it); the PyTorch path computes the same sum and norm
+separately.
+
 One set of parameters, two ways to run it. ``use_triton=True`` sends every
 operation through the package's kernels (layer norm, linear with its fused
 activation for every projection, fused attention, dropout, cross-entropy);
@@ -48,7 +53,7 @@ from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
-from .layernorm import layer_norm as tt_layer_norm
+from .layernorm import add_layer_norm as tt_add_layer_norm
 from .matmul import linear as tt_linear
 
 # ---------------------------------------------------------------- configuration
@@ -88,14 +93,14 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 
 
 @torch.compiler.disable
-def _triton_layer_norm(x, weight, bias, eps):
+def _triton_add_norm(h, r, weight, bias, eps):
     # Autocast runs layer norm in fp32 and the next projection casts its output to bf16. The
     # kernel computes in fp32 whatever it reads and writes the bf16 itself: the same rounding,
-    # one kernel instead of two, and half the bytes written.
-    dt = _autocast_dtype(x)
+    # one kernel instead of two, and half the bytes written. The residual add rides along.
+    dt = _autocast_dtype(h)
     if dt is not None:
-        x, weight, bias = x.float(), weight.float(), bias.float()
-    return tt_layer_norm(x, (x.shape[-1],), weight, bias, eps, out_dtype=dt)
+        h, weight, bias = h.float(), weight.float(), bias.float()
+    return tt_add_layer_norm(h, r, (h.shape[-1],), weight, bias, eps, out_dtype=dt)
 
 
 @torch.compiler.disable
@@ -135,10 +140,12 @@ def _triton_cross_entropy(logits, target, ignore_index):
     return tt_cross_entropy(logits, target, ignore_index=ignore_index, inplace=logits.requires_grad)
 
 
-def layer_norm(x, ln: nn.LayerNorm, use_triton: bool):
+def add_norm(h, r, ln: nn.LayerNorm, use_triton: bool):
+    """The residual update h + r and the layer norm of the result: (normalized, new h). r None: no add."""
     if use_triton:
-        return _triton_layer_norm(x, ln.weight, ln.bias, ln.eps)
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return _triton_add_norm(h, r, ln.weight, ln.bias, ln.eps)
+    h = h if r is None else h + r
+    return F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps), h
 
 
 def linear(x, lin: nn.Linear, use_triton: bool, activation: str | None = None):
@@ -213,8 +220,9 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, cfg.dim)
 
     def forward(self, x, mask, use_triton: bool, cache: KVCache | None = None):
+        """x: the normalized residual stream (Block applies self.norm, fused with the residual add)."""
         b, n, _ = x.shape
-        qkv = linear(layer_norm(x, self.norm, use_triton), self.to_qkv, use_triton)
+        qkv = linear(x, self.to_qkv, use_triton)
         p = self.dropout if self.training else 0.0
         if use_triton and cache is None:
             # the kernels read q, k, v out of the packed projection and write the output with the heads
@@ -252,8 +260,9 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(cfg.dim * cfg.ff_mult, cfg.dim)
 
     def forward(self, x, use_triton: bool):
-        # squared ReLU (So et al., Primer) fused into the first projection's epilogue
-        h = linear(layer_norm(x, self.norm, use_triton), self.proj_in, use_triton, activation="relu_squared")
+        """x: the normalized residual stream (Block applies self.norm). Squared ReLU (So et al., Primer)
+        is fused into the first projection's epilogue."""
+        h = linear(x, self.proj_in, use_triton, activation="relu_squared")
         h = dropout(h, self.dropout, self.training, use_triton)
         return linear(h, self.proj_out, use_triton)
 
@@ -264,9 +273,16 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ff = FeedForward(cfg)
 
-    def forward(self, x, mask, use_triton: bool, cache: KVCache | None = None):
-        x = x + self.attn(x, mask, use_triton, cache)
-        return x + self.ff(x, use_triton)
+    def forward(self, h, r, mask, use_triton: bool, cache: KVCache | None = None):
+        """x = x + attn(norm(x)); x = x + ff(norm(x)), with each add fused into the norm that follows it.
+
+        h is the residual stream and r the previous sublayer's output, not yet added to it. Returns the
+        same pair for the next block: (h, this block's feed-forward output).
+        """
+        y, h = add_norm(h, r, self.attn.norm, use_triton)
+        r = self.attn(y, mask, use_triton, cache)
+        y, h = add_norm(h, r, self.ff.norm, use_triton)
+        return h, self.ff(y, use_triton)
 
 
 class Transformer(nn.Module):
@@ -376,11 +392,12 @@ class Transformer(nn.Module):
 
         n = x.shape[1]
         h = self.token_emb(x) + self.pos_emb(torch.arange(start, start + n, device=x.device))
+        r = None  # each block's last output is added to h inside the next norm
         for block in self.layers:
-            h = block(h, mask, use_triton, cache)
+            h, r = block(h, r, mask, use_triton, cache)
         if cache is not None:
             cache.length += n
-        logits = linear(layer_norm(h, self.norm, use_triton), self.to_logits, use_triton)
+        logits = linear(add_norm(h, r, self.norm, use_triton)[0], self.to_logits, use_triton)
         if labels is None:
             return logits
 
