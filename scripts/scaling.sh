@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Data-parallel scaling of the Triton model: one GPU, then N, with the same global batch.
+# Data-parallel scaling of the Triton model on one machine with N GPUs.
 #
-#   bash scripts/scaling.sh 2                 # on a machine with 2 GPUs (extra train.py options may follow)
+#   bash scripts/scaling.sh 2                 # extra train.py options may follow
 #
-# Run 1: one process accumulating N micro-batches of 16 sequences per step. Run 2: N processes
-# (DDP), one micro-batch each. Both see the same batches in the same order (train.py draws
-# micro-batch r*A+m for process r), so their loss curves should agree, and per GPU they process
-# the same 16 sequences per micro-batch, so tokens/s of run 2 over run 1 is the scaling.
-# Each appends a train_run row (with "gpus" and "grad_accum") to benchmarks/results/<gpu>.jsonl
-# and its log to benchmarks/results/train_logs/<gpu>/scaling/. Chapter 8 plots them.
+# Three short runs of the seed's model, 16 sequences per GPU per micro-batch:
+#   1. one GPU, one micro-batch per step: the single-GPU throughput (a CUDA graph, as train.py runs it);
+#   2. N GPUs, one micro-batch each: N times the tokens per step (CUDA graph + one all-reduce per step);
+#   3. one GPU accumulating N micro-batches: the same global batch as run 2, drawn in the same order, so
+#      its loss curve must lie on run 2's (eager: a graph cannot accumulate).
+# Scaling efficiency = tokens/s of run 2 / (N x run 1). Each run appends a train_run row (with "gpus",
+# "grad_accum" and "scaling") to benchmarks/results/<gpu>.jsonl and its log to
+# benchmarks/results/train_logs/<gpu>/scaling/. Chapter 8 plots them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2}
 shift || true
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
-ARGS=(--bench --providers triton --steps 400 --warmup-steps 40 --eval-every 100 --eval-batches 8
+ARGS=(--bench --scaling --providers triton --steps 400 --warmup-steps 40 --eval-every 100 --eval-batches 8
       --sample-len 0 --ckpt-every 0 --no-progress "$@")
-python3 -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${ARGS[@]}" --grad-accum "$N"
-python3 -m torch.distributed.run --standalone --nproc_per_node="$N" train.py "${ARGS[@]}"
+RUN=(python3 -m torch.distributed.run --standalone)
+"${RUN[@]}" --nproc_per_node=1 train.py "${ARGS[@]}"
+"${RUN[@]}" --nproc_per_node="$N" train.py "${ARGS[@]}"
+"${RUN[@]}" --nproc_per_node=1 train.py "${ARGS[@]}" --grad-accum "$N"

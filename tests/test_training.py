@@ -213,7 +213,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process_accumulating(corpus_file, tmp_path):
+@pytest.mark.parametrize("scheme", ["ddp", "flat"])
+def test_ddp_two_processes_match_one_process_accumulating(scheme, corpus_file, tmp_path):
     """train.py in two CPU processes with torchrun's environment and gloo: each rank its own micro-batch
     of every step, rank 0 logs and saves.
 
@@ -224,7 +225,7 @@ def test_ddp_two_processes_match_one_process_accumulating(corpus_file, tmp_path)
     """
     port = free_port()
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(corpus_file), "--steps", "3",
-           "--out-dir", str(tmp_path / "ddp"), "--ckpt-every", "0", *TINY_ARGS]
+           "--out-dir", str(tmp_path / "ddp"), "--ckpt-every", "0", "--data-parallel", scheme, *TINY_ARGS]
     procs = []
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -295,23 +296,22 @@ def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
 def test_cuda_graph_says_when_a_run_cannot_be_recorded():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     ok = TrainConfig()
-    assert training.CudaGraphStep.unsupported(ok, gpu, 1, torch.bfloat16) is None
-    assert training.CudaGraphStep.unsupported(ok, cpu, 1, None) == "no CUDA device"
-    assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, 1, None) == "dropout > 0"
-    assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, 1, None) == "gradient accumulation"
-    assert training.CudaGraphStep.unsupported(ok, gpu, 2, None) == "several processes (DDP)"
-    assert training.CudaGraphStep.unsupported(ok, gpu, 1, torch.float16) == "fp16 loss scaling"
+    assert training.CudaGraphStep.unsupported(ok, gpu, torch.bfloat16) is None
+    assert training.CudaGraphStep.unsupported(ok, cpu, None) == "no CUDA device"
+    assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, None) == "dropout > 0"
+    assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, None) == "gradient accumulation"
+    assert training.CudaGraphStep.unsupported(ok, gpu, torch.float16) == "fp16 loss scaling"
 
 
 def test_scaling_runs_are_kept_apart_from_the_provider_comparison(corpus_file, tmp_path, monkeypatch):
-    """A run with gradient accumulation (or several GPUs) logs under scaling/, and only scaling_runs reads it."""
+    """A scaling run logs under scaling/ and is marked in its row; only scaling_runs reads it."""
     from triton_transformer import bench
 
     monkeypatch.setattr(training, "TRAIN_LOGS_DIR", tmp_path / "logs")
     monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "results")
     kw = dict(TINY, data=str(corpus_file), steps=2, eval_every=2, sample_len=0)
     training.benchmark("torch", TrainConfig(**kw), out_root=str(tmp_path / "runs"))
-    training.benchmark("torch", TrainConfig(**{**kw, "grad_accum": 2}), out_root=str(tmp_path / "runs"))
+    training.benchmark("torch", TrainConfig(**{**kw, "grad_accum": 2}), out_root=str(tmp_path / "runs"), scaling=True)
     gpu_dir = next((tmp_path / "logs").iterdir())
     assert [p.name for p in gpu_dir.glob("*.jsonl")] == ["torch.jsonl"]
     assert [p.name for p in gpu_dir.glob("scaling/*.jsonl")] == ["torch_1gpus_accum2.jsonl"]

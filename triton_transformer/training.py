@@ -99,6 +99,8 @@ class TrainConfig:
     use_triton: bool = True
     compile: bool = False
     cuda_graph: bool = True         # replay each step's forward+backward as one CUDA graph (see CudaGraphStep)
+    data_parallel: str = "auto"     # several processes: "flat" (one all-reduce per step, graphable), "ddp", or
+                                    # "auto" (flat when the step can be a CUDA graph, else ddp)
     # optimisation
     batch_size: int = 16            # sequences per micro-batch per process (the seed: 4, accumulated 4 times)
     grad_accum: int = 1             # micro-batches per optimizer step
@@ -134,7 +136,7 @@ TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, gr
             log_every=10, ckpt_every=0, use_triton=False)
 
 #: Fields a resumed run may change; every other field comes from the checkpoint, so the run continues exactly.
-RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "out_dir", "progress", "eval_every", "eval_batches", "sample_every",
+RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "data_parallel", "out_dir", "progress", "eval_every", "eval_batches", "sample_every",
                        "sample_len", "prompt_len", "temperature", "top_k", "log_every", "ckpt_every", "stop_at",
                        "device", "cache_dir"}
 
@@ -636,10 +638,10 @@ def generate_text(model, prompt: bytes, n: int, cfg: TrainConfig, device: torch.
 class CudaGraphStep:
     """Forward, loss and backward of one batch, recorded once as a CUDA graph and replayed every step after.
 
-    Why: the Triton path launches about 170 kernels per step of the seed's model, each from Python. A launch
-    costs tens of microseconds of CPU time, so on a slow host the GPU spends much of the step waiting for the
-    next kernel. A CUDA graph records the whole sequence of launches once; a replay submits all of them with one
-    call and the CPU time per step no longer depends on the number of kernels.
+    Why: the Triton path launches a few hundred kernels per step of the seed's model, each from Python. A
+    launch costs tens of microseconds of CPU time, so on a slow host the GPU spends much of the step waiting
+    for the next kernel. A CUDA graph records the whole sequence of launches once; a replay submits all of them
+    with one call and the CPU time per step no longer depends on the number of kernels.
 
     What a replay assumes, and how this class keeps it true:
 
@@ -648,44 +650,72 @@ class CudaGraphStep:
       parameters in place;
     * nothing chooses on the host: Triton autotunes and compiles during the first `warmup` calls, which run
       eagerly, and no kernel of the step reads a value back to the CPU;
-    * the gradients are *written*, not accumulated: they were None when the graph was recorded, so a replay
-      overwrites them (no gradient accumulation over micro-batches) and `__call__` re-attaches them to the
-      parameters should anything have set ``.grad`` to None;
+    * the gradients are *written*, not accumulated over calls: they were None (or, with `all_reduce`, zeroed
+      inside the graph) when the graph was recorded, so there is no gradient accumulation over micro-batches,
+      and `__call__` re-attaches them to the parameters should anything have set ``.grad`` to None;
     * no randomness: a dropout seed is a Python integer, recorded into the graph, so every replay would draw
       the same mask. `unsupported` says when a run cannot be graphed; training then runs eagerly.
+
+    Several processes: DDP's all-reduce hooks cannot be recorded, so with `all_reduce` the gradients live in one
+    flat fp32 buffer instead (each parameter's ``.grad`` a view of it, zeroed at the start of the step, which
+    the backward accumulates into) and ``all_reduce(buffer)`` averages it over the processes after each replay:
+    one collective per step, no copies. With ``record=False`` every call runs eagerly (the same semantics
+    without a GPU; the tests use it on CPU).
     """
 
-    def __init__(self, forward, params, amp_dtype: torch.dtype | None, warmup: int = 2):
+    def __init__(self, forward, params, amp_dtype: torch.dtype | None, warmup: int = 2, all_reduce=None,
+                 record: bool = True):
         """`forward(x, labels=y)` returns the loss; `params` are the parameters it trains."""
         self.forward, self.params, self.amp_dtype, self.warmup = forward, list(params), amp_dtype, warmup
-        self.calls, self.graph, self.peak_bytes = 0, None, None
+        self.all_reduce, self.record = all_reduce, record
+        self.calls, self.graph, self.peak_bytes, self.flat = 0, None, None, None
+        if all_reduce is not None:
+            dtypes = {p.dtype for p in self.params}
+            if len(dtypes) != 1:
+                raise TrainingError(f"one flat gradient buffer needs parameters of one dtype, got {dtypes}")
+            self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=dtypes.pop(),
+                                    device=self.params[0].device)
+            sizes = [p.numel() for p in self.params]
+            self.grads = [g.view_as(p) for g, p in zip(self.flat.split(sizes), self.params)]
 
     @staticmethod
-    def unsupported(cfg: TrainConfig, device: torch.device, world: int, amp_dtype) -> str | None:
+    def unsupported(cfg: TrainConfig, device: torch.device, amp_dtype) -> str | None:
         """Why this run cannot use a CUDA graph, or None if it can."""
         reasons = [(device.type != "cuda", "no CUDA device"), (cfg.dropout > 0, "dropout > 0"),
-                   (cfg.grad_accum > 1, "gradient accumulation"), (world > 1, "several processes (DDP)"),
+                   (cfg.grad_accum > 1, "gradient accumulation"),
                    (amp_dtype == torch.float16, "fp16 loss scaling"), (cfg.compile, "torch.compile")]
         return next((why for bad, why in reasons if bad), None)
 
     def _forward_backward(self, x, y, cache: bool) -> torch.Tensor:
+        if self.flat is not None:
+            self.flat.zero_()
+            for p, g in zip(self.params, self.grads):
+                p.grad = g  # the backward adds into the flat buffer, in place
         # autocast's weight cache must stay off while recording: cached casts would outlive the graph's pool
         amp = (torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=cache) if self.amp_dtype
                else contextlib.nullcontext())
         with amp:
             loss = self.forward(x, labels=y)
         loss.backward()
+        if self.flat is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise TrainingError("autograd replaced a gradient instead of accumulating into the flat buffer")
         return loss.detach()
+
+    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None:
+            self.all_reduce(self.flat)  # averages over the processes, outside the graph
+        return loss
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Run forward and backward on (x, y); returns the loss (a tensor the next call overwrites)."""
-        if self.graph is None and self.calls < self.warmup:
+        if self.graph is None and (self.calls < self.warmup or not self.record):
             self.calls += 1
-            return self._forward_backward(x, y, cache=True)
+            return self._reduce(self._forward_backward(x, y, cache=True))
         if self.graph is None:
             self.static_x, self.static_y = x.clone(), y.clone()
-            for p in self.params:
-                p.grad = None  # recorded as fresh tensors in the graph's pool, written by every replay
+            if self.flat is None:
+                for p in self.params:
+                    p.grad = None  # recorded as fresh tensors in the graph's pool, written by every replay
             self.graph = torch.cuda.CUDAGraph()
             # The step's memory peak, taken while recording: a replay reuses the graph's private pool, which
             # max_memory_allocated does not see filling up again (it resets the device's peak statistics).
@@ -694,7 +724,8 @@ class CudaGraphStep:
             with torch.cuda.graph(self.graph):
                 self.static_loss = self._forward_backward(self.static_x, self.static_y, cache=False)
             self.peak_bytes = torch.cuda.max_memory_allocated()
-            self.grads = [p.grad for p in self.params]
+            if self.flat is None:
+                self.grads = [p.grad for p in self.params]
         else:
             self.static_x.copy_(x, non_blocking=True)
             self.static_y.copy_(y, non_blocking=True)
@@ -702,7 +733,7 @@ class CudaGraphStep:
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:
                 p.grad = g
-        return self.static_loss
+        return self._reduce(self.static_loss)
 
 
 def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: TrainConfig, d: Dist, amp, step: int,
@@ -713,8 +744,8 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
     with .item() would wait for the GPU, so the loop does that only when it logs).
     """
     loss_sum = torch.zeros((), device=d.device)
-    if graphed is not None:  # one micro-batch, one process: the recorded forward and backward
-        x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, 0),
+    if graphed is not None:  # one micro-batch per process: the recorded forward and backward (+ all-reduce)
+        x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, d.rank),
                          cfg.seq_len, d.device)
         loss_sum += graphed(x, y).float()
     for m in range(cfg.grad_accum if graphed is None else 0):
@@ -889,18 +920,32 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         model = raw_model
         if cfg.compile:
             model = torch.compile(model)
-        if d.world > 1:
+        # The step: a recorded CUDA graph where possible; under several processes, gradients averaged by one
+        # all-reduce of a flat buffer ("flat", what a graph needs) or by DistributedDataParallel ("ddp").
+        why_not = CudaGraphStep.unsupported(cfg, d.device, amp_dtype) if cfg.cuda_graph else "--no-cuda-graph"
+        flat = d.world > 1 and (cfg.data_parallel == "flat" or (cfg.data_parallel == "auto" and why_not is None))
+        if flat and (cfg.grad_accum > 1 or amp_dtype == torch.float16 or cfg.compile):
+            raise TrainingError("--data-parallel flat runs one micro-batch per step without fp16 loss scaling or "
+                                "torch.compile; use --data-parallel ddp")
+        grad_params = [p for p in raw_model.parameters() if p.requires_grad]
+        graphed = None
+        if flat:
+            import torch.distributed as dist
+
+            for p in raw_model.parameters():  # every process starts from rank 0's weights, as DDP would
+                dist.broadcast(p.data, 0)
+            graphed = CudaGraphStep(model, grad_params, amp_dtype, all_reduce=lambda t: _all_reduce(t, d),
+                                    record=why_not is None)
+        elif why_not is None and d.world == 1:
+            graphed = CudaGraphStep(model, grad_params, amp_dtype)
+        elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        if graphed is None or not graphed.record:
+            if d.device.type == "cuda" and cfg.cuda_graph:
+                say(f"note: each step runs eagerly, not as a CUDA graph ({why_not or 'DDP'})")
 
-        graphed = None
-        if cfg.cuda_graph:
-            why_not = CudaGraphStep.unsupported(cfg, d.device, d.world, amp_dtype)
-            if why_not is None:
-                graphed = CudaGraphStep(model, [p for p in raw_model.parameters() if p.requires_grad], amp_dtype)
-            elif d.device.type == "cuda":
-                say(f"note: each step runs eagerly, not as a CUDA graph ({why_not})")
 
         n_params = sum(p.numel() for p in raw_model.parameters())
         if hasattr(raw_model, "flops_per_token"):  # the model's own count (the same formula)
@@ -935,7 +980,6 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         loss_sum = torch.zeros((), device=d.device)
         train_loss = val_loss = tps = mfu = None
         interrupted = False
-        grad_params = [p for p in raw_model.parameters() if p.requires_grad]
 
         def checkpoint_state() -> dict:
             rngs = [_rng_state()]
@@ -1079,7 +1123,7 @@ def run_dir(out_root: str | os.PathLike, provider: str) -> Path:
 
 
 def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = True, out_root: str = "runs/bench",
-              **overrides) -> dict:
+              scaling: bool = False, **overrides) -> dict:
     """Train `cfg` from scratch with one provider; return its train_run row (appended to the results if `record`).
 
     The run's log is copied to benchmarks/results/train_logs/<gpu>/<provider>.jsonl
@@ -1097,11 +1141,12 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
                             "recorded (a benchmark row needs the whole run)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     row = train_run_row(result, provider, gpus=world)
+    if scaling:
+        row["scaling"] = True
     if record and result.log_path is not None:  # rank 0
         bench.append([row])
-        # one GPU, one micro-batch: the provider comparison; anything else is a scaling run, kept apart
-        name = (f"{provider}.jsonl" if world == 1 and cfg.grad_accum == 1
-                else f"scaling/{provider}_{world}gpus_accum{cfg.grad_accum}.jsonl")
+        # scaling runs (scripts/scaling.sh) are kept apart from the provider comparison's logs
+        name = f"scaling/{provider}_{world}gpus_accum{cfg.grad_accum}.jsonl" if scaling else f"{provider}.jsonl"
         dest = TRAIN_LOGS_DIR / bench.results_file(row["gpu"]).stem / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(Path(result.log_path).read_text())
@@ -1114,9 +1159,9 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
 
 
 def compare(cfg: TrainConfig | None = None, providers=tuple(PROVIDERS), *, record: bool = True,
-            out_root: str = "runs/bench", **overrides):
+            out_root: str = "runs/bench", scaling: bool = False, **overrides):
     """Train the same configuration (seed, data, steps) once per provider, one after the other; return the rows."""
-    return [benchmark(p, cfg, record=record, out_root=out_root, **overrides) for p in providers]
+    return [benchmark(p, cfg, record=record, out_root=out_root, scaling=scaling, **overrides) for p in providers]
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -1138,7 +1183,7 @@ def scaling_runs(gpu: str | None = None) -> tuple[list[dict], dict[str, list[dic
     """Committed data-parallel scaling runs (``scripts/scaling.sh``): their train_run rows and logs, by name."""
     from . import bench
 
-    rows = [r for r in bench.load("train_run", gpu=gpu) if r.get("gpus", 1) > 1 or r.get("grad_accum", 1) > 1]
+    rows = [r for r in bench.load("train_run", gpu=gpu) if r.get("scaling")]
     logs = {}
     for path in sorted(TRAIN_LOGS_DIR.glob("*/scaling/*.jsonl")) if TRAIN_LOGS_DIR.is_dir() else []:
         if gpu is None or path.parent.parent.name == bench.results_file(gpu).stem:
@@ -1197,6 +1242,9 @@ def argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-triton", action=B, help="Triton kernels (default on a GPU) or the PyTorch path")
     g.add_argument("--compile", action=B, help="torch.compile the model")
     g.add_argument("--cuda-graph", action=B, help="replay each step as a CUDA graph (default on where possible)")
+    g.add_argument("--data-parallel", choices=["auto", "flat", "ddp"],
+                   help="under torchrun: one all-reduce of a flat gradient buffer per step (flat, which a CUDA "
+                        "graph can use) or DistributedDataParallel (ddp); auto picks flat when the step is a graph")
     g = p.add_argument_group("optimisation")
     for name in ("batch-size", "grad-accum", "steps", "warmup-steps", "seed", "stop-at"):
         g.add_argument(f"--{name}", type=int)
@@ -1218,6 +1266,8 @@ def argument_parser() -> argparse.ArgumentParser:
                                                         "benchmarks/results/<gpu>.jsonl")
     g.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     g.add_argument("--no-record", action="store_true", help="with --bench: print the rows, write nothing")
+    g.add_argument("--scaling", action="store_true", help="with --bench: a data-parallel scaling run "
+                                                          "(scripts/scaling.sh), kept apart from the comparison")
     return p
 
 
@@ -1263,7 +1313,7 @@ def main(argv=None) -> int:
             if cfg.device == "cpu" and not args.no_record:
                 raise TrainingError("--bench records GPU throughput and needs a CUDA GPU (--no-record to try it "
                                     "on the CPU anyway)")
-            compare(cfg, providers=args.providers, record=not args.no_record)
+            compare(cfg, providers=args.providers, record=not args.no_record, scaling=args.scaling)
         else:
             result = train(cfg, resume=args.resume)
             if result.log_path is not None and result.val_bpb is not None and not result.interrupted:
