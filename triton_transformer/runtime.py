@@ -85,7 +85,14 @@ def autotune(configs, key, **kwargs):
         # tests on a GPU set this: every new shape autotunes, and compiling every config of
         # every kernel for every test shape takes longer than the tests themselves
         configs = configs[: int(os.environ["TT_AUTOTUNE_CONFIGS"])]
+    if not INTERPRET and _AUTOTUNE_CAN_CACHE:
+        # Keep each tuning's winner in Triton's on-disk cache: the next process (the next `python train.py`,
+        # each rank of a torchrun job) skips benchmarking every config of every kernel again.
+        kwargs.setdefault("cache_results", True)
     return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+_AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None) -> None:
