@@ -946,7 +946,6 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             if d.device.type == "cuda" and cfg.cuda_graph:
                 say(f"note: each step runs eagerly, not as a CUDA graph ({why_not or 'DDP'})")
 
-
         n_params = sum(p.numel() for p in raw_model.parameters())
         if hasattr(raw_model, "flops_per_token"):  # the model's own count (the same formula)
             fpt = float(raw_model.flops_per_token(cfg.seq_len, training=True))
