@@ -80,7 +80,8 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             # rounded to h's dtype before normalizing, exactly as `layer_norm(x + r)` would see it
-            h = (x + tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = (x + r).to(h_ptr.dtype.element_ty)
             tl.store(h_rows + cols[None, :], h, mask=mask)
             x = h.to(tl.float32)
         mean = tl.sum(x, axis=1) / n_cols
@@ -170,8 +171,8 @@ def _fwd_kernel_for(block_n: int, single: bool):
     The forward may be autotuned freely: each row is computed by one program whatever
     the tile, so the choice changes speed, never which values are summed together.
     """
-    return runtime.autotune(_fwd_configs(block_n, single), key=["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL"])(
-        _layer_norm_fwd_kernel)
+    key = ["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL"]
+    return runtime.autotune(_fwd_configs(block_n, single), key=key)(_layer_norm_fwd_kernel)
 
 
 def _block_n(n_cols: int) -> tuple[int, bool]:
@@ -472,14 +473,18 @@ def _as_rows(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or n_cols <= 1 else t2.contiguous()
 
 
+def _flat_params(weight: torch.Tensor | None, bias: torch.Tensor | None):
+    """weight and bias as the contiguous 1-D vectors the kernels read (None stays None)."""
+    return tuple(t.reshape(-1).contiguous() if t is not None else None for t in (weight, bias))
+
+
 class LayerNormFunction(torch.autograd.Function):
     """Layer norm over the last `n_cols` elements of each row. Saves x, weight and the fp32 mean and rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype: torch.dtype | None):
         x2 = _as_rows(x, n_rows, n_cols)
-        w = weight.reshape(-1).contiguous() if weight is not None else None
-        b = bias.reshape(-1).contiguous() if bias is not None else None
+        w, b = _flat_params(weight, bias)
         y2, mean, rstd = layer_norm_forward(x2, w, b, eps, store_stats=True, out_dtype=out_dtype)
         ctx.save_for_backward(x2, w, mean, rstd)
         ctx.eps = eps
@@ -553,14 +558,23 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     if needs_grad:
         return LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype)
     # Inference: no autograd context and no statistics stored.
-    w = weight.reshape(-1).contiguous() if weight is not None else None
-    b = bias.reshape(-1).contiguous() if bias is not None else None
-    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False,
-                                  out_dtype=out_dtype)
+    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), *_flat_params(weight, bias), float(eps),
+                                  store_stats=False, out_dtype=out_dtype)
     return y2.view(x.shape)
 
 
 # ---------------------------------------------------------------- residual add fused in
+
+
+def _add_layer_norm_forward(x, r, n_rows: int, n_cols: int, w, b, eps: float, out_dtype, store_stats: bool):
+    """(y2, h2, mean, rstd): h = x + r in the promoted dtype, and its layer norm, as (rows, N) tensors.
+
+    `w` and `b` are the flattened weight and bias (`_flat_params`)."""
+    h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
+    y2, mean, rstd = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, eps,
+                                        store_stats=store_stats, out_dtype=out_dtype,
+                                        residual=_as_rows(r, n_rows, n_cols), h=h2)
+    return y2, h2, mean, rstd
 
 
 class AddLayerNormFunction(torch.autograd.Function):
@@ -576,11 +590,8 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, r, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype):
-        x2, r2 = _as_rows(x, n_rows, n_cols), _as_rows(r, n_rows, n_cols)
-        h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
-        w = weight.reshape(-1).contiguous() if weight is not None else None
-        b = bias.reshape(-1).contiguous() if bias is not None else None
-        y2, mean, rstd = layer_norm_forward(x2, w, b, eps, store_stats=True, out_dtype=out_dtype, residual=r2, h=h2)
+        w, b = _flat_params(weight, bias)
+        y2, h2, mean, rstd = _add_layer_norm_forward(x, r, n_rows, n_cols, w, b, eps, out_dtype, True)
         ctx.save_for_backward(h2, w, mean, rstd)
         ctx.set_materialize_grads(False)  # the last h of a model has no later use: no gradient reaches it
         ctx.eps, ctx.shape, ctx.x_dtype, ctx.r_dtype = eps, x.shape, x.dtype, r.dtype
@@ -614,20 +625,14 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
     as ``layer_norm(x + residual)``; y is in `out_dtype` (default h's). With
     ``residual=None`` this is `layer_norm`, returning (y, x).
     """
-    n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
     if residual is None:
         return layer_norm(x, normalized_shape, weight, bias, eps, out_dtype=out_dtype), x
+    n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
     check_tensor("add_layer_norm residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
     if residual.shape != x.shape:
         raise ValueError(f"add_layer_norm: residual has shape {list(residual.shape)} but x has {list(x.shape)}")
-    if x.numel() == 0:
-        h = x + residual
-        return layer_norm(h, normalized_shape, weight, bias, eps, out_dtype=out_dtype), h
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
         return AddLayerNormFunction.apply(x, residual, weight, bias, n_rows, n_cols, float(eps), out_dtype)
-    h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-    w = weight.reshape(-1).contiguous() if weight is not None else None
-    b = bias.reshape(-1).contiguous() if bias is not None else None
-    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, float(eps), store_stats=False,
-                                  out_dtype=out_dtype, residual=_as_rows(residual, n_rows, n_cols), h=h2)
+    y2, h2, _, _ = _add_layer_norm_forward(x, residual, n_rows, n_cols, *_flat_params(weight, bias), float(eps),
+                                           out_dtype, False)
     return y2.view(x.shape), h2.view(x.shape)

@@ -136,8 +136,8 @@ TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, gr
             log_every=10, ckpt_every=0, use_triton=False)
 
 #: Fields a resumed run may change; every other field comes from the checkpoint, so the run continues exactly.
-RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "data_parallel", "out_dir", "progress", "eval_every", "eval_batches", "sample_every",
-                       "sample_len", "prompt_len", "temperature", "top_k", "log_every", "ckpt_every", "stop_at",
+RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "data_parallel", "out_dir", "progress", "eval_every",
+                       "eval_batches", "sample_every", "sample_len", "prompt_len", "temperature", "top_k", "log_every", "ckpt_every", "stop_at",
                        "device", "cache_dir"}
 
 #: How each benchmark provider trains: the Triton model, the PyTorch path eager, and the PyTorch path compiled.

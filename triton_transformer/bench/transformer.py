@@ -32,28 +32,19 @@ QUICK = [(2, 128, 128, 2, 256)]
 def train_step(forward, optimizer, x, y, dtype, cuda_graph=False):
     """One zero-argument training step: autocast forward + loss, backward, AdamW, drop the gradients.
 
-    With `cuda_graph`, forward and backward replay as one CUDA graph (`training.CudaGraphStep`, as
-    ``train.py`` runs the Triton path), recorded on the step's first calls, which warm up do_bench.
+    Forward and backward are `training.CudaGraphStep`'s: eager, or with `cuda_graph` replayed as one
+    CUDA graph (as ``train.py`` runs the Triton path), recorded on the step's first calls, which warm
+    up do_bench.
     """
-    if cuda_graph:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        graphed = CudaGraphStep(forward, params, dtype)
-
-        def step():
-            graphed(x, y)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step.peak_bytes = lambda: graphed.peak_bytes  # bench.run_case reads the peak taken while recording
-        return step
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    forward_backward = CudaGraphStep(forward, params, dtype, record=cuda_graph)
 
     def step():
-        with torch.autocast(x.device.type, dtype=dtype):
-            loss = forward(x, labels=y)
-        loss.backward()
+        forward_backward(x, y)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # gradients freed between steps, as in a training loop
 
+    step.peak_bytes = lambda: forward_backward.peak_bytes  # a recorded graph's peak (bench.run_case reads it)
     return step
 
 
