@@ -10,7 +10,6 @@ that calls bench.show(<family>) measures exactly what this script records.
 """
 
 import argparse
-import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -36,9 +35,7 @@ def main() -> int:
         return 2
     print(bench.versions())
     for family in args.kernels or families:
-        rows = bench.measure(family, quick=args.quick)
-        if not args.dry_run and os.environ.get("TT_RECORD_BENCH") != "1":  # (measure already recorded them)
-            print(f"{len(rows)} rows -> {bench.append(rows)}")
+        bench.measure(family, quick=args.quick, record=not args.dry_run)  # rows are written case by case
     return 0
 
 

@@ -388,6 +388,33 @@ def test_memory_is_linear_in_n(device):
     assert extra < 8 * q.numel() * q.element_size(), f"{extra / 2**20:.0f} MiB above the inputs"
 
 
+@cuda_only
+def test_growing_sequence_does_not_retune(device):
+    """Generation grows N_k by one per step: the autotuner's key rounds N to a power of two, so lengths
+    600..615 share one tuning (keyed on exact N it re-benchmarked every config at every step)."""
+    B, H, D = 4, 8, 64
+    before = len(A._attn_fwd.cache)
+    with torch.no_grad():
+        for n in range(600, 616):
+            q = randn(B, H, n, D, dtype=torch.bfloat16, device=device)
+            attention(q, q, q, causal=True)
+    assert len(A._attn_fwd.cache) - before <= 1
+
+
+def test_small_problems_take_the_first_config(monkeypatch, device):
+    """Below AUTOTUNE_MIN_MACS the launcher never enters the autotuner: it runs the first config directly."""
+    def tuned(*args, **kwargs):
+        raise AssertionError("the autotuner ran for a problem below AUTOTUNE_MIN_MACS")
+
+    for kernel in (A._attn_fwd, A._attn_bwd_dq, A._attn_bwd_dkdv):
+        monkeypatch.setattr(kernel, "run", tuned)
+    q = randn(1, 2, 5, 16, device=device).requires_grad_()
+    attention(q, q, q, causal=True).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(AssertionError, match="autotuner ran"):  # the spy works: a big problem reaches it
+        A.attention_forward(*(randn(1, 1, 1 << 13, 16, device=device) for _ in range(3)))
+
+
 # ------------------------------------------------------------------ packed q | k | v
 
 @pytest.mark.parametrize("causal,masked,p", [(True, False, 0.0), (False, True, 0.0), (True, True, 0.2)],

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_mask, keep_mask_2d
-from .runtime import FLOAT_DTYPES, autotune, check_tensor
+from .runtime import FLOAT_DTYPES, autotune, check_tensor, pow2_at_least_16
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -167,7 +167,13 @@ def _fwd_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
-_KEY = ["N_Q", "N_K", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
+# The autotuner re-tunes for every new value of its key. Keyed on the exact N_q and N_k it would re-tune
+# at every step of generation (N_k grows by one); the kernels take their powers of two as extra arguments.
+_KEY = ["N_Q_KEY", "N_K_KEY", "BLOCK_D", "CAUSAL", "HAS_MASK", "DROPOUT"]
+
+#: Problems with fewer multiply-adds than this (B*H*N_q*N_k*D) run the first config of each list instead
+#: of the autotuner: a decoding step or a test shape is over before tuning it could pay back.
+AUTOTUNE_MIN_MACS = 1 << 26
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -175,7 +181,7 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                      stride_mb, stride_mn,
-                     H, N_Q, N_K, D, qk_scale, seed, dropout_p, inv_keep,
+                     H, N_Q, N_K, D, qk_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                      STORE_L: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -297,7 +303,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                           stride_dkb, stride_dkh, stride_dkn, stride_mb, stride_mn,
-                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep,
+                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)  # causal: low key blocks have the most work and already come first
@@ -401,7 +407,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                         stride_dqb, stride_dqh, stride_dqn, stride_ob, stride_oh, stride_on, stride_mb, stride_mn,
-                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep,
+                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -461,10 +467,6 @@ _attn_bwd_dq = autotune(_dq_configs(), key=_KEY)(_attn_bwd_dq_kernel)
 
 # ----------------------------------------------------------------------------- launchers
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dimension >= 16
-
-
 def _mask_args(mask, q):
     """Pointer and strides of the key padding mask (a dummy pointer when there is none)."""
     if mask is None:
@@ -473,8 +475,13 @@ def _mask_args(mask, q):
     return m, m.stride(0), m.stride(1)
 
 
-def _launch(kernel, grid, args, consts, config):
-    """Launch the autotuned kernel, or the plain one with a given config (tests run every config this way)."""
+def _launch(kernel, grid, args, consts, config, macs):
+    """Launch the autotuned kernel, or the plain one with a given config (tests run every config this way).
+
+    A problem of fewer than AUTOTUNE_MIN_MACS multiply-adds takes the first config of the list untuned.
+    """
+    if config is None and macs < AUTOTUNE_MIN_MACS:
+        config = kernel.configs[0]
     if config is None:
         return kernel[grid](*args, **consts)
     return kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
@@ -494,12 +501,13 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     lse = torch.empty((B * H, N_Q), device=q.device, dtype=torch.float32) if need_lse else o
     km, smb, smn = _mask_args(mask, q)
     grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
-    block_d = _block_d(D)
+    block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     args = (q, k, v, o, lse, km, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn,
-            H, N_Q, N_K, D, scale * LOG2E, seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
+            H, N_Q, N_K, D, scale * LOG2E, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
+            pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0, STORE_L=need_lse,
                   BLOCK_D=block_d, EVEN_D=block_d == D)
-    _launch(_attn_fwd, grid, args, consts, config)
+    _launch(_attn_fwd, grid, args, consts, config, B * H * N_Q * N_K * D)
     return o, (lse if need_lse else None)
 
 
@@ -515,7 +523,7 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if do.stride(-1) != 1:
         do = do.contiguous()
-    block_d = _block_d(D)
+    block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     even_d = block_d == D
     delta = torch.empty_like(lse)
     if grads is None:
@@ -527,16 +535,18 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     km, smb, smn = _mask_args(mask, q)
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
                   BLOCK_D=block_d, EVEN_D=even_d)
-    common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
+    common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
+              pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
+    macs = B * H * N_Q * N_K * D
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
     _launch(_attn_bwd_dq, lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B),
             (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], *o.stride()[:3], smb, smn,
              *common),
-            consts, configs[1])
+            consts, configs[1], macs)
     _launch(_attn_bwd_dkdv, lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
-            consts, configs[0])
+            consts, configs[0], macs)
     return dq, dk, dv
 
 

@@ -380,10 +380,6 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def _bucket(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's setting: exact fp32 ("highest", the default) or TF32 ("high"/"medium")."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -455,7 +451,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
                   PRECISION=_precision(a.dtype))
     stride_cm = out.stride(-2)
     stride_zm = z.stride(0) if z is not None else 0
-    keys = (_bucket(M), _bucket(N), _bucket(K))
+    keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))
 
     big = M * N * K >= AUTOTUNE_MIN_MACS
     tma = (big and K > 0 and _tma_wanted(a.dtype, a.device)) or (TMA is True and K > 0)

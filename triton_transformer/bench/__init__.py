@@ -138,17 +138,24 @@ def cases_of(kernel: str, quick: bool = False) -> Iterable[Case]:
     return module.cases(quick=quick)
 
 
-def measure(kernel: str, quick: bool = False) -> list[dict]:
-    """Run every case of `kernel` on the GPU; return the rows."""
+def measure(kernel: str, quick: bool = False, record: bool | None = None) -> list[dict]:
+    """Run every case of `kernel` on the GPU; return the rows.
+
+    With `record` each case's rows are appended to the results file as soon as they are measured, so a
+    run cut short by a time limit keeps what it measured. By default a chapter records only when
+    scripts/execute_notebooks.py runs it (it sets TT_RECORD_BENCH=1), and quick runs never do.
+    """
     if runtime.DEVICE.type != "cuda":
         raise RuntimeError("benchmarks need a CUDA GPU; on CPU use bench.load() to read committed results")
+    if record is None:
+        record = os.environ.get("TT_RECORD_BENCH") == "1" and not quick
     rows = []
     for case in cases_of(kernel, quick):
-        rows += run_case(case)
+        case_rows = run_case(case)
+        if record and case_rows:
+            print(f"  recorded {len(case_rows)} rows in {append(case_rows)}")
+        rows += case_rows
         torch.cuda.empty_cache()
-    if os.environ.get("TT_RECORD_BENCH") == "1" and not quick:
-        # scripts/execute_notebooks.py sets this: a chapter's live run on the GPU is also the recorded one
-        print(f"recorded {len(rows)} rows in {append(rows)}")
     return rows
 
 
@@ -206,9 +213,11 @@ def results(kernel: str | list[str], quick: bool = False, live: bool | None = No
     if not rows:
         print(f"No committed results for {kernels} in {RESULTS_DIR}; run benchmarks/run.py on a GPU.")
         return rows
-    gpu = sorted({r["gpu"] for r in rows})[0]
+    gpus = sorted({r["gpu"] for r in rows})
+    here = runtime.device_name() if runtime.DEVICE.type == "cuda" else None
+    gpu = here if here in gpus else gpus[0]  # this GPU's own rows when it has any
     rows = [r for r in rows if r["gpu"] == gpu]
-    print(f"No GPU here: plotting committed results measured on {gpu} "
+    print(f"{'Plotting' if here else 'No GPU here: plotting'} committed results measured on {gpu} "
           f"(torch {rows[0]['torch']}, triton {rows[0]['triton']}).")
     return rows
 
