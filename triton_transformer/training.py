@@ -971,6 +971,10 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                 f"{'triton' if cfg.use_triton else 'pytorch'} path{' + torch.compile' if cfg.compile else ''} · "
                 f"{str(amp_dtype or torch.float32).replace('torch.', '')} · {d.device}"
                 f"{f' x {d.world} processes' if d.world > 1 else ''}")
+            if cfg.use_triton and d.device.type == "cuda":
+                # Without this line the bar sits at step 0 for minutes on a fresh machine, like a hang.
+                say("the first steps compile and autotune the Triton kernels for this GPU: minutes on a fresh "
+                    "machine, seconds once Triton's cache (~/.triton) holds them")
 
         rows, samples = [], []
         last = dict(step=step, time=time.perf_counter())
