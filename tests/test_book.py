@@ -24,9 +24,12 @@ def test_shown_kernel_source_matches_the_package():
         for i, cell in enumerate(nb["cells"]):
             if cell["cell_type"] != "code" or "show_source(" not in "".join(cell["source"]):
                 continue
-            for out in cell.get("outputs", []):
-                md = "".join(out.get("data", {}).get("text/markdown", ""))
-                for block in re.findall(r"```python\n(.*?)\n```", md, flags=re.S):
-                    if block not in PACKAGE_SOURCE:
-                        stale.append(f"{nb_path.name} cell {i}: {block.splitlines()[0][:60]}")
+            blocks = [block for out in cell.get("outputs", [])
+                      for block in re.findall(r"```python\n(.*?)\n```",
+                                              "".join(out.get("data", {}).get("text/markdown", "")), flags=re.S)]
+            if not blocks:  # an empty output would pass the check below without checking anything
+                stale.append(f"{nb_path.name} cell {i}: no source shown (outputs missing)")
+            for block in blocks:
+                if block not in PACKAGE_SOURCE:
+                    stale.append(f"{nb_path.name} cell {i}: {block.splitlines()[0][:60]}")
     assert not stale, "chapters show code the package no longer has:\n" + "\n".join(stale)

@@ -20,8 +20,8 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def make_target(shape, n_cols, device, ignore_every=0, ignore_index=-100):
     target = torch.randint(0, n_cols, shape, device=device)
-    if ignore_every:
-        target.view(-1)[::ignore_every] = ignore_index
+    if ignore_every:  # rows 1, 1 + ignore_every, ...: a single-row batch keeps its one row counted
+        target.view(-1)[1::ignore_every] = ignore_index
     return target
 
 
@@ -47,7 +47,9 @@ def check(logits, target, ignore_index=-100, reduction="mean", upstream="random"
     if upstream == "ones":
         dloss = torch.ones_like(loss)
     else:
-        dloss = torch.randn_like(loss) if reduction == "none" else torch.tensor(2.5, device=loss.device)
+        # "none": one upstream value per row, taken from a strided view (every other element)
+        dloss = (torch.randn(*loss.shape, 2, device=loss.device)[..., 0] if reduction == "none"
+                 else torch.tensor(2.5, device=loss.device))
     (grad,) = torch.autograd.grad(loss, x, dloss)
     (grad64,) = torch.autograd.grad(ref, x64, dloss.double())
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
@@ -62,7 +64,7 @@ def check(logits, target, ignore_index=-100, reduction="mean", upstream="random"
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_backward(shape, dtype, reduction, device):
     logits = (torch.randn(shape, device=device) * 3).to(dtype)
-    target = make_target(shape[:-1], shape[-1], device, ignore_every=4)  # rows 0, 4, 8, ... ignored
+    target = make_target(shape[:-1], shape[-1], device, ignore_every=4)  # rows 1, 5, 9, ... ignored
     check(logits, target, reduction=reduction)
 
 
