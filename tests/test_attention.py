@@ -104,9 +104,9 @@ def _few_configs(monkeypatch):
 
 # ------------------------------------------------------------------ forward and backward
 
-# (N, D): one row; a tail shorter than a block; several whole blocks (causal skipping); a head dim
-# that is not a power of two (padded inside)
-CASES = [(1, 16), (17, 32), (128, 64), (45, 24)]
+# (N, D): one row; a tail shorter than a block; several whole blocks (causal skipping); head dims
+# that are not powers of two or are below tl.dot's 16 (padded inside)
+CASES = [(1, 16), (17, 32), (128, 64), (45, 24), (9, 1), (9, 8)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -245,8 +245,6 @@ def test_dropout_matches_reference(causal, N, device):
 def test_dropout_mask_is_the_dropout_chapters(device):
     """P[b, h, i, j] is dropped exactly when dropout() drops element (b, h, i, j) of a (B, H, N_q, N_k) tensor."""
     D = importlib.import_module("triton_transformer.dropout")
-    if not hasattr(D, "dropout"):
-        pytest.skip("the dropout chapter's dropout() is not there yet")
     for B, H, n_q, n_k, p, seed in [(2, 3, 20, 36, 0.25, 99), (1, 2, 5, 19, 0.5, -3)]:
         keep = keep_mask_of(B, H, n_q, n_k, p, seed, device)
         assert torch.equal(keep, D.dropout(torch.ones(B, H, n_q, n_k, device=device), p, seed=seed) != 0)
@@ -453,3 +451,11 @@ def test_packed_qkv_bad_input(device):
         A.attention_qkv(qkv[0], 2)
     with pytest.raises(ValueError, match="key padding mask"):
         A.attention_qkv(qkv, 2, mask=torch.ones(2, 4, dtype=torch.bool, device=device))
+
+
+def test_inputs_on_another_device_raise(device):
+    q = randn(1, 2, 4, 16, device=device)
+    with pytest.raises(ValueError, match="k is on meta"):
+        attention(q, torch.empty_like(q, device="meta"), q)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        attention(q, q, q, mask=torch.ones(1, 4, dtype=torch.bool, device="meta"))

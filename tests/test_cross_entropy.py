@@ -270,3 +270,8 @@ def test_cuda_extra_memory_is_at_most_one_logits_buffer(device):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= nbytes * 1.01 + 2**20, f"extra peak {extra / nbytes:.2f} x the logits"
+
+
+def test_target_on_another_device_raises(device):
+    with pytest.raises(ValueError, match="cross_entropy target is on meta"):
+        cross_entropy(torch.randn(3, 5, device=device), torch.empty(3, dtype=torch.long, device="meta"))

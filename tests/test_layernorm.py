@@ -332,3 +332,22 @@ def test_add_layer_norm_without_grad_and_without_residual(device):
     torch.testing.assert_close(y, F.layer_norm(x, (48,)), **tolerance(torch.float32))
     with pytest.raises(ValueError, match="residual has shape"):
         L.add_layer_norm(x, r[:, :10], 48)
+
+
+def test_inputs_on_another_device_raise(device):
+    x = torch.randn(3, 8, device=device)
+    on_meta = torch.empty(8, device="meta")
+    with pytest.raises(ValueError, match="layer_norm weight is on meta"):
+        layer_norm(x, (8,), on_meta)
+    with pytest.raises(ValueError, match="layer_norm bias is on meta"):
+        layer_norm(x, (8,), torch.ones(8, device=device), on_meta)
+    with pytest.raises(ValueError, match="add_layer_norm residual is on meta"):
+        L.add_layer_norm(x, torch.empty(3, 8, device="meta"), (8,))
+
+
+def test_add_layer_norm_single_row_and_non_contiguous(device):
+    check_add_layer_norm(torch.randn(1, 77, device=device), torch.randn(1, 77, device=device), 77)
+    base = torch.randn(30, 130, device=device)
+    x = base[::3]                                    # strided rows
+    r = torch.randn(130, 10, device=device).t()      # transposed: columns not contiguous
+    check_add_layer_norm(x, r, 130)

@@ -93,6 +93,8 @@ def test_3d_input_reduces_dW_over_all_rows(device):
 
 def test_one_row_and_one_dimensional_input(device):
     check(*inputs((1, 40), 24, torch.float32, device), "gelu")
+    check(*inputs((3, 5), 1, torch.float32, device), "relu_squared")  # K below a tl.dot tile, one output
+    check(*inputs((1, 1), 7, torch.float32, device), None)
     x, w, b = inputs((40,), 24, torch.float32, device)
     y = check(x, w, b, None)
     assert y.shape == (24,)
@@ -112,6 +114,8 @@ def test_strided_inputs_and_reduced_output_gradient(device):
     b = torch.randn(130, device=device)
     check(x, w, b, "gelu")
     check(x, w, b, "relu", dy=torch.ones((), device=device).expand(33, 130))
+    x3 = torch.randn(2, 70, 9, device=device).transpose(1, 2)  # (2, 9, 70), non-contiguous 3-D
+    check(x3, w, b, "relu_squared")
 
 
 def test_no_grad_saves_nothing_and_frozen_weight_saves_no_input(device):
@@ -173,7 +177,9 @@ def test_tma_kernel(monkeypatch, device):
     dtype = torch.float16 if ON_GPU else torch.float32
     check(*inputs((2, 17, 64), 48, dtype, device), "gelu")
     assert spy.calls == 3  # forward, dx and dW all took it (strides are 16-byte aligned)
+    spy.calls = 0
     check(*inputs((34, 64), 80, torch.float16, device, bias=False), None)
+    assert spy.calls == 3
 
 
 @pytest.mark.parametrize("tma", [False, pytest.param(True, marks=tma_capable)], ids=["pointer", "tma"])

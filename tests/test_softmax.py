@@ -25,10 +25,10 @@ def reference(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Ten
     return torch.softmax(x64, dim=dim)
 
 
-def check_fwd_bwd(x: torch.Tensor, dim: int = -1, causal: bool = False):
+def check_fwd_bwd(x: torch.Tensor, dim: int = -1, causal: bool = False, dy: torch.Tensor | None = None):
     x = x.detach().requires_grad_()
     y = softmax(x, dim=dim, causal=causal)
-    dy = torch.randn_like(y)
+    dy = torch.randn_like(y) if dy is None else dy
     (dx,) = torch.autograd.grad(y, x, dy)
 
     x64 = x.detach().double().requires_grad_()
@@ -40,8 +40,13 @@ def check_fwd_bwd(x: torch.Tensor, dim: int = -1, causal: bool = False):
     torch.testing.assert_close(y.double(), y64, **tol)
     torch.testing.assert_close(dx.double(), dx64, **tol)
     # and against PyTorch in the input dtype, the way a user would swap one for the other
-    torch.testing.assert_close(y.float(), torch.softmax(x.detach().float(), dim).float() if not causal
-                               else y64.float(), **tol)
+    xt = x.detach()
+    if causal:
+        m, n = x.shape[-2:]
+        xt = xt.masked_fill(torch.ones(m, n, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    y_torch = torch.softmax(xt, dim)
+    assert y_torch.dtype == x.dtype
+    torch.testing.assert_close(y, y_torch, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -55,6 +60,8 @@ def test_causal(dtype, device):
     check_fwd_bwd(torch.randn(2, 3, 17, 17, device=device, dtype=dtype), causal=True)
     # rectangular: more keys than queries, row i still sees columns 0..i
     check_fwd_bwd(torch.randn(5, 40, device=device, dtype=dtype), causal=True)
+    # more queries than keys: rows past the last key see every column
+    check_fwd_bwd(torch.randn(40, 5, device=device, dtype=dtype), causal=True)
 
 
 def test_long_rows_take_the_online_path(monkeypatch, device):
@@ -71,6 +78,8 @@ def test_non_contiguous(device):
     check_fwd_bwd(base[::3, :500])   # strided rows: handled without a copy
     check_fwd_bwd(base.t()[:100])    # transposed: columns are not contiguous, copied
     check_fwd_bwd(torch.randn(6, 5, 7, device=device), dim=1)  # softmax over a middle dimension
+    # a non-contiguous upstream gradient (transposed storage) into the backward
+    check_fwd_bwd(base[:7, :33], dy=torch.randn(33, 7, device=device).t())
 
 
 def test_rows_of_all_minus_inf_match_pytorch(device):

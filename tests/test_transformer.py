@@ -96,6 +96,17 @@ def test_paths_agree(device, causal, masked):
         torch.testing.assert_close(grads_t[name], grads_r[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("n", [1, TINY["max_seq_len"]], ids=["one-token", "max_seq_len"])
+def test_paths_agree_one_sequence(device, n):
+    """A batch of one at the shortest and the longest sequence the model takes: loss and every gradient."""
+    model = tiny(device, causal=True)
+    x = ids(device, b=1, n=n)
+    (loss_t, grads_t), (loss_r, grads_r) = run(model, x, True), run(model, x, False)
+    torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-5)
+    for name in grads_r:
+        torch.testing.assert_close(grads_t[name], grads_r[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
 @cuda_only
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_paths_agree_bf16_autocast(device, causal):
@@ -273,29 +284,29 @@ def test_generate_needs_causal_for_the_cache(device):
 BACKEND = "inductor" if ON_GPU else "aot_eager"
 
 
-def test_torch_compile_reference_path(device):
-    model = tiny(device, causal=True, use_triton=False)
-    x = ids(device)
-    compiled = torch.compile(model, backend=BACKEND)
-    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
-    loss = compiled(x, labels=x)
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def test_torch_compile_triton_path(device):
-    """Our ops are opaque to the compiler: it compiles the glue around them and does not fall over."""
+@PATHS
+def test_torch_compile_matches_eager(device, use_triton):
+    """torch.compile(model) gives eager's logits, loss and every gradient, on both paths (our ops are
+    opaque to the compiler: it compiles the glue around them)."""
     model = tiny(device, causal=True)
     x = ids(device)
     compiled = torch.compile(model, backend=BACKEND)
-    torch.testing.assert_close(compiled(x, use_triton=True), model(x, use_triton=False), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled(x, use_triton=use_triton), model(x, use_triton=use_triton),
+                               atol=1e-5, rtol=1e-5)
+    loss_c, grads_c = run(compiled, x, use_triton)
+    loss_e, grads_e = run(model, x, use_triton)
+    torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
+    assert [k.removeprefix("_orig_mod.") for k in grads_c] == list(grads_e)  # same parameters, same order
+    for (name, g_e), g_c in zip(grads_e.items(), grads_c.values()):
+        torch.testing.assert_close(g_c, g_e, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------- bad input
 
 
-def test_clear_errors(device):
-    model = tiny(device, use_triton=False)
+@PATHS
+def test_clear_errors(device, use_triton):
+    model = tiny(device, use_triton=use_triton)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(ids(device, n=TINY["max_seq_len"] + 1))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 61\)"):
@@ -314,7 +325,16 @@ def test_clear_errors(device):
         model(ids(device, b=2, n=8), labels=ids(device, b=2, n=7))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model.generate(ids(device, n=30), 3, use_cache=False)
+    cache = KVCache(32)
+    model(ids(device, n=4), cache=cache)  # a bidirectional model may fill a cache once...
     with pytest.raises(ValueError, match="needs causal=True"):
-        cache = KVCache(32)
-        model(ids(device, n=4), cache=cache)
-        model(ids(device, n=1), cache=cache)
+        model(ids(device, n=1), cache=cache)  # ...but not extend it: old positions would see new tokens
+    causal = tiny(device, causal=True, use_triton=use_triton)
+    cache = KVCache(32)
+    causal(ids(device, n=30), cache=cache)
+    with pytest.raises(ValueError, match="length 33 is longer than max_seq_len=32"):
+        causal(ids(device, n=3), cache=cache)  # the cache's positions count towards max_seq_len
+    with pytest.raises(ValueError, match="x is on meta but the model is on"):
+        model(torch.empty(2, 4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="labels is on meta but the model is on"):
+        model(ids(device, n=4), labels=torch.empty(2, 4, dtype=torch.long, device="meta"))

@@ -361,6 +361,11 @@ class Transformer(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dtype.is_floating_point or x.dtype == torch.bool:
             raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
+        device = self.token_emb.weight.device
+        for name, t in (("x", x), ("mask", mask), ("labels", labels)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the model is on {device} (model.to(...) or "
+                                 f"{name}.to(...))")
         if start + x.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of length {start + x.shape[1]} is longer than max_seq_len="
                              f"{self.config.max_seq_len} (the model has that many position embeddings)")
