@@ -138,6 +138,30 @@ def cases_of(kernel: str, quick: bool = False) -> Iterable[Case]:
     return module.cases(quick=quick)
 
 
+_WARM = False
+
+
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Keep the GPU busy for `seconds`, once per process, before the first timing.
+
+    An idle GPU runs at low clocks and takes a moment to raise them, so the first case of a run
+    may read slow. The suspect that prompted this: softmax at (4096, 1024), the first row of its
+    run, read 0.087 ms, where chapter 1's simpler step-1 kernel took ~0.011 ms on the same shape.
+    """
+    global _WARM
+    if _WARM or runtime.DEVICE.type != "cuda":
+        return
+    import time
+
+    a = torch.randn(4096, 4096, device=runtime.DEVICE, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    _WARM = True
+
+
 def measure(kernel: str, quick: bool = False, record: bool | None = None) -> list[dict]:
     """Run every case of `kernel` on the GPU; return the rows.
 
@@ -149,6 +173,7 @@ def measure(kernel: str, quick: bool = False, record: bool | None = None) -> lis
         raise RuntimeError("benchmarks need a CUDA GPU; on CPU use bench.load() to read committed results")
     if record is None:
         record = os.environ.get("TT_RECORD_BENCH") == "1" and not quick
+    warm_up_gpu()
     rows = []
     for case in cases_of(kernel, quick):
         case_rows = run_case(case)
