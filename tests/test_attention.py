@@ -302,6 +302,10 @@ def test_empty(device):
     assert attention(q, q, q).shape == (2, 3, 0, 16)
     q, kv = randn(2, 3, 5, 16, device=device), randn(2, 3, 0, 16, device=device)
     assert torch.equal(attention(q, kv, kv), torch.zeros_like(q))  # no keys: SDPA gives 0 too
+    q.requires_grad_()
+    kv.requires_grad_()
+    attention(q, kv, kv).sum().backward()  # and the backward: zero gradients of the right shapes
+    assert torch.equal(q.grad, torch.zeros_like(q)) and kv.grad.shape == kv.shape
 
 
 def test_bad_input(device):

@@ -79,7 +79,8 @@ def test_config_round_trip():
 # ---------------------------------------------------------------- both paths agree
 
 
-@pytest.mark.parametrize("causal,masked", [(False, False), (True, True)], ids=["bidirectional", "causal-padded"])
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, True), (False, True)],
+                         ids=["bidirectional", "causal-padded", "bidirectional-padded"])
 def test_paths_agree(device, causal, masked):
     """Logits, loss and every parameter's gradient: Triton kernels against PyTorch, fp32, two blocks."""
     model = tiny(device, causal=causal, depth=2)

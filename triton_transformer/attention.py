@@ -618,10 +618,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     _check_inputs(q, k, v, mask, dropout_p)
     B, H, N_Q, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if N_Q == 0 or B * H == 0:
-        return q.new_empty((B, H, N_Q, D))
-    if k.shape[2] == 0:  # no keys: every row is "fully masked"; SDPA returns zeros
-        return q * 0.0
+    if N_Q == 0 or B * H == 0 or k.shape[2] == 0:
+        # Nothing to compute; no keys means every row is "fully masked", and SDPA returns zeros. The
+        # zero terms keep q, k and v in the autograd graph: zero gradients of their shapes, as SDPA's.
+        return q * 0.0 + (k.sum() + v.sum()) * 0.0
     if scale < 0:  # the kernels' running max needs scale > 0: (-s) q.k = s (-q).k
         q, scale = -q, -scale
     elif scale == 0:  # every score is 0: attention is a plain average of v (over the unmasked keys)
