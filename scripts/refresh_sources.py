@@ -30,6 +30,8 @@ def refresh(path: Path) -> int:
     for cell, fresh in zip(nb.cells, scratch.cells):
         if cell.cell_type == "code" and "show_source(" in cell.source and cell.outputs != fresh.outputs:
             cell.outputs = fresh.outputs
+            if cell.execution_count is None:  # nbval rejects a cell with outputs and no execution count
+                cell.execution_count = fresh.execution_count
             changed += 1
     if changed:
         nbformat.write(nb, path)
