@@ -9,7 +9,9 @@ Each kernel family has a module here (``bench/softmax.py`` ...) with a
   CPU, plots the committed rows and says which GPU they came from.
 
 Timing is `triton.testing.do_bench` (median of many runs, L2 flushed between
-them); it needs a GPU, so nothing here is ever timed under the interpreter.
+them); it needs a GPU, so nothing here is ever timed under the interpreter. Each
+row's `ms` is that wall time, launches included; `gpu_ms` is the GPU's own time
+for the same call, recorded as a CUDA graph (`measure_gpu_ms`), as a diagnostic.
 """
 
 from __future__ import annotations
@@ -79,6 +81,56 @@ def measure_ms(fn: Callable[[], object], grad_to_none=None) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) -> float | None:
+    """Milliseconds the GPU spends in one call of `fn`, without the host's launch cost; None if unmeasurable.
+
+    `measure_ms` times what a user waits for, Python and launches included: for a kernel of a few
+    tens of microseconds that can be mostly host time. Here `fn` is recorded `reps` times into one
+    CUDA graph, each time after the same L2 flush do_bench does, and a second graph holds the flushes
+    alone; their replay times differ by `reps` calls of `fn` as the GPU runs them. A provider whose
+    call cannot be recorded (it reads a value back to the host, say) gets None. Rows carry this as
+    `gpu_ms`, a diagnostic next to `ms`: where the two differ, the host is the bottleneck.
+    """
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=runtime.DEVICE)
+
+    def calls(with_fn: bool):
+        for _ in range(reps):
+            flush.zero_()
+            if with_fn:
+                for t in grad_to_none or []:
+                    t.grad = None  # each recorded backward writes a fresh gradient, none accumulates
+                fn()
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # recording wants its warm-up off the default stream
+            calls(True)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = {}
+        for with_fn in (True, False):
+            graphs[with_fn] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[with_fn]):
+                calls(with_fn)
+        times = {True: [], False: []}
+        for _ in range(5):
+            for with_fn, graph in graphs.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times[with_fn].append(start.elapsed_time(end))
+    except Exception:  # noqa: BLE001  (a diagnostic: any failure to record means "not measured")
+        torch.cuda.synchronize()
+        return None
+    finally:
+        for t in grad_to_none or []:
+            t.grad = None
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return max(0.0, (median[True] - median[False]) / reps)
+
+
 def peak_gib(fn: Callable[[], object]) -> float:
     """Peak GPU memory (GiB) allocated while `fn` runs once, inputs included."""
     torch.cuda.synchronize()
@@ -108,6 +160,9 @@ def run_case(case: Case) -> list[dict]:
                     mem = recorded / 2**30
                 for t in case.grad_to_none or []:
                     t.grad = None
+                # whole-model steps replay graphs of their own (a graph cannot record a replay)
+                gpu_ms = measure_gpu_ms(fn, case.grad_to_none) if recorded is None and "tokens" not in (
+                    case.extra or {}) else None
         except Exception as err:  # a provider that cannot run this case (e.g. torch.compile OOM) is reported, not fatal
             print(f"  {case.kernel} {case.pass_} {case.shape} {provider}: failed: {type(err).__name__}: {err}"[:300])
             continue
@@ -121,6 +176,7 @@ def run_case(case: Case) -> list[dict]:
             "GBps": round(case.bytes / ms / 1e6, 1) if case.bytes else None,
             "TFLOPs": round(case.flops / ms / 1e9, 1) if case.flops else None,
             "peak_GiB": round(mem, 4),
+            "gpu_ms": None if gpu_ms is None else round(gpu_ms, 5),
             **(case.extra or {}),
             **versions(),
         }
@@ -128,7 +184,8 @@ def run_case(case: Case) -> list[dict]:
             row["tokens_per_s"] = round(row["tokens"] / (ms / 1000))
         rows.append(row)
         print(f"  {row['kernel']:<22} {row['pass']:<6} {str(row['shape']):<24} {provider:<14} "
-              f"{ms:9.4f} ms  {row['GBps'] or '':>8} GB/s  {row['TFLOPs'] or '':>7} TFLOP/s  {mem:7.3f} GiB")
+              f"{ms:9.4f} ms  {row['GBps'] or '':>8} GB/s  {row['TFLOPs'] or '':>7} TFLOP/s  {mem:7.3f} GiB"
+              + (f"  (GPU {gpu_ms:.4f} ms)" if gpu_ms is not None else ""))
     return rows
 
 

@@ -1,0 +1,30 @@
+"""The benchmark runner's timing helpers (GPU only) and its committed-results path (CPU)."""
+
+import torch
+from conftest import cuda_only
+
+from triton_transformer import bench, softmax
+
+
+def test_committed_rows_load_and_name_their_gpu(capsys):
+    rows = bench.results("softmax", live=False)
+    assert rows and len({r["gpu"] for r in rows}) == 1
+    assert rows[0]["gpu"] in capsys.readouterr().out
+
+
+@cuda_only
+def test_gpu_time_is_positive_and_at_most_the_wall_time(device):
+    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    wall = bench.measure_ms(lambda: softmax(x))
+    gpu = bench.measure_gpu_ms(lambda: softmax(x))
+    assert gpu is not None and 0 < gpu <= 1.2 * wall
+
+
+@cuda_only
+def test_gpu_time_of_a_backward_and_of_what_cannot_be_recorded(device):
+    x = torch.randn(2048, 1024, device=device, requires_grad=True)
+    assert bench.measure_gpu_ms(lambda: softmax(x).sum().backward(), grad_to_none=[x]) > 0
+    assert x.grad is None  # gradients dropped afterwards, as run_case expects
+    assert bench.measure_gpu_ms(lambda: softmax(x).sum().item()) is None  # a readback cannot be recorded
+    torch.cuda.synchronize()
+    assert torch.isfinite(softmax(x)).all()  # and the failed recording left the GPU usable
