@@ -40,7 +40,8 @@ def check(x, weight, bias=None, activation=None, dy=None, tol=None):
     y.backward(dy)
 
     x64 = x.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_()
+    # an fp32 weight with 16-bit x takes part rounded to x's dtype, as under autocast
+    w64 = weight.detach().to(x.dtype).double().requires_grad_()
     b64 = bias.detach().double().requires_grad_() if bias is not None else None
     y64 = act_ref(F.linear(x64, w64, b64), activation)
     y64.backward(dy.double())
@@ -49,6 +50,7 @@ def check(x, weight, bias=None, activation=None, dy=None, tol=None):
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
     torch.testing.assert_close(y.double(), y64, **tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    assert weight.grad.dtype == weight.dtype and (bias is None or bias.grad.dtype == bias.dtype)
     torch.testing.assert_close(weight.grad.double(), w64.grad, **tol)
     if bias is not None:
         torch.testing.assert_close(bias.grad.double(), b64.grad, **tol)
@@ -83,6 +85,18 @@ def test_ragged_tails_fp32(activation, bias, device):
 @pytest.mark.parametrize("activation", ["gelu", None], ids=str)
 def test_fp16(activation, device):
     check(*inputs((33, 70), 130, torch.float16, device, bias=activation is not None), activation)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_fp32_parameters_with_half_precision_input(activation, device):
+    """Mixed precision: fp32 weight and bias with 16-bit x (the model under autocast). The product runs in
+    x's dtype, the bias is added in fp32, and dW, db come back in fp32 with no cast kernels around them."""
+    half = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter's bf16 dots are wrong
+    x, w, b = inputs((2, 17, 70), 130, torch.float32, device)
+    check(x.to(half), w, b, activation)
+    check(x.to(half), w, None, activation)
+    with torch.no_grad():  # the path that saves nothing casts the weight the same way
+        torch.testing.assert_close(linear(x.to(half), w, b, activation), linear(x.to(half), w.to(half), b, activation))
 
 
 def test_3d_input_reduces_dW_over_all_rows(device):
@@ -189,6 +203,8 @@ def test_split_k(monkeypatch, tma, device):
     monkeypatch.setattr(MM, "TMA", tma)
     dtype = torch.float16 if ON_GPU and tma else torch.float32
     check(*inputs((100, 32), 48, dtype, device, bias=False), None)
+    x, w, _ = inputs((100, 32), 48, torch.float32, device, bias=False)
+    check(x.half(), w, None, None)  # fp32 weight: the split partials summed straight into an fp32 dW
 
 
 # ---------------------------------------------------------------- errors

@@ -108,6 +108,20 @@ def test_paths_agree_one_sequence(device, n):
         torch.testing.assert_close(grads_t[name], grads_r[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_paths_agree_fp16_autocast(device):
+    """Under fp16 autocast (CPU too): our linear takes the fp32 weights and biases uncast and returns their
+    gradients in fp32; loss and every gradient agree with the PyTorch path to fp16 precision."""
+    model = tiny(device, causal=True)
+    x = ids(device)
+    with torch.autocast(device.type, dtype=torch.float16):
+        (loss_t, grads_t), (loss_r, grads_r) = run(model, x, True), run(model, x, False)
+    torch.testing.assert_close(loss_t.float(), loss_r.float(), atol=2e-3, rtol=2e-3)
+    for name in grads_r:
+        g_t, g_r = grads_t[name], grads_r[name]
+        assert g_t.dtype == g_r.dtype == torch.float32, name
+        assert (g_t - g_r).norm() <= 1e-2 * g_r.norm() + 1e-6, name
+
+
 @cuda_only
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_paths_agree_bf16_autocast(device, causal):

@@ -428,16 +428,17 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
-           store_z: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+           store_z: bool = False, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(a @ b + bias), z or None) for 2-D `a` (M, K) and `b` (K, N) of any strides, in a's dtype.
 
     The building block of `linear` (no autograd here, no input checks: `linear` does those).
-    With `store_z` the pre-activation z = a @ b + bias is returned too.
+    With `store_z` the pre-activation z = a @ b + bias is returned too. `out_dtype` (e.g. fp32 for
+    the gradient of an fp32 weight) changes the dtype the fp32 accumulator is stored in.
     """
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    z = torch.empty_like(c) if store_z else None
+    c = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
+    z = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_z else None
     if M == 0 or N == 0:
         return c, z
     # split-K only for plain products (dW): bias and activation need the full sum
@@ -534,18 +535,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearFunction(torch.autograd.Function):
-    """y = act(x W^T + b). Saves x only if W needs a gradient, W only if x does, and z only for gelu."""
+    """y = act(x W^T + b). Saves x only if W needs a gradient, W only if x does, and z only for gelu.
+
+    An fp32 weight with 16-bit x (mixed precision) is cast here, once; dW is written straight in fp32.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation: int):
         need_x, need_w, _ = ctx.needs_input_grad[:3]
         x2 = _rows(x)
+        w = _as_dtype_of(weight, x)
         keep_z = activation == GELU  # gelu' needs z; relu' and relu^2' are recovered from y
-        y2, z2 = matmul(x2, weight.t(), bias, activation, store_z=keep_z)
+        y2, z2 = matmul(x2, w.t(), bias, activation, store_z=keep_z)
         saved = z2 if keep_z else (y2 if activation else None)
-        ctx.save_for_backward(x2 if need_w else None, weight if need_x else None, saved)
+        ctx.save_for_backward(x2 if need_w else None, w if need_x else None, saved)
         ctx.activation = activation
         ctx.x_shape = x.shape
+        ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y2.view(*x.shape[:-1], weight.shape[0])
 
@@ -557,8 +563,17 @@ class LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dz, db = activation_backward(dy2, saved, ctx.activation, need_b, ctx.bias_dtype)
         dx = matmul(dz, weight)[0].view(ctx.x_shape) if need_x else None  # dx = dz W
-        dw = matmul(dz.t(), x2)[0] if need_w else None                    # dW = dz^T x, over all rows
+        dw = matmul(dz.t(), x2, out_dtype=ctx.weight_dtype)[0] if need_w else None  # dW = dz^T x, all rows
         return dx, dw, db, None
+
+
+def _as_dtype_of(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+def _mixed_ok(param: torch.Tensor, x: torch.Tensor) -> bool:
+    """A parameter's dtype is x's, or fp32 with 16-bit x (an fp32 master copy under mixed precision)."""
+    return param.dtype == x.dtype or (param.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -568,6 +583,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
     activation: None, "relu", "relu_squared" (Primer's squared ReLU) or "gelu" (tanh approximation,
     ``F.gelu(approximate="tanh")``). Computed with fp32 accumulation, returned in x's dtype.
+
+    Mixed precision: with fp16/bf16 x, weight and bias may be fp32 (the model's parameters under
+    autocast). The product runs in x's dtype as autocast's would (the weight cast once, inside), the
+    bias is added in fp32 in the epilogue, and both gradients come back in fp32 from the kernels that
+    compute them: autocast's four cast kernels per projection (weight and bias, forward and backward)
+    are not needed.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: unknown activation {activation!r}; choose one of "
@@ -576,16 +597,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     check_tensor("linear weight", weight, dtypes=FLOAT_DTYPES, device=x.device, ndim=2)
     if x.dim() == 0:
         raise ValueError("linear: x must have at least 1 dimension (..., in_features), got a scalar")
-    if weight.dtype != x.dtype:
+    if not _mixed_ok(weight, x):
         raise TypeError(f"linear: weight has dtype {str(weight.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}; "
-                        "cast one of them (as with F.linear, both must match)")
+                        "cast one of them (both must match, or the weight be fp32 with fp16/bf16 x)")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features in its last dimension (shape {tuple(x.shape)}) "
                          f"but weight of shape {tuple(weight.shape)} = (out_features, in_features) expects "
                          f"{weight.shape[1]}")
     if bias is not None:
         check_tensor("linear bias", bias, dtypes=FLOAT_DTYPES, device=x.device, ndim=1)
-        if bias.dtype != x.dtype:
+        if not _mixed_ok(bias, x):
             raise TypeError(f"linear: bias has dtype {str(bias.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"linear: bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
@@ -595,5 +616,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return LinearFunction.apply(x, weight, bias, act)
     # no gradient wanted: nothing is saved, no pre-activation is stored
-    y2, _ = matmul(_rows(x), weight.t(), bias, act)
+    y2, _ = matmul(_rows(x), _as_dtype_of(weight, x).t(), bias, act)
     return y2.view(*x.shape[:-1], weight.shape[0])

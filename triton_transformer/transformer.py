@@ -105,10 +105,12 @@ def _triton_add_norm(h, r, weight, bias, eps):
 
 @torch.compiler.disable
 def _triton_linear(x, weight, bias, activation):
+    # Autocast would cast input, weight and bias of a linear to its dtype, and their gradients back: four
+    # small kernels per projection. Our linear takes the fp32 weight and bias as they are (it casts the
+    # weight itself, adds the bias in fp32 and writes both gradients in fp32); only x needs the dtype.
     dt = _autocast_dtype(x)
-    if dt is not None:  # autocast casts input, weight and bias of a linear to its dtype
-        x, weight = x.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
+    if dt is not None:
+        x = x.to(dt)
     return tt_linear(x, weight, bias, activation=activation)
 
 
