@@ -599,7 +599,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError("linear: x must have at least 1 dimension (..., in_features), got a scalar")
     if not _mixed_ok(weight, x):
         raise TypeError(f"linear: weight has dtype {str(weight.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}; "
-                        "cast one of them (both must match, or the weight be fp32 with fp16/bf16 x)")
+                        "cast one of them (as with F.linear, both must match)")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features in its last dimension (shape {tuple(x.shape)}) "
                          f"but weight of shape {tuple(weight.shape)} = (out_features, in_features) expects "
