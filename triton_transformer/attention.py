@@ -637,8 +637,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 # ----------------------------------------------------------------------------- packed q | k | v
 
 
-def _split_heads(qkv: torch.Tensor, heads: int):
-    """Three (B, H, N, D) views of a packed (B, N, 3 * H * D) tensor: no copy."""
+def split_heads(qkv: torch.Tensor, heads: int):
+    """Three (B, H, N, D) views of a packed (B, N, 3 * H * D) tensor: no copy.
+
+    Unbinding dim 2 means that autograd's backward of the views stacks dq, dk, dv straight into
+    qkv's contiguous layout (the model's path for a KV cache and for PyTorch attention uses this).
+    """
     B, N, C = qkv.shape
     return tuple(t.transpose(1, 2) for t in qkv.view(B, N, 3, heads, C // (3 * heads)).unbind(2))
 
@@ -655,7 +659,7 @@ class PackedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, heads, mask, causal, dropout_p, scale, seed):
-        q, k, v = _split_heads(qkv, heads)
+        q, k, v = split_heads(qkv, heads)
         B, H, N, D = q.shape
         out = qkv.new_empty((B, N, H, D))
         _, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True,
@@ -669,8 +673,8 @@ class PackedAttentionFunction(torch.autograd.Function):
         qkv, out, lse, mask = ctx.saved_tensors
         B, N, H, D = out.shape
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        attention_backward(dout.reshape(B, N, H, D).transpose(1, 2), *_split_heads(qkv, H), out.transpose(1, 2),
-                           lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, grads=_split_heads(dqkv, H))
+        attention_backward(dout.reshape(B, N, H, D).transpose(1, 2), *split_heads(qkv, H), out.transpose(1, 2),
+                           lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, grads=split_heads(dqkv, H))
         return dqkv, None, None, None, None, None, None
 
 
@@ -688,9 +692,8 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     if not isinstance(heads, int) or heads < 1 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"attention_qkv: the last dimension of qkv ({qkv.shape[-1]}) must be 3 * heads * head_dim "
                          f"with heads a positive int, got heads={heads!r}")
-    if qkv.stride(-1) != 1 or not qkv.is_contiguous():
-        qkv = qkv.contiguous()
-    q, k, v = _split_heads(qkv, heads)
+    qkv = qkv.contiguous()  # (a no-op for a projection's output)
+    q, k, v = split_heads(qkv, heads)
     _check_inputs(q, k, v, mask, dropout_p)
     B, H, N, D = q.shape
     if N == 0 or B == 0 or (scale is not None and scale <= 0):  # the general function's special cases

@@ -744,14 +744,13 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
     with .item() would wait for the GPU, so the loop does that only when it logs).
     """
     loss_sum = torch.zeros((), device=d.device)
-    if graphed is not None:  # one micro-batch per process: the recorded forward and backward (+ all-reduce)
-        x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, d.rank),
-                         cfg.seq_len, d.device)
-        loss_sum += graphed(x, y).float()
-    for m in range(cfg.grad_accum if graphed is None else 0):
+    for m in range(cfg.grad_accum):
         j = d.rank * cfg.grad_accum + m  # global micro-batch index: the same batches for any number of processes
         x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, j),
                          cfg.seq_len, d.device)
+        if graphed is not None:  # (grad_accum is 1) the recorded forward and backward, + the all-reduce
+            loss_sum += graphed(x, y).float()
+            continue
         # DDP all-reduces gradients during backward; only the last micro-batch needs to
         sync = m == cfg.grad_accum - 1 or d.world == 1
         with contextlib.nullcontext() if sync else model.no_sync():

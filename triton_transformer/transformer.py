@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
+from .attention import split_heads
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
 from .layernorm import add_layer_norm as tt_add_layer_norm
@@ -231,9 +232,7 @@ class Attention(nn.Module):
             # side by side: neither direction copies (attention.attention_qkv)
             out = _triton_attention_qkv(qkv, self.heads, mask, self.causal, p)
             return linear(out, self.to_out, use_triton)
-        # (b, n, 3 * heads * dim_head) -> three (b, heads, n, dim_head) views, no copy. Unbinding
-        # dim 2 means the backward stacks dq, dk, dv straight into qkv's contiguous layout.
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.heads, self.dim_head).unbind(2))
+        q, k, v = split_heads(qkv, self.heads)  # three (b, heads, n, dim_head) views, no copy
         if cache is None or cache.length == 0:
             if cache is not None:  # prefill: cache the prompt's keys and values, attend as usual
                 cache.update(self.layer, k, v)
