@@ -25,6 +25,11 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if runtime.SUPPORTS_
 cuda_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton)")
 
 
+def assert_close_named(actual, expected, name, **tolerances):
+    """torch.testing.assert_close whose failure names the tensor and still shows the mismatch."""
+    torch.testing.assert_close(actual, expected, msg=lambda message: f"{name}: {message}", **tolerances)
+
+
 @pytest.fixture
 def device():
     return runtime.DEVICE

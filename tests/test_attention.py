@@ -380,7 +380,10 @@ def test_every_autotune_config(d, device):
 def test_memory_is_linear_in_n(device):
     """Forward + backward at N = 8192 needs a few copies of q, k, v; the N x N scores alone would be 4 GiB."""
     B, H, N, D = 1, 16, 8192, 64
-    q, k, v = (randn(B, H, N, D, dtype=torch.float16, device=device, ).requires_grad_() for _ in range(3))
+    q, k, v = (randn(B, H, N, D, dtype=torch.float16, device=device).requires_grad_() for _ in range(3))
+    # a first call compiles and autotunes; the tuner's own L2-flush buffer (256 MiB) is not the kernel's
+    attention(q, k, v, causal=True).sum().backward()
+    q.grad = k.grad = v.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -27,4 +27,20 @@ def test_gpu_time_of_a_backward_and_of_what_cannot_be_recorded(device):
     assert x.grad is None  # gradients dropped afterwards, as run_case expects
     assert bench.measure_gpu_ms(lambda: softmax(x).sum().item()) is None  # a readback cannot be recorded
     torch.cuda.synchronize()
-    assert torch.isfinite(softmax(x)).all()  # and the failed recording left the GPU usable
+    # and the GPU is left usable: our kernels and PyTorch's random generator (which a failed recording
+    # leaves marked as recording, so that every later torch.randn raises)
+    assert torch.isfinite(softmax(x)).all() and torch.randn(8, device=device).isfinite().all()
+
+
+@cuda_only
+def test_a_failed_recording_leaves_the_random_generator_usable(device):
+    x = torch.randn(64, device=device)
+
+    def fails_while_recording():  # no readback, so the up-front check lets it through to the recording
+        y = softmax(x)
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()  # illegal while recording: the recording fails midway
+        return y
+
+    assert bench.measure_gpu_ms(fails_while_recording) is None
+    assert torch.randn(8, device=device).isfinite().all()

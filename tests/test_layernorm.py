@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, cuda_only
+from conftest import DTYPES, assert_close_named, cuda_only
 
 from triton_transformer import layer_norm
 from triton_transformer.testing import tolerance
@@ -47,7 +47,7 @@ def check_fwd_bwd(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         assert ours.dtype == t.dtype and ours.shape == t.shape, name
         # dweight and dbias are sums over all rows: compare relative to their size
         scale = max(1.0, float(ref.abs().max()))
-        torch.testing.assert_close(ours.double() / scale, ref / scale, **tolerance(t.dtype), msg=name)
+        assert_close_named(ours.double() / scale, ref / scale, name, **tolerance(t.dtype))
     # and against PyTorch in the input dtype, the way a user would swap one for the other
     # (F.layer_norm on CUDA wants parameters in x's dtype, so cast them for this comparison)
     with torch.no_grad():
@@ -299,7 +299,7 @@ def check_add_layer_norm(x, r, n, out_dtype=None, use_h=True):
     ref_grads = torch.autograd.grad(refs, (x, r, w, b), (dy, dh) if use_h else (dy,))
     for name, g, ref in zip(("dx", "dr", "dw", "db"), grads, ref_grads):
         assert g.dtype == ref.dtype, name
-        torch.testing.assert_close(g, ref, **tolerance(g.dtype), msg=name)
+        assert_close_named(g, ref, name, **tolerance(g.dtype))
 
 
 @pytest.mark.parametrize("use_h", [True, False], ids=["h-used", "h-unused"])

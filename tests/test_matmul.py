@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ON_GPU, cuda_only
 
-from triton_transformer import linear
+from triton_transformer import linear, runtime
 from triton_transformer.testing import tolerance
 
 # the module (the package's `linear` name is the function), for its knobs: TMA, SPLIT_K, AUTOTUNE_MIN_MACS
@@ -257,7 +257,7 @@ def test_cuda_split_k_and_fp16(device):
 
 @cuda_only
 def test_cuda_fp32_follows_torch_matmul_precision(device):
-    assert MM._precision(torch.float32) == ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+    assert runtime.dot_precision(torch.float32) == ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32")
     check(*inputs((300, 256), 384, torch.float32, device), "gelu")
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import ON_GPU, cuda_only
+from conftest import ON_GPU, assert_close_named, cuda_only
 
 from triton_transformer.transformer import KVCache, Transformer, TransformerConfig
 
@@ -94,7 +94,7 @@ def test_paths_agree(device, causal, masked):
     torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-5)
     assert grads_t.keys() == grads_r.keys()
     for name in grads_r:
-        torch.testing.assert_close(grads_t[name], grads_r[name], atol=1e-4, rtol=1e-3, msg=name)
+        assert_close_named(grads_t[name], grads_r[name], name, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("n", [1, TINY["max_seq_len"]], ids=["one-token", "max_seq_len"])
@@ -105,7 +105,7 @@ def test_paths_agree_one_sequence(device, n):
     (loss_t, grads_t), (loss_r, grads_r) = run(model, x, True), run(model, x, False)
     torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-5)
     for name in grads_r:
-        torch.testing.assert_close(grads_t[name], grads_r[name], atol=1e-4, rtol=1e-3, msg=name)
+        assert_close_named(grads_t[name], grads_r[name], name, atol=1e-4, rtol=1e-3)
 
 
 def test_paths_agree_fp16_autocast(device):
@@ -313,7 +313,7 @@ def test_torch_compile_matches_eager(device, use_triton):
     torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
     assert [k.removeprefix("_orig_mod.") for k in grads_c] == list(grads_e)  # same parameters, same order
     for (name, g_e), g_c in zip(grads_e.items(), grads_c.values()):
-        torch.testing.assert_close(g_c, g_e, atol=1e-5, rtol=1e-4, msg=name)
+        assert_close_named(g_c, g_e, name, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- bad input

@@ -48,8 +48,8 @@ four columns.
 Kept probabilities are scaled by 1 / (1 - p) (applied to O, dV and dP).
 
 Head dims up to 128 of any size (padded to a power of two >= 16 inside, with masked
-loads); bf16/fp16/fp32 on a GPU (fp32 runs its dots in TF32), fp32/fp16 under the
-interpreter. Under ``torch.no_grad()`` the forward writes no L and saves nothing.
+loads); bf16/fp16/fp32 on a GPU (fp32 dots follow `torch.get_float32_matmul_precision()`, as
+`linear` does: exact fp32 by default, TF32 when set to "high"), fp32/fp16 under the interpreter. Under ``torch.no_grad()`` the forward writes no L and saves nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_mask, keep_mask_2d
-from .runtime import FLOAT_DTYPES, autotune, check_tensor, pow2_at_least_16
+from .runtime import FLOAT_DTYPES, autotune, check_tensor, dot_precision, launch, pow2_at_least_16
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -117,7 +117,8 @@ def _keep_tile(seed, row_base, rows, col_start, N_K, dropout_p, BLOCK_N: tl.cons
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
                lo, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-               DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, EVEN_D: tl.constexpr):
+               DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, EVEN_D: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Stream key/value blocks [lo, hi) through the online softmax of one query block.
 
     MASKED=False is the hot phase: whole blocks, all visible, no bounds checks.
@@ -126,7 +127,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, 
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(k_ptrs + start_n * stride_kn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             visible = cols[None, :] < N_K
             if CAUSAL:
@@ -154,7 +155,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, 
             keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
             p = tl.where(keep, p, 0.0)
         v = _load_tile(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -184,7 +185,8 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
                      H, N_Q, N_K, D, qk_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                      STORE_L: tl.constexpr,
-                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # causal work grows with the row: start the longest programs first
@@ -224,10 +226,10 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
         full_hi = (N_K // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
                                0, full_hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p,
-                               BLOCK_N, False, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D)
+                               BLOCK_N, False, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
                                full_hi, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p,
-                               BLOCK_N, True, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D)
+                               BLOCK_N, True, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D, PRECISION)
 
     if HAS_MASK:
         empty = l_i == 0.0  # every key of the row is masked: output 0, like PyTorch's SDPA
@@ -253,7 +255,8 @@ _attn_fwd = autotune(_fwd_configs(), key=_KEY)(_attn_fwd_kernel)
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
                     lo, hi, start_n, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, EVEN_D: tl.constexpr):
+                    DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, EVEN_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi). Tiles are transposed: (keys, queries).
 
     Query rows past N_q load as q = 0, dO = 0, L = 0, delta = 0 and so add exactly 0: only
@@ -266,27 +269,27 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_d
             lse = tl.load(L + offs_m, mask=offs_m < N_Q, other=0.0)
         else:
             lse = tl.load(L + offs_m)
-        qkT = tl.dot(k, tl.trans(q))
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])  # P recomputed from the saved log-sum-exp
         if MASKED:
             if CAUSAL:
                 pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         do = _load_tile(do_ptrs + start_m * stride_don, offs_m, N_Q, offs_d, D, MASKED, not EVEN_D)
-        dpT = tl.dot(v, tl.trans(do))
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             # the mask comes out (queries, keys); transposed through int8 (bool tiles in shared memory are fragile)
             keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
             keep = tl.trans(keep.to(tl.int8)) != 0
-            dv = tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, dv)
+            dv = tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)  # dP of the undropped P
         else:
-            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         if MASKED:
             delta = tl.load(DELTA + offs_m, mask=offs_m < N_Q, other=0.0)
         else:
             delta = tl.load(DELTA + offs_m)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -305,7 +308,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
                           stride_dkb, stride_dkh, stride_dkn, stride_mb, stride_mn,
                           H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
-                          BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)  # causal: low key blocks have the most work and already come first
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -339,17 +343,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
         diag_hi = tl.minimum(start_n + BLOCK_N, N_Q)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
                                  start_n, diag_hi, start_n, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base,
-                                 dropout_p, inv_keep, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DROP_GROUPED, EVEN_D)
+                                 dropout_p, inv_keep, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DROP_GROUPED, EVEN_D,
+                                 PRECISION)
         full_lo = start_n + BLOCK_N
     else:
         full_lo = 0
     full_hi = tl.maximum(full_lo, (N_Q // BLOCK_M) * BLOCK_M)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
                              full_lo, full_hi, start_n, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base,
-                             dropout_p, inv_keep, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DROP_GROUPED, EVEN_D)
+                             dropout_p, inv_keep, BLOCK_M, BLOCK_N, False, CAUSAL, DROPOUT, DROP_GROUPED, EVEN_D,
+                             PRECISION)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_don,
                              full_hi, N_Q, start_n, offs_n, offs_m0, offs_d, N_Q, N_K, D, qk_scale, seed, row_base,
-                             dropout_p, inv_keep, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DROP_GROUPED, EVEN_D)
+                             dropout_p, inv_keep, BLOCK_M, BLOCK_N, True, CAUSAL, DROPOUT, DROP_GROUPED, EVEN_D,
+                             PRECISION)
     if HAS_MASK:
         # A masked key's P column was never zeroed in the loop (it only touched its own rows of
         # dK and dV, possibly with inf/NaN): its gradients are exactly 0.
@@ -366,13 +373,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
 def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
                   lo, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, EVEN_D: tl.constexpr):
+                  DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, EVEN_D: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(k_ptrs + start_n * stride_kn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
         v = _load_tile(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         # Zero P where it must be 0 *before* it meets a dot: exp2 of a masked score can be inf.
         if MASKED:
@@ -386,12 +394,12 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, str
             else:
                 km = tl.load(km_ptrs + cols * stride_mn)
             p = tl.where(km[None, :] != 0, p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
@@ -409,7 +417,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         stride_dqb, stride_dqh, stride_dqn, stride_ob, stride_oh, stride_on, stride_mb, stride_mn,
                         H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
-                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -451,10 +460,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
         full_hi = (N_K // BLOCK_N) * BLOCK_N
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
                        0, full_hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
-                       BLOCK_N, False, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D)
+                       BLOCK_N, False, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, stride_mn,
                        full_hi, hi, offs_m, offs_n, offs_d, N_K, D, qk_scale, seed, row_base, dropout_p, inv_keep,
-                       BLOCK_N, True, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D)
+                       BLOCK_N, True, CAUSAL, HAS_MASK, DROPOUT, DROP_GROUPED, EVEN_D, PRECISION)
     dq = dq * sm_scale
     _store_tile(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                 offs_m, N_Q, offs_d, D, not EVEN_D)
@@ -479,13 +488,15 @@ def _launch(kernel, grid, args, consts, config, macs):
     """Launch the autotuned kernel, or the plain one with a given config (tests run every config this way).
 
     A problem of fewer than AUTOTUNE_MIN_MACS multiply-adds takes the first config of the list untuned.
+    Both go through `runtime.launch`: after the first call a launch skips Triton's per-call argument
+    binding, which at N = 1024 cost more host time than the kernels take on the GPU.
     """
     if config is None and macs < AUTOTUNE_MIN_MACS:
         config = kernel.configs[0]
     if config is None:
-        return kernel[grid](*args, **consts)
-    return kernel.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps,
-                           num_stages=config.num_stages)
+        return launch(kernel, grid, *args, **consts)
+    return launch(kernel.fn, grid, *args, **consts, **config.kwargs, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
 
 
 def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0, need_lse=True,
@@ -506,7 +517,7 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
             H, N_Q, N_K, D, scale * LOG2E, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
             pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0, STORE_L=need_lse,
-                  BLOCK_D=block_d, EVEN_D=block_d == D)
+                  BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION=dot_precision(q.dtype))
     _launch(_attn_fwd, grid, args, consts, config, B * H * N_Q * N_K * D)
     return o, (lse if need_lse else None)
 
@@ -534,7 +545,7 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
         dq, dk, dv = grads
     km, smb, smn = _mask_args(mask, q)
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
-                  BLOCK_D=block_d, EVEN_D=even_d)
+                  BLOCK_D=block_d, EVEN_D=even_d, PRECISION=dot_precision(q.dtype))
     common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
               pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     macs = B * H * N_Q * N_K * D

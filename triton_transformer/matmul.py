@@ -380,13 +380,6 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's setting: exact fp32 ("highest", the default) or TF32 ("high"/"medium")."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """How many programs share the K loop of one output tile.
 
@@ -449,7 +442,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     bias_arg = bias.contiguous() if bias is not None else c  # the epilogue reads it with unit stride
     z_arg = z if z is not None else c
     common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, SPLIT_K=split,
-                  PRECISION=_precision(a.dtype))
+                  PRECISION=runtime.dot_precision(a.dtype))
     stride_cm = out.stride(-2)
     stride_zm = z.stride(0) if z is not None else 0
     keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))

@@ -142,6 +142,14 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for inputs of `dtype`: fp32 follows torch's setting, exact fp32
+    ("highest", PyTorch's default) or TF32 ("high"/"medium"); 16-bit inputs ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 # ---------------------------------------------------------------- launching kernels with less Python
 
 def _spec(arg) -> object:

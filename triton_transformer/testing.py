@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 # Tolerances for results computed in low precision and compared with a float32
-# reference. fp32 on a GPU runs `tl.dot` in TF32 (10-bit mantissa), hence 1e-2 there.
+# reference. A hand-written fp32 `tl.dot` on a GPU runs in TF32 (10-bit mantissa), hence 1e-2 there.
 TOLERANCES = {
     torch.float64: dict(atol=1e-7, rtol=1e-7),
     torch.float32: dict(atol=1e-4, rtol=1e-4),

@@ -101,6 +101,8 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
                     t.grad = None  # each recorded backward writes a fresh gradient, none accumulates
                 fn()
 
+    if _reads_back(fn):
+        return None
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -123,12 +125,46 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
                 times[with_fn].append(start.elapsed_time(end))
     except Exception:  # noqa: BLE001  (a diagnostic: any failure to record means "not measured")
         torch.cuda.synchronize()
+        _clear_rng_capture_mark()
         return None
     finally:
         for t in grad_to_none or []:
             t.grad = None
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return max(0.0, (median[True] - median[False]) / reps)
+
+
+def _reads_back(fn: Callable[[], object]) -> bool:
+    """Whether `fn` waits for the GPU (`.item()`, a copy to the host): such a call cannot be recorded.
+
+    Asked before recording, with PyTorch's sync debug mode raising on a synchronising call, because
+    a recording that fails midway leaves damage behind (see `_clear_rng_capture_mark`).
+    """
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return False
+
+
+def _clear_rng_capture_mark() -> None:
+    """After a failed recording: make torch.randn on the GPU work again.
+
+    Beginning a capture marks PyTorch's CUDA random generator as recording; only a capture that
+    ends cleanly unmarks it, so after a failed one every later random op raises "Offset increment
+    outside graph capture". Recording one small graph that succeeds clears the mark.
+    """
+    try:
+        scratch = torch.zeros(1, device=runtime.DEVICE)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            scratch.add_(1)
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001  (best effort: the measurement it follows has already failed)
+        pass
 
 
 def peak_gib(fn: Callable[[], object]) -> float:
