@@ -33,22 +33,13 @@ HEADLINES = [  # (kernel, pass, shape, baseline providers)
 BASELINES = ["torch", "torch.compile", "cublas", "sdpa"]
 
 
-def _gpu_ms(by: dict) -> str:
-    """The GPU's own time (rows' `gpu_ms`, launches excluded) of Triton and of cuBLAS/SDPA, where recorded."""
-    gpu = by["triton"].get("gpu_ms")
-    if gpu is None:
-        return ""
-    lib = next((by[b]["gpu_ms"] for b in ("cublas", "sdpa") if by.get(b, {}).get("gpu_ms") is not None), None)
-    return f"{gpu:.3g}" + (f" ({lib:.3g})" if lib is not None else "")
-
-
 def main() -> None:
     import triton_transformer  # noqa: F401
     from triton_transformer import bench
 
     rows = bench.load()
-    table = ["| kernel (pass) | shape | Triton ms | vs eager | vs compile | vs cuBLAS, SDPA | GPU ms: Triton (library) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    table = ["| kernel (pass) | shape | Triton ms | vs eager | vs compile | vs cuBLAS, SDPA |",
+             "|---|---|---:|---:|---:|---:|"]
     bars = []
     for kernel, pass_, shape in HEADLINES:
         by = {r["provider"]: r for r in rows if r["kernel"] == kernel and r["pass"] == pass_ and r["shape"] == shape}
@@ -59,7 +50,6 @@ def main() -> None:
         library = ratio.get("cublas", ratio.get("sdpa"))
         cells = [f"{ratio[b]:.2f}x" if b in ratio else "" for b in ("torch", "torch.compile")]
         cells.append(f"{library:.2f}x" if library else "")
-        cells.append(_gpu_ms(by))
         table.append(f"| {kernel} ({pass_}) | {'×'.join(map(str, shape))} | {t:.3g} | " + " | ".join(cells) + " |")
         bars.append((f"{kernel} {pass_}\n{'x'.join(map(str, shape))}", ratio))
     r0 = next(r for r in rows if r["provider"] == "triton")
