@@ -255,6 +255,19 @@ def test_cuda_split_k_and_fp16(device):
     check(*inputs((2, 300, 512), 1000, torch.float16, device), "relu_squared")
 
 
+def test_dot_precision_follows_torch_setting():
+    """The one switch for fp32 `tl.dot` in linear and attention: exact under "highest", TF32 otherwise."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert runtime.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert runtime.dot_precision(torch.float32) == "tf32"
+        assert runtime.dot_precision(torch.bfloat16) == runtime.dot_precision(torch.float16) == "tf32"  # ignored
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @cuda_only
 def test_cuda_fp32_follows_torch_matmul_precision(device):
     assert runtime.dot_precision(torch.float32) == ("ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32")
