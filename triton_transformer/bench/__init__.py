@@ -91,8 +91,6 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
     call cannot be recorded (it reads a value back to the host, say) gets None. Rows carry this as
     `gpu_ms`, a diagnostic next to `ms`: where the two differ, the host is the bottleneck.
     """
-    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=runtime.DEVICE)
-
     def calls(with_fn: bool):
         for _ in range(reps):
             flush.zero_()
@@ -101,9 +99,10 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
                     t.grad = None  # each recorded backward writes a fresh gradient, none accumulates
                 fn()
 
-    if _reads_back(fn):
-        return None
     try:
+        if _reads_back(fn):  # inside the try: the finally below drops the gradients the probe wrote
+            return None
+        flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=runtime.DEVICE)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # recording wants its warm-up off the default stream
