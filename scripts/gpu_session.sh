@@ -12,6 +12,7 @@
 #   tests=FILE[,FILE]         pytest tests/FILE.py ...   (tests=all: the whole suite)
 #   profile=B,T,D,L,V         benchmarks/profile_step.py --shape B T D L V --providers triton
 #   train=ARGS                python train.py ARGS (commas become spaces), e.g. train=--bench,--steps,2000
+#   py=SCRIPT,ARGS            python SCRIPT ARGS (a probe of the moment)
 # Each stage gets the time left until the budget's end; none starts with less than 20 s left.
 # Logs: $OUT/<n>-<stage>.log. Results: $OUT/<gpu>.jsonl and $OUT/train_logs.tgz (three folders deep
 # would not come back as files).
@@ -36,8 +37,13 @@ for stage in "$@"; do
         bench) cmd=(python3 benchmarks/run.py $items) ;;
         chapters) cmd=(python3 scripts/execute_notebooks.py --out "$OUT" --budget $(( left - 10 ))
                        $(for nb in $items; do echo "book/$nb.ipynb"; done)) ;;
-        tests) [[ $items == all ]] && cmd=(python3 -m pytest -q -rfE tests) ||
-               cmd=(python3 -m pytest -q -rfE $(for t in $items; do echo "tests/$t.py"; done)) ;;
+        # four test processes share the GPU when pytest-xdist was carried (the suite is mostly compiling),
+        # each file whole in one process, in order, as a serial run would see it
+        tests) workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+               [[ $items == all ]] && cmd=(python3 -m pytest -q -rfE --durations=15 $workers tests) ||
+               cmd=(python3 -m pytest -q -rfE --durations=15 $workers
+                    $(for t in $items; do echo "tests/$t.py"; done)) ;;
+        py) cmd=(python3 $items) ;;
         profile) cmd=(python3 benchmarks/profile_step.py --shape $items --providers triton) ;;
         train) cmd=(python3 train.py $items) ;;
         *) echo "unknown stage $name" > "$log"; continue ;;

@@ -33,7 +33,7 @@ def test_gpu_time_of_a_backward_and_of_what_cannot_be_recorded(device):
 
 
 @cuda_only
-def test_a_failed_recording_leaves_the_random_generator_usable(device):
+def test_a_failed_recording_leaves_the_stream_and_random_generator_usable(device):
     x = torch.randn(64, device=device)
 
     def fails_while_recording():  # no readback, so the up-front check lets it through to the recording
@@ -42,5 +42,7 @@ def test_a_failed_recording_leaves_the_random_generator_usable(device):
             torch.cuda.synchronize()  # illegal while recording: the recording fails midway
         return y
 
+    before = torch.cuda.current_stream()
     assert bench.measure_gpu_ms(fails_while_recording) is None
+    assert torch.cuda.current_stream() == before  # not the failed recording's stream
     assert torch.randn(8, device=device).isfinite().all()

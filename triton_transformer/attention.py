@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_mask, keep_mask_2d
-from .runtime import FLOAT_DTYPES, autotune, check_tensor, dot_precision, launch, pow2_at_least_16
+from .runtime import FLOAT_DTYPES, autotune, cdiv, check_tensor, dot_precision, launch, pow2_at_least_16
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -511,7 +511,7 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((B * H, N_Q), device=q.device, dtype=torch.float32) if need_lse else o
     km, smb, smn = _mask_args(mask, q)
-    grid = lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    grid = lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     args = (q, k, v, o, lse, km, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn,
             H, N_Q, N_K, D, scale * LOG2E, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
@@ -551,11 +551,11 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     macs = B * H * N_Q * N_K * D
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
-    _launch(_attn_bwd_dq, lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), H, B),
+    _launch(_attn_bwd_dq, lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B),
             (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], *o.stride()[:3], smb, smn,
              *common),
             consts, configs[1], macs)
-    _launch(_attn_bwd_dkdv, lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), H, B),
+    _launch(_attn_bwd_dkdv, lambda meta: (cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
             consts, configs[0], macs)
     return dq, dk, dv

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import FLOAT_DTYPES, check_tensor, launch
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
 from .softmax import LOG2E, online_combine, online_update
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
@@ -172,7 +172,7 @@ def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None
 
     `single_block` forces one path or the other (to measure them against each other).
     """
-    whole = triton.next_power_of_2(n_cols)
+    whole = next_power_of_2(n_cols)
     single = whole <= MAX_FUSED_BLOCK * 2 // element_size if single_block is None else single_block
     block = whole if single else min(ONLINE_BLOCK, whole)
     num_warps = min(16, max(4, block // 1024))
@@ -218,7 +218,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     device = logits.device
 
     stats = torch.zeros(2, dtype=torch.int32, device=device)
-    launch(_target_stats_kernel, (triton.cdiv(n_rows, STATS_BLOCK),), flat_target, stats, n_rows, n_cols,
+    launch(_target_stats_kernel, (cdiv(n_rows, STATS_BLOCK),), flat_target, stats, n_rows, n_cols,
            ignore_index, BLOCK=STATS_BLOCK, num_warps=4)
     if inplace and with_grad:
         # The gradient will overwrite the logits: check the targets first, so that an error leaves
@@ -256,7 +256,7 @@ def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     dloss = dloss.reshape(-1) if dloss.dim() else dloss.reshape(1)
     dloss_stride = dloss.stride(0) if dloss.numel() == n_rows and n_rows > 1 else 0
     rows_per_batch, sb, st, sv = _row_layout(grad)
-    block = min(ONLINE_BLOCK, triton.next_power_of_2(n_cols))
+    block = min(ONLINE_BLOCK, next_power_of_2(n_cols))
     launch(_scale_rows_kernel, (n_rows,), grad, dloss, dloss_stride, rows_per_batch, sb, st, sv, n_cols,
            BLOCK=block, num_warps=min(16, max(4, block // 1024)))
     return grad

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, autotune, check_tensor
+from .runtime import FLOAT_DTYPES, autotune, cdiv, check_tensor, launch
 
 
 @triton.jit
@@ -164,8 +164,8 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     n = x_c.numel()
     if n == 0:
         return y
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _dropout_kernel[grid](x_c, y, n, float(p), 1.0 / (1.0 - p), seed)
+    grid = lambda meta: (cdiv(n, meta["BLOCK"]),)  # noqa: E731
+    launch(_dropout_kernel, grid, x_c, y, n, float(p), 1.0 / (1.0 - p), seed)
     return y
 
 

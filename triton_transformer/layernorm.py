@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, check_tensor, launch
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
 
 #: Longest row held in registers as one block; longer rows loop over LOOP_BLOCK-wide chunks.
 MAX_FUSED_BLOCK = 16384
@@ -177,7 +177,7 @@ def _fwd_kernel_for(block_n: int, single: bool):
 
 def _block_n(n_cols: int) -> tuple[int, bool]:
     """Block width and whether the row fits in one block."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if block <= MAX_FUSED_BLOCK:
         return block, True
     return LOOP_BLOCK, False
@@ -201,7 +201,7 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
         return y2, mean, rstd
     block, single = _block_n(n_cols)
     kernel = _fwd_kernel_for(block, single)
-    grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)  # noqa: E731  (ROWS comes from the tuned config)
+    grid = lambda meta: (cdiv(n_rows, meta["ROWS"]),)  # noqa: E731  (ROWS comes from the tuned config)
     # Unused pointers still need a tensor; x2 is never read through them.
     has_r = residual is not None
     launch(kernel, grid, x2, y2, weight if weight is not None else x2, bias if bias is not None else x2,
@@ -403,10 +403,10 @@ def _sum_params(n_cols: int, device: torch.device) -> tuple[int, int]:
     enough SMs: at N = 768 one block of 8 columns per program gives 96 programs.
     """
     if runtime.INTERPRET or device.type != "cuda":
-        block_c = min(1024, triton.next_power_of_2(n_cols))  # the interpreter prefers few, wide programs
+        block_c = min(1024, next_power_of_2(n_cols))  # the interpreter prefers few, wide programs
         return block_c, 64
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    block_c = min(128, max(8, triton.next_power_of_2(triton.cdiv(n_cols, sms))))
+    block_c = min(128, max(8, next_power_of_2(cdiv(n_cols, sms))))
     return block_c, 2048 // block_c
 
 
@@ -425,17 +425,20 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     n_rows, n_cols = x2.shape
     compute_dw = compute_dw and weight is not None
     dx2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device) if compute_dx else None
-    dw = torch.zeros(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
     db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
-    db = torch.zeros(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
+    # The partial-sum kernel writes every column of dweight and dbias: no zero fill (one launch each) needed,
+    # except with no rows at all, where they are empty sums.
+    alloc = torch.zeros if x2.numel() == 0 else torch.empty
+    dw = alloc(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
+    db = alloc(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
     if x2.numel() == 0:
-        return dx2, dw, db  # no rows: dweight and dbias are empty sums, zero
+        return dx2, dw, db
 
     rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device)
-    programs = max(1, min(num_programs or programs, triton.cdiv(n_rows, rows)))
+    programs = max(1, min(num_programs or programs, cdiv(n_rows, rows)))
     # Whole tiles per program; recount so that no program is left without rows.
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
-    programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = cdiv(cdiv(n_rows, programs), rows) * rows
+    programs = cdiv(n_rows, rows_per_program)
 
     part = None
     if compute_dw or compute_db:
@@ -458,7 +461,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
            HAS_DH=dh is not None and compute_dx, STORE_DR=dr is not None and compute_dx, num_warps=num_warps)
     if part is not None:
         block_c, block_p = _sum_params(n_cols, x2.device)
-        launch(_sum_partials_kernel, (triton.cdiv(n_cols, block_c),),
+        launch(_sum_partials_kernel, (cdiv(n_cols, block_c),),
                part[0], part[1], dw if compute_dw else dummy, db if compute_db else dummy, programs, n_cols,
                BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=4)
     return dx2, dw, db

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, check_tensor
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -393,10 +393,10 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     if device.type != "cuda" or K < 4096:
         return 1
     sms = _num_sms(device)
-    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    tiles = cdiv(M, 128) * cdiv(N, 128)
     if tiles >= 2 * sms:
         return 1
-    return max(1, min(triton.cdiv(3 * sms, tiles), K // 2048, 16))
+    return max(1, min(cdiv(3 * sms, tiles), K // 2048, 16))
 
 
 def _tma_operand(t: torch.Tensor):
@@ -436,7 +436,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         return c, z
     # split-K only for plain products (dW): bias and activation need the full sum
     split = 1 if (bias is not None or activation or store_z) else _split_k(M, N, K, a.device)
-    split = min(split, max(1, triton.cdiv(K, 32)))
+    split = min(split, max(1, cdiv(K, 32)))
     out = c if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
     stride_cs = out.stride(0) if split > 1 else 0
     bias_arg = bias.contiguous() if bias is not None else c  # the epilogue reads it with unit stride
@@ -454,7 +454,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     if desc_a is not None and desc_b is not None:
         (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
         sms = _num_sms(a.device)
-        grid = lambda meta: (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]) * split),)
+        grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * split),)
         try:
             _matmul_tma_kernel[grid](a_desc, b_desc, out, bias_arg, z_arg, M, N, K,
                                      stride_cm, stride_cs, stride_zm, *keys, 2 * a_t + b_t,
@@ -472,11 +472,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         # every BLOCK_K of the configs divides 128, so K % 128 == 0 means no K tail in any config
         even_k = K % 128 == 0
         if big:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split)
+            grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)
             runtime.launch(_matmul_kernel, grid, *args, EVEN_K=even_k, **common)
         else:
             cfg = SMALL_CONFIG
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+            grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
             runtime.launch(_matmul_kernel.fn, grid, *args, EVEN_K=K % cfg["BLOCK_K"] == 0, **common, **cfg)
     if split > 1:
         _sum_rows(out.view(split, M * N), c.view(-1))
@@ -487,7 +487,7 @@ def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> None:
     """out = x.sum(0) for a contiguous fp32 (R, N), deterministic, cast to out's dtype."""
     R, N = x.shape
     block_n = 256 if runtime.INTERPRET else 1024
-    runtime.launch(_sum_rows_kernel, (triton.cdiv(N, block_n),), x, out, R, N, BLOCK_R=8, BLOCK_N=block_n,
+    runtime.launch(_sum_rows_kernel, (cdiv(N, block_n),), x, out, R, N, BLOCK_R=8, BLOCK_N=block_n,
                    num_warps=4)
 
 
@@ -502,11 +502,11 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
     if M == 0 or N == 0:
         return dz, db
     block_m, block_n = (32, 64) if runtime.INTERPRET else (32, 128)
-    col_progs = triton.cdiv(N, block_n)
+    col_progs = cdiv(N, block_n)
     # enough row strips for ~4 programs per SM, each strip a whole number of BLOCK_M rows
-    row_progs = max(1, min(triton.cdiv(M, block_m), 4 * _num_sms(dy.device) // col_progs))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, row_progs), block_m) * block_m
-    row_progs = triton.cdiv(M, rows_per_prog)
+    row_progs = max(1, min(cdiv(M, block_m), 4 * _num_sms(dy.device) // col_progs))
+    rows_per_prog = cdiv(cdiv(M, row_progs), block_m) * block_m
+    row_progs = cdiv(M, rows_per_prog)
     part = torch.empty((row_progs, N), dtype=torch.float32, device=dy.device) if bias_grad else dz
     s = saved if saved is not None else dy
     runtime.launch(

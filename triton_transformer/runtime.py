@@ -109,13 +109,27 @@ def _tuning_bench(kernel_call, quantiles=None, **_):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code.
+
+    `triton.cdiv` computes the same, but it is also callable inside kernels, and that wrapper costs
+    ~3 us a call on the host: a few of them per launch were a visible share of a small kernel's time.
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as `triton.next_power_of_2`, without its per-call cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def pow2_at_least_16(n: int) -> int:
     """The smallest power of two >= n and >= 16: a `tl.dot` tile edge, and the sizes autotuning keys round to.
 
     Autotuners re-tune for every new value of their key; keyed on exact sizes they would re-tune at every
     batch size and at every step of generation, so the kernels take these rounded sizes as key arguments.
     """
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None) -> None:
@@ -176,8 +190,11 @@ class _Launcher:
     ``kernel[grid](...)`` re-derives the specialisation, binds arguments and looks
     up its cache on every call: tens of microseconds of Python, as long as a small
     kernel itself runs. Training a GPT launches hundreds of kernels per step, so
-    we keep the compiled kernel per specialisation key and call its launcher
-    directly. Under the interpreter there is nothing to cache.
+    we keep, per specialisation key, the compiled kernel and the tail of its
+    argument list that is the same at every call (constexprs, the tuned config,
+    defaults), and call its launcher directly. Under the interpreter there is
+    nothing to cache. A callable `grid` is given the kernel's meta-parameters
+    (constexprs and the tuned config), not its runtime arguments.
     """
 
     def __init__(self, kernel):
@@ -187,28 +204,30 @@ class _Launcher:
             self.jit = self.jit.fn
         self.names = list(self.jit.arg_names)
         self.defaults = {p.name: p.default for p in self.jit.params if p.default is not inspect.Parameter.empty}
-        self.tune_keys = list(getattr(kernel, "keys", []))
+        # where the autotuner's key arguments sit in a call (len(names): passed by keyword, if at all)
+        self.tune_positions = tuple((k, self.names.index(k) if k in self.names else len(self.names))
+                                    for k in getattr(kernel, "keys", []))
         self.cache: dict = {}
 
     def __call__(self, grid, *args, **meta):
-        named = dict(zip(self.names, args))
-        key = (torch.cuda.current_device(), tuple(_spec(a) for a in args), tuple(sorted(meta.items())),
-               tuple(named[k] if k in named else meta.get(k) for k in self.tune_keys))
+        device = torch.cuda.current_device()
+        # The autotuner's key values (sizes it tunes for) pick the config, so they are part of the key.
+        tuned_on = tuple(args[i] if i < len(args) else meta.get(k) for k, i in self.tune_positions)
+        key = (device, tuple(map(_spec, args)), tuple(meta.items()), tuned_on)
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **meta)
             config = getattr(self.kernel, "best_config", None)
-            tuned = dict(config.kwargs) if config is not None else {}
-            self.cache[key] = (compiled, tuned)
+            consts = {**self.defaults, **meta, **(dict(config.kwargs) if config is not None else {})}
+            tail = tuple(consts[n] for n in self.names[len(args):])
+            self.cache[key] = (compiled, consts, tail)
             return compiled
-        compiled, tuned = hit
-        merged = {**self.defaults, **named, **meta, **tuned}
-        full = [merged[n] for n in self.names]
+        compiled, consts, tail = hit
         if callable(grid):
-            grid = grid(merged)
-        stream = torch._C._cuda_getCurrentRawStream(key[0])
+            grid = grid(consts)
+        stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                     compiled.function, compiled.packed_metadata, None, None, None, *full)
+                     compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
         return compiled
 
 

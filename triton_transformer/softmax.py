@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, check_tensor, launch
+from .runtime import FLOAT_DTYPES, check_tensor, launch, next_power_of_2
 
 #: Longest row kept whole in registers (elements; 64K bf16 = 128 KB per program, measured fastest with
 #: 16 warps on an H100). fp32 rows get half. Longer rows take the two-pass online path.
@@ -131,7 +131,7 @@ def _launch_params(n_cols: int, element_size: int = 2, rows_held: int = 1) -> tu
     """
     limit = MAX_FUSED_BLOCK * 2 // (element_size * rows_held)
     if n_cols <= limit:
-        block = triton.next_power_of_2(n_cols)
+        block = next_power_of_2(n_cols)
         single = True
     else:
         block = ONLINE_BLOCK

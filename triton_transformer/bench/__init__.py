@@ -99,6 +99,7 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
                     t.grad = None  # each recorded backward writes a fresh gradient, none accumulates
                 fn()
 
+    stream = torch.cuda.current_stream()
     try:
         if _reads_back(fn):  # inside the try: the finally below drops the gradients the probe wrote
             return None
@@ -123,6 +124,9 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
                 torch.cuda.synchronize()
                 times[with_fn].append(start.elapsed_time(end))
     except Exception:  # noqa: BLE001  (a diagnostic: any failure to record means "not measured")
+        # A recording that fails midway leaves its recording stream current (torch.cuda.graph's exit
+        # raises before it restores the stream): put ours back, then clear the random generator's mark.
+        torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
         _clear_rng_capture_mark()
         return None

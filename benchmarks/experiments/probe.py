@@ -1,0 +1,141 @@
+"""Session probes (not part of the book): host-side cost of fwd+bwd, and kernel variants.
+
+python3 benchmarks/experiments/probe.py host|ce|softmax
+"""
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+import triton_transformer as tt
+import importlib
+ce_mod = importlib.import_module("triton_transformer.cross_entropy")
+from triton_transformer import runtime
+sm_mod = importlib.import_module("triton_transformer.softmax")
+from triton_transformer.bench import measure_gpu_ms
+
+dev = runtime.DEVICE
+bf16 = torch.bfloat16
+
+
+def host():
+    torch.autograd.set_multithreading_enabled(False)
+    x = torch.randn(16384, 768, device=dev, dtype=bf16, requires_grad=True)
+    w = torch.ones(768, device=dev, dtype=bf16, requires_grad=True)
+    b = torch.zeros(768, device=dev, dtype=bf16, requires_grad=True)
+    dy = torch.randn(16384, 768, device=dev, dtype=bf16)
+    xs = torch.randn(4096, 1024, device=dev, dtype=bf16, requires_grad=True)
+    dys = torch.randn_like(xs)
+    xd = torch.randn(4194304, device=dev, dtype=bf16, requires_grad=True)
+    dyd = torch.randn_like(xd)
+    cases = {
+        "layer_norm": (lambda: tt.layer_norm(x, (768,), w, b).backward(dy), [x, w, b]),
+        "layer_norm_fwd_only": (lambda: tt.layer_norm(x, (768,), w, b), [x, w, b]),
+        "layer_norm_nograd": (lambda: tt.layer_norm(x.detach(), (768,), w.detach(), b.detach()), []),
+        "softmax": (lambda: tt.softmax(xs).backward(dys), [xs]),
+        "dropout": (lambda: tt.dropout(xd, 0.1).backward(dyd), [xd]),
+        "torch_ln": (lambda: torch.nn.functional.layer_norm(x, (768,), w, b).backward(dy), [x, w, b]),
+    }
+    for name, (fn, grads) in cases.items():
+        for _ in range(20):
+            fn()
+            for t in grads:
+                t.grad = None
+        torch.cuda.synchronize()
+        n = 300
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+            for t in grads:
+                t.grad = None
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        print(f"{name}: host {1e6 * (t1 - t0) / n:.1f} us/call, with drain {1e6 * (t2 - t0) / n:.1f} us/call, "
+              f"do_bench {1e3 * triton.testing.do_bench(fn, grad_to_none=grads, return_mode='median'):.1f} us, "
+              f"gpu {1e3 * (measure_gpu_ms(fn, grads) or float('nan')):.1f} us")
+        if name in ("layer_norm", "dropout", "softmax"):
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(200):
+                fn()
+                for t in grads:
+                    t.grad = None
+            pr.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+
+
+def bench(fn):
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def ce():
+    ce_mod._raise_if_bad_targets = lambda *a, **k: None  # the readback, out of the timing
+    for V in (50304, 256):
+        logits = torch.randn(8192, V, device=dev, dtype=bf16)
+        target = torch.randint(0, V, (8192,), device=dev)
+        nbytes = 2 * logits.numel() * 2
+        variants = [("default", None, None, None)]
+        if V > 4096:
+            variants += [("single16", True, 65536, 16), ("single32", True, 65536, 32)]
+            for blk in (1024, 2048, 4096, 8192, 16384):
+                for w in (4, 8, 16):
+                    if blk // (32 * w) >= 4:
+                        variants.append((f"online{blk}w{w}", False, blk, w))
+        for name, single, blk, w in variants:
+            if single is None:
+                fn = lambda: ce_mod.cross_entropy_forward(logits, target, with_grad=True)  # noqa: E731
+            else:
+                def fn(single=single, blk=blk, w=w):
+                    orig = ce_mod._launch_params
+                    ce_mod._launch_params = lambda n, e=2, s=None: (blk, single, w)
+                    try:
+                        return ce_mod.cross_entropy_forward(logits, target, with_grad=True)
+                    finally:
+                        ce_mod._launch_params = orig
+            try:
+                us = bench(fn)
+                print(f"ce [8192, {V}] {name}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s (read+write once)")
+            except Exception as e:  # noqa: BLE001
+                print(f"ce {name}: failed {type(e).__name__}: {str(e)[:200]}")
+
+
+def softmax():
+    for m, n in ((8192, 50304), (4096, 4096), (4096, 16384)):
+        x = torch.randn(m, n, device=dev, dtype=bf16)
+        nbytes = 2 * x.numel() * 2
+        variants = [("default", None)]
+        for blk in (2048, 4096, 8192, 16384, 65536):
+            for w in (4, 8, 16, 32):
+                if blk // (32 * w) >= 4 and blk <= triton.next_power_of_2(n):
+                    variants.append((f"{'single' if blk >= n else 'online'}{blk}w{w}", (blk, blk >= n, w)))
+        for name, params in variants:
+            def fn(params=params):
+                if params is None:
+                    return sm_mod.softmax_forward(x)
+                orig = sm_mod._launch_params
+                sm_mod._launch_params = lambda *a, **k: params
+                try:
+                    return sm_mod.softmax_forward(x)
+                finally:
+                    sm_mod._launch_params = orig
+            try:
+                us = bench(fn)
+                print(f"softmax [{m}, {n}] {name}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s")
+            except Exception as e:  # noqa: BLE001
+                print(f"softmax {name}: failed {type(e).__name__}: {str(e)[:200]}")
+    y = torch.empty(8192 * 50304 * 2, device=dev, dtype=bf16)
+    src = torch.randn(8192 * 50304, device=dev, dtype=bf16)
+    us = bench(lambda: y[: src.numel()].copy_(src))
+    print(f"device copy 8192x50304 bf16: {us:.1f} us, {2 * src.numel() * 2 / us / 1e3:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    for what in sys.argv[1:]:
+        print(f"==== {what}")
+        globals()[what]()
