@@ -43,18 +43,37 @@ def check(x, weight, bias=None, activation=None, dy=None, tol=None):
     # an fp32 weight with 16-bit x takes part rounded to x's dtype, as under autocast
     w64 = weight.detach().to(x.dtype).double().requires_grad_()
     b64 = bias.detach().double().requires_grad_() if bias is not None else None
-    y64 = act_ref(F.linear(x64, w64, b64), activation)
+    z64 = F.linear(x64, w64, b64)
+    z64.retain_grad()
+    y64 = act_ref(z64, activation)
     y64.backward(dy.double())
 
     tol = tol or tolerance(x.dtype, matmul=True)
     assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], weight.shape[0])
     torch.testing.assert_close(y.double(), y64, **tol)
-    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    # With an activation, dz = dy * act'(z) feeds the three gradient sums rounded to x's dtype, as in
+    # PyTorch's own 16-bit autograd. A sum of n such terms then carries a rounding error that grows like
+    # the root of the sum of its squared terms, however small the sum itself: allow 2 eps of that
+    # (~7 standard deviations), far below what a wrong tile or a misplaced row would add.
+    rounded = activation is not None and x.dtype in (torch.float16, torch.bfloat16)
+    eps = 2 * torch.finfo(x.dtype).eps if rounded else 0.0
+    dz2 = z64.grad.reshape(-1, z64.shape[-1]) ** 2
+    x2 = x64.detach().reshape(-1, x64.shape[-1]) ** 2
+    close_with_slack(x.grad, x64.grad, tol, eps * (dz2 @ w64.detach() ** 2).sqrt().view(x.shape), "dx")
     assert weight.grad.dtype == weight.dtype and (bias is None or bias.grad.dtype == bias.dtype)
-    torch.testing.assert_close(weight.grad.double(), w64.grad, **tol)
+    close_with_slack(weight.grad, w64.grad, tol, eps * (dz2.t() @ x2).sqrt(), "dW")
     if bias is not None:
-        torch.testing.assert_close(bias.grad.double(), b64.grad, **tol)
+        close_with_slack(bias.grad, b64.grad, tol, eps * dz2.sum(0).sqrt(), "db")
     return y
+
+
+def close_with_slack(ours, ref, tol, slack, name):
+    """|ours - ref| <= atol + rtol |ref| + slack, element by element (slack: a tensor like ref)."""
+    excess = (ours.double() - ref).abs() - (tol["atol"] + tol["rtol"] * ref.abs() + slack)
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, (f"{name}: {int((excess > 0).sum())} of {ref.numel()} elements off; worst at flat "
+                               f"index {worst}: ours {ours.flatten()[worst].item():.5f}, reference "
+                               f"{ref.flatten()[worst].item():.5f}, allowed {(excess + (ours.double() - ref).abs()).flatten()[worst].item():.5f}")
 
 
 def inputs(shape, out_features, dtype, device, bias=True, scale=1.0):
@@ -138,15 +157,18 @@ def test_no_grad_saves_nothing_and_frozen_weight_saves_no_input(device):
     w.requires_grad_()
     with torch.no_grad():
         assert linear(x, w, b, "gelu").grad_fn is None
-    # weight frozen: x is not kept for dW; gelu keeps its pre-activation z
-    saved = linear(x, w.detach(), b, "gelu").grad_fn.saved_tensors
+    # weight frozen: x is not kept for dW; gelu keeps its pre-activation z. (The output stays referenced:
+    # a custom Function's grad_fn releases what it saved once its outputs are gone.)
+    y = linear(x, w.detach(), b, "gelu")
+    saved = y.grad_fn.saved_tensors
     assert saved[0] is None and saved[1] is not None and saved[2] is not None
     # relu and relu^2 recover their derivative from the output: nothing extra is stored
     y = linear(x, w, b, "relu_squared")
     saved = y.grad_fn.saved_tensors
     assert saved[2].data_ptr() == y.data_ptr()
     # input frozen: W is not kept for dx
-    saved = linear(x.detach(), w, None, None).grad_fn.saved_tensors
+    y = linear(x.detach(), w, None, None)
+    saved = y.grad_fn.saved_tensors
     assert saved[1] is None and saved[2] is None
 
 
