@@ -472,13 +472,21 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
 
 def _as_rows(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     """A 2-D (rows, N) view with unit column stride, copying only when a view cannot do."""
+    if t.dim() == 2 and t.stride(-1) == 1:  # already rows: no reshape op (each costs microseconds of host time)
+        return t
     t2 = t.reshape(n_rows, n_cols)
     return t2 if t2.stride(-1) == 1 or n_cols <= 1 else t2.contiguous()
 
 
+def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """t viewed as `shape`, without a view op when it already has it."""
+    return t if t.shape == shape else t.view(shape)
+
+
 def _flat_params(weight: torch.Tensor | None, bias: torch.Tensor | None):
     """weight and bias as the contiguous 1-D vectors the kernels read (None stays None)."""
-    return tuple(t.reshape(-1).contiguous() if t is not None else None for t in (weight, bias))
+    return tuple(t if t is None or (t.dim() == 1 and t.is_contiguous()) else t.reshape(-1).contiguous()
+                 for t in (weight, bias))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -495,7 +503,7 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.w_shape = weight.shape if weight is not None else None
         ctx.b_shape = bias.shape if bias is not None else None
         ctx.b_dtype = bias.dtype if bias is not None else None
-        return y2.view(x.shape)
+        return _shaped(y2, x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -504,9 +512,9 @@ class LayerNormFunction(torch.autograd.Function):
         dx2, dw, db = layer_norm_backward(_as_rows(dy, *x2.shape), x2, w, mean, rstd, ctx.eps,
                                           compute_dx=need_dx, compute_dw=need_dw, compute_db=need_db,
                                           bias_dtype=ctx.b_dtype)
-        dx = dx2.view(ctx.x_shape) if dx2 is not None else None
-        dw = dw.view(ctx.w_shape) if dw is not None else None
-        db = db.view(ctx.b_shape) if db is not None else None
+        dx = _shaped(dx2, ctx.x_shape) if dx2 is not None else None
+        dw = _shaped(dw, ctx.w_shape) if dw is not None else None
+        db = _shaped(db, ctx.b_shape) if db is not None else None
         return dx, dw, db, None, None, None, None
 
 
