@@ -37,9 +37,8 @@ for stage in "$@"; do
         bench) cmd=(python3 benchmarks/run.py $items) ;;
         chapters) cmd=(python3 scripts/execute_notebooks.py --out "$OUT" --budget $(( left - 10 ))
                        $(for nb in $items; do echo "book/$nb.ipynb"; done)) ;;
-        # four test processes share the GPU when pytest-xdist was carried (the suite is mostly compiling),
-        # each file whole in one process, in order, as a serial run would see it
-        tests) workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+        # four test processes share the GPU when pytest-xdist was carried: the suite is mostly compiling
+        tests) workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
                [[ $items == all ]] && cmd=(python3 -m pytest -q -rfE --durations=15 $workers tests) ||
                cmd=(python3 -m pytest -q -rfE --durations=15 $workers
                     $(for t in $items; do echo "tests/$t.py"; done)) ;;
