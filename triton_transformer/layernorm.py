@@ -440,20 +440,21 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     rows_per_program = cdiv(cdiv(n_rows, programs), rows) * rows
     programs = cdiv(n_rows, rows_per_program)
 
+    recompute = mean is None
+    dummy = x2  # stands in for pointers a flag leaves unused
     part = None
+    dw_part = db_part = dummy
     if compute_dw or compute_db:
         # fp32 partial sums, [0] for dweight and [1] for dbias. The single-block path
         # overwrites its row; the looping path adds into it, so it starts from zero.
         alloc = torch.empty if single else torch.zeros
         part = alloc((2, programs, n_cols), dtype=torch.float32, device=x2.device)
+        dw_part, db_part = part.unbind(0)
 
-    recompute = mean is None
-    dummy = x2  # stands in for pointers a flag leaves unused
     launch(_layer_norm_bwd_kernel, (programs,),
            x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
            dummy if recompute else mean, dummy if recompute else rstd,
-           part[0] if part is not None else dummy, part[1] if part is not None else dummy,
-           dh if dh is not None else dummy, dr if dr is not None else dummy,
+           dw_part, db_part, dh if dh is not None else dummy, dr if dr is not None else dummy,
            x2.stride(0), dy2.stride(0), n_cols, dh.stride(0) if dh is not None else 0,
            dr.stride(0) if dr is not None else 0, n_rows, n_cols, rows_per_program, eps,
            ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
@@ -462,7 +463,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     if part is not None:
         block_c, block_p = _sum_params(n_cols, x2.device)
         launch(_sum_partials_kernel, (cdiv(n_cols, block_c),),
-               part[0], part[1], dw if compute_dw else dummy, db if compute_db else dummy, programs, n_cols,
+               dw_part, db_part, dw if compute_dw else dummy, db if compute_db else dummy, programs, n_cols,
                BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=4)
     return dx2, dw, db
 

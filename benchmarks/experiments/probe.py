@@ -135,6 +135,52 @@ def softmax():
     print(f"device copy 8192x50304 bf16: {us:.1f} us, {2 * src.numel() * 2 / us / 1e3:.0f} GB/s")
 
 
+
+def mm():
+    MM = importlib.import_module("triton_transformer.matmul")
+    M = 16384
+    for k_in, n_out in ((512, 1536), (512, 512), (512, 2048), (2048, 512), (512, 256), (768, 3072), (3072, 768)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        w = torch.randn(n_out, k_in, device=dev, dtype=bf16) / k_in ** 0.5
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        flops = 2 * M * k_in * n_out
+        line = [f"[{M},{k_in}->{n_out}]"]
+        for name, ours, ref in (("fwd", lambda: MM.matmul(x, w.t()), lambda: x @ w.t()),
+                                ("dX", lambda: MM.matmul(dy, w), lambda: dy @ w)):
+            t, r = bench(ours), bench(ref)
+            line.append(f"{name} {t:.1f}/{r:.1f}us ({flops / t / 1e6:.0f}/{flops / r / 1e6:.0f} TF)")
+        r = bench(lambda: dy.t() @ x)
+        line.append(f"dW cublas {r:.1f}us ({flops / r / 1e6:.0f} TF) auto-split {MM._split_k(n_out, k_in, M, dev)}:")
+        for tma in ("auto", False):
+            for split in (None, 1, 2, 3, 4, 6, 8):
+                MM.SPLIT_K, MM.TMA = split, tma
+                t = bench(lambda: MM.matmul(dy.t(), x, out_dtype=torch.float32))
+                line.append(f"{'tma' if tma else 'ptr'}{split or 'h'} {t:.1f}")
+        MM.SPLIT_K, MM.TMA = None, "auto"
+        print(" ".join(line), flush=True)
+
+
+def mm2():
+    MM = importlib.import_module("triton_transformer.matmul")
+    M = 16384
+    for k_in, n_out in ((512, 1536), (512, 512), (512, 2048), (2048, 512), (512, 256), (768, 3072), (3072, 768)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        w = torch.randn(n_out, k_in, device=dev, dtype=bf16) / k_in ** 0.5
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        flops = 2 * M * k_in * n_out
+        line = [f"[{M},{k_in}->{n_out}]"]
+        for name, a, b in (("fwd", x, w.t()), ("dX", dy, w), ("dW", dy.t(), x)):
+            r = bench(lambda: a @ b)
+            times = []
+            for tma in ("auto", False):
+                MM.TMA = tma
+                times.append(bench(lambda: MM.matmul(a, b)))
+            MM.TMA = "auto"
+            line.append(f"| {name} cublas {r:.1f} auto {times[0]:.1f} ptr {times[1]:.1f}us "
+                        f"({flops / times[0] / 1e6:.0f} TF)")
+        print(" ".join(line), flush=True)
+
+
 if __name__ == "__main__":
     for what in sys.argv[1:]:
         print(f"==== {what}")
