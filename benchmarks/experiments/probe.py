@@ -1,6 +1,12 @@
-"""Session probes (not part of the book): host-side cost of fwd+bwd, and kernel variants.
+"""Probes behind decisions in the package (not part of the book or of benchmarks/run.py), on a GPU:
 
-python3 benchmarks/experiments/probe.py host|ce|softmax
+    python3 benchmarks/experiments/probe.py host ce softmax mm mm2
+
+host     host (Python) time of small forward+backward calls against their GPU time, with a profile
+ce       cross-entropy's forward kernel: the row kept whole on chip against the online path, per block/warps
+softmax  the same choice for softmax's forward
+mm       dW = dz^T x of a GPT's projections over 16384 rows: TMA or pointer kernel, per split-K
+mm2      forward, dX and dW of the same projections: "auto" routing against the pointer kernel and cuBLAS
 """
 import cProfile
 import pstats
