@@ -194,7 +194,7 @@ class _Launcher:
     argument list that is the same at every call (constexprs, the tuned config,
     defaults), and call its launcher directly. Under the interpreter there is
     nothing to cache. A callable `grid` is given the kernel's meta-parameters
-    (constexprs and the tuned config), not its runtime arguments.
+    (constexprs and the tuned config), and its runtime arguments only if it asks for them.
     """
 
     def __init__(self, kernel):
@@ -224,7 +224,10 @@ class _Launcher:
             return compiled
         compiled, consts, tail = hit
         if callable(grid):
-            grid = grid(consts)
+            try:
+                grid = grid(consts)
+            except KeyError:  # a grid that reads runtime arguments too, Triton's `meta["n_elements"]` idiom
+                grid = grid({**consts, **dict(zip(self.names, args))})
         stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                      compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
