@@ -12,6 +12,13 @@ def test_committed_rows_load_and_name_their_gpu(capsys):
     assert rows[0]["gpu"] in capsys.readouterr().out
 
 
+def test_wall_and_gpu_prints_committed_rows_with_both_times(capsys):
+    rows = bench.wall_and_gpu("softmax", shapes=[(4096, 4096)])
+    assert rows and all(r["shape"] == [4096, 4096] and r["gpu_ms"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "gpu_ms" in out and "4096x4096" in out and len(out.splitlines()) == len(rows) + 1
+
+
 @cuda_only
 def test_gpu_time_is_positive_and_at_most_the_wall_time(device):
     x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)

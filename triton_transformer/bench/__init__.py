@@ -343,6 +343,23 @@ def results(kernel: str | list[str], quick: bool = False, live: bool | None = No
     return rows
 
 
+def wall_and_gpu(kernel: str, shapes: list | None = None, gpu: str = "NVIDIA H100 80GB HBM3") -> list[dict]:
+    """Print the newest committed rows of `kernel` on `gpu` (optionally only `shapes`): `ms` against `gpu_ms`.
+
+    `ms` is what a caller waits for, Python and launches included; `gpu_ms` the GPU's own time for the
+    same call. Where the first is much larger, the host is the bottleneck. Reads committed results
+    only, so a chapter prints the same table on any machine. Returns the rows printed.
+    """
+    rows = [r for r in load(kernel, gpu=gpu) if r.get("gpu_ms") is not None
+            and (shapes is None or r["shape"] in [list(s) for s in shapes])]
+    rows.sort(key=lambda r: (r["kernel"], r["shape"], r["pass"], PROVIDER_ORDER.index(r["provider"])
+                             if r["provider"] in PROVIDER_ORDER else len(PROVIDER_ORDER)))
+    print(f"{'pass':8}{'shape':>16}{'provider':>15}{'ms':>9}{'gpu_ms':>9}  ({gpu}, newest committed rows)")
+    for r in rows:
+        print(f"{r['pass']:8}{'x'.join(map(str, r['shape'])):>16}{r['provider']:>15}{r['ms']:9.4f}{r['gpu_ms']:9.4f}")
+    return rows
+
+
 def show(kernel: str | list[str], metric: str = "GBps", quick: bool = False, live: bool | None = None, **plot_kw):
     """What a chapter's benchmark cell calls: `results` (live on a GPU, committed on a CPU), plotted.
 
