@@ -277,6 +277,21 @@ def test_cuda_split_k_and_fp16(device):
     check(*inputs((2, 300, 512), 1000, torch.float16, device), "relu_squared")
 
 
+def test_split_k_rule(monkeypatch):
+    """dW's split of the K loop, as measured on the H100 (132 SMs): 3 for about a wave of 128 x 128 tiles,
+    4 for 32 to 131 tiles, 8 for fewer; none for two waves or more, or a K under 4096; at most K // 2048."""
+    monkeypatch.setattr(MM, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    rows = 16384
+    for (out_features, in_features), split in [((1536, 512), 4), ((512, 512), 8), ((2048, 512), 4),
+                                                ((512, 2048), 4), ((256, 512), 8), ((3072, 768), 3),
+                                                ((768, 3072), 3), ((8192, 8192), 1)]:
+        assert MM._split_k(out_features, in_features, rows, cuda) == split, (out_features, in_features)
+    assert MM._split_k(512, 512, 4095, cuda) == 1  # short K: nothing to split
+    assert MM._split_k(512, 512, 8192, cuda) == 4  # capped at K // 2048
+    assert MM._split_k(512, 512, rows, torch.device("cpu")) == 1
+
+
 def test_dot_precision_follows_torch_setting():
     """The one switch for fp32 `tl.dot` in linear and attention: exact under "highest", TF32 otherwise."""
     before = torch.get_float32_matmul_precision()
