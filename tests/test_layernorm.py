@@ -92,6 +92,7 @@ def test_normalized_shape_of_several_dims(device):
     w, b = (1 + torch.randn(5, 6, device=device)).requires_grad_(), torch.randn(5, 6, device=device).requires_grad_()
     check_fwd_bwd(torch.randn(3, 4, 5, 6, device=device), (5, 6), w, b)
     check_fwd_bwd(torch.randn(3, 4, 5, 6, device=device), torch.Size([4, 5, 6]))
+    check_fwd_bwd(torch.randn(5, 6, device=device), (5, 6), w, b)  # a 2-D input normalized as one row
 
 
 def test_mixed_dtypes(device):

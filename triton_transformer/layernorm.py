@@ -428,9 +428,9 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
     # The partial-sum kernel writes every column of dweight and dbias: no zero fill (one launch each) needed,
     # except with no rows at all, where they are empty sums.
-    alloc = torch.zeros if x2.numel() == 0 else torch.empty
-    dw = alloc(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
-    db = alloc(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
+    alloc_sum = torch.zeros if x2.numel() == 0 else torch.empty
+    dw = alloc_sum(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
+    db = alloc_sum(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
     if x2.numel() == 0:
         return dx2, dw, db
 
@@ -473,7 +473,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
 
 def _as_rows(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     """A 2-D (rows, N) view with unit column stride, copying only when a view cannot do."""
-    if t.dim() == 2 and t.stride(-1) == 1:  # already rows: no reshape op (each costs microseconds of host time)
+    if t.shape == (n_rows, n_cols) and t.stride(-1) == 1:  # already rows: no reshape op (microseconds of host time)
         return t
     t2 = t.reshape(n_rows, n_cols)
     return t2 if t2.stride(-1) == 1 or n_cols <= 1 else t2.contiguous()
