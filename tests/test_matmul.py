@@ -69,11 +69,12 @@ def check(x, weight, bias=None, activation=None, dy=None, tol=None):
 
 def close_with_slack(ours, ref, tol, slack, name):
     """|ours - ref| <= atol + rtol |ref| + slack, element by element (slack: a tensor like ref)."""
-    excess = (ours.double() - ref).abs() - (tol["atol"] + tol["rtol"] * ref.abs() + slack)
+    bound = tol["atol"] + tol["rtol"] * ref.abs() + slack
+    excess = (ours.double() - ref).abs() - bound
     worst = int(excess.argmax())
     assert excess.max() <= 0, (f"{name}: {int((excess > 0).sum())} of {ref.numel()} elements off; worst at flat "
                                f"index {worst}: ours {ours.flatten()[worst].item():.5f}, reference "
-                               f"{ref.flatten()[worst].item():.5f}, allowed {(excess + (ours.double() - ref).abs()).flatten()[worst].item():.5f}")
+                               f"{ref.flatten()[worst].item():.5f}, allowed {bound.flatten()[worst].item():.5f}")
 
 
 def inputs(shape, out_features, dtype, device, bias=True, scale=1.0):

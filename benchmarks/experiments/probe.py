@@ -5,7 +5,7 @@
 host     host (Python) time of small forward+backward calls against their GPU time, with a profile
 ce       cross-entropy's forward kernel: the row kept whole on chip against the online path, per block/warps
 softmax  the same choice for softmax's forward
-mm       dW = dz^T x of a GPT's projections over 16384 rows: TMA or pointer kernel, per split-K
+mm       dW = dz^T x of a GPT's projections over 16384 rows: TMA or pointer kernel (forced), per split-K
 mm2      forward, dX and dW of the same projections: "auto" routing against the pointer kernel and cuBLAS
 """
 import cProfile
@@ -142,22 +142,29 @@ def softmax():
 
 
 
-def mm():
-    MM = importlib.import_module("triton_transformer.matmul")
+def _projections():
+    """(label, x, W, dy, flops) for every projection of the seed model and GPT-2 small over 16384 rows."""
     M = 16384
     for k_in, n_out in ((512, 1536), (512, 512), (512, 2048), (2048, 512), (512, 256), (768, 3072), (3072, 768)):
         x = torch.randn(M, k_in, device=dev, dtype=bf16)
         w = torch.randn(n_out, k_in, device=dev, dtype=bf16) / k_in ** 0.5
         dy = torch.randn(M, n_out, device=dev, dtype=bf16)
-        flops = 2 * M * k_in * n_out
-        line = [f"[{M},{k_in}->{n_out}]"]
+        yield f"[{M},{k_in}->{n_out}]", x, w, dy, 2 * M * k_in * n_out
+
+
+def mm():
+    MM = importlib.import_module("triton_transformer.matmul")
+    for label, x, w, dy, flops in _projections():
+        line = [label]
         for name, ours, ref in (("fwd", lambda: MM.matmul(x, w.t()), lambda: x @ w.t()),
                                 ("dX", lambda: MM.matmul(dy, w), lambda: dy @ w)):
             t, r = bench(ours), bench(ref)
             line.append(f"{name} {t:.1f}/{r:.1f}us ({flops / t / 1e6:.0f}/{flops / r / 1e6:.0f} TF)")
         r = bench(lambda: dy.t() @ x)
-        line.append(f"dW cublas {r:.1f}us ({flops / r / 1e6:.0f} TF) auto-split {MM._split_k(n_out, k_in, M, dev)}:")
-        for tma in ("auto", False):
+        n_out, k_in = w.shape
+        split = MM._split_k(n_out, k_in, x.shape[0], dev)
+        line.append(f"dW cublas {r:.1f}us ({flops / r / 1e6:.0f} TF) auto-split {split}:")
+        for tma in (True, False):  # forced: "auto" now leaves dW to the pointer kernel
             for split in (None, 1, 2, 3, 4, 6, 8):
                 MM.SPLIT_K, MM.TMA = split, tma
                 t = bench(lambda: MM.matmul(dy.t(), x, out_dtype=torch.float32))
@@ -168,13 +175,8 @@ def mm():
 
 def mm2():
     MM = importlib.import_module("triton_transformer.matmul")
-    M = 16384
-    for k_in, n_out in ((512, 1536), (512, 512), (512, 2048), (2048, 512), (512, 256), (768, 3072), (3072, 768)):
-        x = torch.randn(M, k_in, device=dev, dtype=bf16)
-        w = torch.randn(n_out, k_in, device=dev, dtype=bf16) / k_in ** 0.5
-        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
-        flops = 2 * M * k_in * n_out
-        line = [f"[{M},{k_in}->{n_out}]"]
+    for label, x, w, dy, flops in _projections():
+        line = [label]
         for name, a, b in (("fwd", x, w.t()), ("dX", dy, w), ("dW", dy.t(), x)):
             r = bench(lambda: a @ b)
             times = []
@@ -185,7 +187,6 @@ def mm2():
             line.append(f"| {name} cublas {r:.1f} auto {times[0]:.1f} ptr {times[1]:.1f}us "
                         f"({flops / times[0] / 1e6:.0f} TF)")
         print(" ".join(line), flush=True)
-
 
 if __name__ == "__main__":
     for what in sys.argv[1:]:
