@@ -7,6 +7,7 @@ ce       cross-entropy's forward kernel: the row kept whole on chip against the 
 softmax  the same choice for softmax's forward
 mm       dW = dz^T x of a GPT's projections over 16384 rows: TMA or pointer kernel (forced), per split-K
 mm2      forward, dX and dW of the same projections: "auto" routing against the pointer kernel and cuBLAS
+tmacfg   the TMA kernel's forward and dX with each config forced, against the autotuner's pick and cuBLAS
 """
 import cProfile
 import pstats
@@ -187,6 +188,40 @@ def mm2():
             line.append(f"| {name} cublas {r:.1f} auto {times[0]:.1f} ptr {times[1]:.1f}us "
                         f"({flops / times[0] / 1e6:.0f} TF)")
         print(" ".join(line), flush=True)
+
+def tmacfg():
+    MM = importlib.import_module("triton_transformer.matmul")
+    kernel = MM._matmul_tma_kernel
+    configs = list(kernel.configs)
+    M = 16384
+    for k_in, n_out in ((512, 1536), (512, 512), (768, 3072), (768, 50304)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        w = torch.randn(n_out, k_in, device=dev, dtype=bf16) / k_in ** 0.5
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        for name, a, b in (("fwd", x, w.t()), ("dX", dy, w)):
+            MM.TMA = True
+            kernel.configs = configs
+            auto = bench(lambda: MM.matmul(a, b))
+            best = kernel.best_config
+            line = [f"[{M},{k_in}->{n_out}] {name} cublas {bench(lambda: a @ b):.1f} tuned {auto:.1f} "
+                    f"({best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']}x{best.kwargs['BLOCK_K']} "
+                    f"s{best.num_stages} w{best.num_warps}) |"]
+            for cfg in configs[1:]:
+                kernel.configs = [cfg]  # one config: the autotuner runs it without benchmarking
+                k = cfg.kwargs
+                try:
+                    t = f"{bench(lambda: MM.matmul(a, b)):.1f}"
+                except Exception as err:  # out of shared memory and the like
+                    t = type(err).__name__
+                line.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}s{cfg.num_stages}w{cfg.num_warps} {t}")
+            kernel.configs = configs
+            MM.TMA = "auto"
+            print(" ".join(line), flush=True)
+        MM.TMA = False
+        print(f"  ptr fwd {bench(lambda: MM.matmul(x, w.t())):.1f} dX {bench(lambda: MM.matmul(dy, w)):.1f} "
+              f"dW {bench(lambda: MM.matmul(dy.t(), x)):.1f} | cublas dW {bench(lambda: dy.t() @ x):.1f}", flush=True)
+        MM.TMA = "auto"
+
 
 if __name__ == "__main__":
     for what in sys.argv[1:]:
