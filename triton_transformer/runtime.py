@@ -166,6 +166,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- launching kernels with less Python
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # an older Triton: no host-side TMA descriptors, none to launch with
+    _TensorDescriptor = None
+
+
 def _spec(arg) -> object:
     """What Triton specialises a compiled kernel on, for one argument.
 
@@ -175,6 +181,10 @@ def _spec(arg) -> object:
     """
     if isinstance(arg, torch.Tensor):
         return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if _TensorDescriptor is not None and isinstance(arg, _TensorDescriptor):
+        # A TMA descriptor: Triton compiles for its dtype and rank (and its block shape, which the
+        # autotuned config sets, already in the key); shape and strides are runtime values.
+        return ("desc", arg.base.dtype, len(arg.shape))
     if isinstance(arg, bool):
         return ("b", arg)
     if isinstance(arg, int):
@@ -182,6 +192,7 @@ def _spec(arg) -> object:
     if isinstance(arg, float):
         return "f"
     return ("v", arg)
+
 
 
 class _Launcher:

@@ -39,6 +39,12 @@ def host():
     dys = torch.randn_like(xs)
     xd = torch.randn(4194304, device=dev, dtype=bf16, requires_grad=True)
     dyd = torch.randn_like(xd)
+    xl = torch.randn(16384, 768, device=dev, dtype=bf16, requires_grad=True)
+    wl = torch.randn(3072, 768, device=dev, dtype=bf16, requires_grad=True)
+    dyl = torch.randn(16384, 3072, device=dev, dtype=bf16)
+    q, k, v = (torch.randn(8, 12, 1024, 64, device=dev, dtype=bf16, requires_grad=True) for _ in range(3))
+    dya = torch.randn_like(q)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     cases = {
         "layer_norm": (lambda: tt.layer_norm(x, (768,), w, b).backward(dy), [x, w, b]),
         "layer_norm_fwd_only": (lambda: tt.layer_norm(x, (768,), w, b), [x, w, b]),
@@ -46,6 +52,10 @@ def host():
         "softmax": (lambda: tt.softmax(xs).backward(dys), [xs]),
         "dropout": (lambda: tt.dropout(xd, 0.1).backward(dyd), [xd]),
         "torch_ln": (lambda: torch.nn.functional.layer_norm(x, (768,), w, b).backward(dy), [x, w, b]),
+        "linear": (lambda: tt.linear(xl, wl).backward(dyl), [xl, wl]),
+        "torch_linear": (lambda: torch.nn.functional.linear(xl, wl).backward(dyl), [xl, wl]),
+        "attention": (lambda: tt.attention(q, k, v, causal=True).backward(dya), [q, k, v]),
+        "sdpa": (lambda: sdpa(q, k, v, is_causal=True).backward(dya), [q, k, v]),
     }
     for name, (fn, grads) in cases.items():
         for _ in range(20):
@@ -65,7 +75,7 @@ def host():
         print(f"{name}: host {1e6 * (t1 - t0) / n:.1f} us/call, with drain {1e6 * (t2 - t0) / n:.1f} us/call, "
               f"do_bench {1e3 * triton.testing.do_bench(fn, grad_to_none=grads, return_mode='median'):.1f} us, "
               f"gpu {1e3 * (measure_gpu_ms(fn, grads) or float('nan')):.1f} us")
-        if name in ("layer_norm", "dropout", "softmax"):
+        if name in ("layer_norm", "linear", "attention"):
             pr = cProfile.Profile()
             pr.enable()
             for _ in range(200):
