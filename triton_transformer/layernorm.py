@@ -378,8 +378,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _bwd_params(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, bool, int, int]:
-    """(ROWS, BLOCK_N, single block?, num_warps, programs) for the backward.
+def _bwd_params(n_rows: int, n_cols: int, device: torch.device,
+                element_size: int = 2) -> tuple[int, int, bool, int, int]:
+    """(ROWS, BLOCK_N, single block?, num_warps, programs) for the backward of x with `element_size` bytes.
 
     Fixed by the shape and the GPU, never autotuned: the partial sums, and so the
     rounding of dweight and dbias, depend on how rows are split among programs.
@@ -387,13 +388,16 @@ def _bwd_params(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, in
     block, single = _block_n(n_cols)
     rows, num_warps = _default_tile(block, single)
     if runtime.INTERPRET or device.type != "cuda":
-        programs = INTERPRET_BWD_PROGRAMS
-    else:
-        # Enough programs to fill every SM, few enough that the [programs, N] partial
-        # buffers stay small next to x and dy.
-        programs = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        programs *= max(1, BWD_WARPS_PER_SM // num_warps)
-    return rows, block, single, num_warps, programs
+        return rows, block, single, num_warps, INTERPRET_BWD_PROGRAMS
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if element_size == 4 and single and block <= 1024:
+        # An fp32 x: the GPT's residual stream under autocast, whose backward also reads the fp32
+        # gradient of the stream. Measured on the H100 at (16384, 768): tiles of 4096 values on
+        # 4 warps, two programs per SM, 89 us against 112 us for the tiles of a 16-bit x.
+        return 4096 // block, block, single, 4, 2 * sms
+    # Enough programs to fill every SM, few enough that the [programs, N] partial
+    # buffers stay small next to x and dy.
+    return rows, block, single, num_warps, sms * max(1, BWD_WARPS_PER_SM // num_warps)
 
 
 def _sum_params(n_cols: int, device: torch.device) -> tuple[int, int]:
@@ -434,7 +438,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     if x2.numel() == 0:
         return dx2, dw, db
 
-    rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device)
+    rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device, x2.element_size())
     programs = max(1, min(num_programs or programs, cdiv(n_rows, rows)))
     # Whole tiles per program; recount so that no program is left without rows.
     rows_per_program = cdiv(cdiv(n_rows, programs), rows) * rows

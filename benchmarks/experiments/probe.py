@@ -8,6 +8,7 @@ softmax  the same choice for softmax's forward
 mm       dW = dz^T x of a GPT's projections over 16384 rows: TMA or pointer kernel (forced), per split-K
 mm2      forward, dX and dW of the same projections: "auto" routing against the pointer kernel and cuBLAS
 tmacfg   the TMA kernel's forward and dX with each config forced, against the autotuner's pick and cuBLAS
+lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
 """
 import cProfile
 import pstats
@@ -231,6 +232,42 @@ def tmacfg():
         print(f"  ptr fwd {bench(lambda: MM.matmul(x, w.t())):.1f} dX {bench(lambda: MM.matmul(dy, w)):.1f} "
               f"dW {bench(lambda: MM.matmul(dy.t(), x)):.1f} | cublas dW {bench(lambda: dy.t() @ x):.1f}", flush=True)
         MM.TMA = "auto"
+
+
+def lnbwd():
+    """The backward of layer norm as the GPT runs it, at its two widths, against the other tiles."""
+    L = importlib.import_module("triton_transformer.layernorm")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    default_tile, default_params = L._default_tile, L._bwd_params
+    for n_rows, n, dtype in ((16384, 768, torch.float32), (16384, 512, torch.float32), (16384, 768, bf16)):
+        residual = dtype == torch.float32  # the model's fused add: dh in, dr out
+        h = torch.randn(n_rows, n, device=dev, dtype=dtype)
+        w, b = torch.rand(n, device=dev, dtype=dtype) + 0.5, torch.randn(n, device=dev, dtype=dtype)
+        dy = torch.randn(n_rows, n, device=dev, dtype=bf16)
+        dh = torch.randn(n_rows, n, device=dev) if residual else None
+        dr = torch.empty(n_rows, n, device=dev, dtype=bf16) if residual else None
+        _, mean, rstd = L.layer_norm_forward(h, w, b, 1e-5, store_stats=True, out_dtype=bf16)
+        # read h, dy (and dh); write dx (and dr)
+        moved = n_rows * n * (2 * h.element_size() + 2 + (4 + 2 if residual else 0))
+        chosen = L._bwd_params(n_rows, n, h.device, h.element_size())
+        t = bench(lambda: L.layer_norm_backward(dy, h, w, mean, rstd, 1e-5, dh=dh, dr=dr))
+        print(f"({n_rows}, {n}) {str(dtype)[6:]}{' + residual' if residual else ''}: package's (ROWS "
+              f"{chosen[0]}, warps {chosen[3]}, {chosen[4]} programs) {t:.1f} us {moved / t / 1e3:.0f} GB/s", flush=True)
+        L._bwd_params = lambda r, c, d, e=2: default_params(r, c, d, 2)  # the 16-bit rule, for any x
+        for rows, warps in ((2, 4), (4, 4), (8, 4), (8, 8)):
+            L._default_tile = lambda block, single, rows=rows * 1024 // n if n < 1024 else rows, warps=warps: (
+                max(1, rows), warps)
+            line = [f"  ROWS {L._default_tile(0, True)[0]} warps {warps}:"]
+            for per_sm in (1, 2, 4):
+                t = bench(lambda: L.layer_norm_backward(dy, h, w, mean, rstd, 1e-5, dh=dh, dr=dr,
+                                                        num_programs=sms * per_sm))
+                line.append(f"{per_sm}/SM {t:.1f} us ({moved / t / 1e3:.0f} GB/s)")
+            print(" ".join(line), flush=True)
+        L._default_tile, L._bwd_params = default_tile, default_params
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=dev)  # read half, write half
+        dst = torch.empty_like(src)
+        t = bench(lambda: dst.copy_(src))
+        print(f"  device copy of the same bytes: {t:.1f} us {moved / t / 1e3:.0f} GB/s", flush=True)
 
 
 if __name__ == "__main__":
