@@ -255,7 +255,8 @@ def lnbwd():
               f"{chosen[0]}, warps {chosen[3]}, {chosen[4]} programs) {t:.1f} us {moved / t / 1e3:.0f} GB/s", flush=True)
         L._bwd_params = lambda r, c, d, e=2: default_params(r, c, d, 2)  # the 16-bit rule, for any x
         for rows, warps in ((2, 4), (4, 4), (8, 4), (8, 8)):
-            L._default_tile = lambda block, single, rows=rows * 1024 // n if n < 1024 else rows, warps=warps: (
+            # the same tile in values at every width: ROWS x BLOCK_N = rows x 1024
+            L._default_tile = lambda block, single, rows=rows * 1024 // runtime.next_power_of_2(n), warps=warps: (
                 max(1, rows), warps)
             line = [f"  ROWS {L._default_tile(0, True)[0]} warps {warps}:"]
             for per_sm in (1, 2, 4):
