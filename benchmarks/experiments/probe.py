@@ -8,6 +8,7 @@ softmax  the same choice for softmax's forward
 mm       dW = dz^T x of a GPT's projections over 16384 rows: TMA or pointer kernel (forced), per split-K
 mm2      forward, dX and dW of the same projections: "auto" routing against the pointer kernel and cuBLAS
 tmacfg   the TMA kernel's forward and dX with each config forced, against the autotuner's pick and cuBLAS
+dwcfg    dW = dz^T x with each pointer-kernel config forced (and a few more), at the split "auto" picks and at 1
 lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
 """
 import cProfile
@@ -269,6 +270,39 @@ def lnbwd():
         dst = torch.empty_like(src)
         t = bench(lambda: dst.copy_(src))
         print(f"  device copy of the same bytes: {t:.1f} us {moved / t / 1e3:.0f} GB/s", flush=True)
+
+
+def dwcfg():
+    MM = importlib.import_module("triton_transformer.matmul")
+    kernel = MM._matmul_kernel
+    listed = list(kernel.configs)
+    extra = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w)
+             for bm, bn, bk, st, w in ((128, 256, 64, 4, 8), (256, 128, 64, 4, 8), (128, 128, 128, 3, 8),
+                                       (128, 256, 32, 5, 8), (256, 128, 32, 5, 8), (128, 128, 64, 5, 8),
+                                       (256, 64, 64, 4, 4), (64, 128, 64, 5, 4))]
+    M = 16384
+    for k_in, n_out in ((768, 3072), (3072, 768), (512, 2048), (512, 1536)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        split = MM._split_k(n_out, k_in, M, dev)
+        line = [f"dW [{n_out}x{k_in}] over {M}: cublas {bench(lambda: dy.t() @ x):.1f}"]
+        kernel.configs = listed
+        line.append(f"tuned(split {split}) {bench(lambda: MM.matmul(dy.t(), x)):.1f} |")
+        for cfg in listed[1:] + extra:
+            k = cfg.kwargs
+            kernel.configs = [cfg]  # one config: no benchmarking, this one runs
+            times = []
+            for forced in (None, 1):
+                MM.SPLIT_K = forced
+                try:
+                    times.append(f"{bench(lambda: MM.matmul(dy.t(), x)):.1f}")
+                except Exception as err:
+                    times.append(type(err).__name__[:12])
+            MM.SPLIT_K = None
+            line.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}s{cfg.num_stages}w{cfg.num_warps} "
+                        f"{'/'.join(times)}")
+        kernel.configs = listed
+        print(" ".join(line), flush=True)
 
 
 if __name__ == "__main__":
