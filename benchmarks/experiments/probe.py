@@ -213,6 +213,7 @@ def tmacfg():
         for name, a, b in (("fwd", x, w.t()), ("dX", dy, w)):
             MM.TMA = True
             kernel.configs = configs
+            runtime._launchers.clear()
             auto = bench(lambda: MM.matmul(a, b))
             best = kernel.best_config
             line = [f"[{M},{k_in}->{n_out}] {name} cublas {bench(lambda: a @ b):.1f} tuned {auto:.1f} "
@@ -220,6 +221,7 @@ def tmacfg():
                     f"s{best.num_stages} w{best.num_warps}) |"]
             for cfg in configs[1:]:
                 kernel.configs = [cfg]  # one config: the autotuner runs it without benchmarking
+                runtime._launchers.clear()  # the cached launch would keep the last compiled kernel
                 k = cfg.kwargs
                 try:
                     t = f"{bench(lambda: MM.matmul(a, b)):.1f}"
@@ -287,10 +289,12 @@ def dwcfg():
         split = MM._split_k(n_out, k_in, M, dev)
         line = [f"dW [{n_out}x{k_in}] over {M}: cublas {bench(lambda: dy.t() @ x):.1f}"]
         kernel.configs = listed
+        runtime._launchers.clear()
         line.append(f"tuned(split {split}) {bench(lambda: MM.matmul(dy.t(), x)):.1f} |")
         for cfg in listed[1:] + extra:
             k = cfg.kwargs
             kernel.configs = [cfg]  # one config: no benchmarking, this one runs
+            runtime._launchers.clear()  # the cached launch would keep the last compiled kernel
             times = []
             for forced in (None, 1):
                 MM.SPLIT_K = forced
