@@ -65,11 +65,13 @@ ACTIVATIONS = {None: 0, "relu": 1, "relu_squared": 2, "gelu": 3}
 RELU, RELU_SQUARED, GELU = 1, 2, 3
 
 # gelu (tanh form) = 0.5 z (1 + tanh(u)) = z * sigmoid(2u), with u = sqrt(2/pi) (z + 0.044715 z^3).
-# 2u = z * (GELU_K1 + GELU_K2 z^2). Written with sigmoid: libdevice's tanh fails in the interpreter.
+# 2u = z * (GELU_K1 + GELU_K2 z^2). Written with sigmoid where it must run in the interpreter (libdevice's
+# tanh fails there) or be exact to fp32.
 GELU_K1 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))
 GELU_K2 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi) * 0.044715)
-#: Compiled kernels may use the GPU's one-instruction tanh (tanh.approx.f32) where the result is
-#: stored in 16 bits; the interpreter cannot run inline PTX.
+#: Compiled kernels may use the GPU's one-instruction tanh (tanh.approx.f32, sm_75 or newer: the T4,
+#: A100 and H100 this book targets) where the result is stored in 16 bits; the interpreter cannot run
+#: inline PTX.
 FAST_TANH = tl.constexpr(not runtime.INTERPRET)
 
 # ---------------------------------------------------------------- knobs (tests and the chapter change them)

@@ -194,7 +194,6 @@ def _spec(arg) -> object:
     return ("v", arg)
 
 
-
 class _Launcher:
     """Launch one kernel, through Triton's own path the first time and a cached one afterwards.
 
