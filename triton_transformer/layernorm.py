@@ -373,11 +373,6 @@ def _sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, n_co
         tl.store(db_ptr + cols, tl.sum(db_acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _bwd_params(n_rows: int, n_cols: int, device: torch.device,
                 element_size: int = 2) -> tuple[int, int, bool, int, int]:
     """(ROWS, BLOCK_N, single block?, num_warps, programs) for the backward of x with `element_size` bytes.
@@ -389,7 +384,7 @@ def _bwd_params(n_rows: int, n_cols: int, device: torch.device,
     rows, num_warps = _default_tile(block, single)
     if runtime.INTERPRET or device.type != "cuda":
         return rows, block, single, num_warps, INTERPRET_BWD_PROGRAMS
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = runtime.cuda_properties(device).multi_processor_count
     if element_size == 4 and single and block <= 1024:
         # An fp32 x: the GPT's residual stream under autocast, whose backward also reads the fp32
         # gradient of the stream. Measured on the H100 at (16384, 768): tiles of 4096 values on
@@ -409,7 +404,7 @@ def _sum_params(n_cols: int, device: torch.device) -> tuple[int, int]:
     if runtime.INTERPRET or device.type != "cuda":
         block_c = min(1024, next_power_of_2(n_cols))  # the interpreter prefers few, wide programs
         return block_c, 64
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = runtime.cuda_properties(device).multi_processor_count
     block_c = min(128, max(8, next_power_of_2(cdiv(n_cols, sms))))
     return block_c, 2048 // block_c
 

@@ -390,16 +390,10 @@ def _sum_rows_kernel(x_ptr, out_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.co
 
 # ---------------------------------------------------------------- launchers
 
-_NUM_SMS = {}
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few persistent programs, so that each walks several tiles
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    return runtime.cuda_properties(device).multi_processor_count
 
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
@@ -438,18 +432,12 @@ def _tma_operand(t: torch.Tensor):
     return None
 
 
-_HOPPER = {}
-
-
 def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
     if TMA is True:
         return True
     if TMA is False or TensorDescriptor is None or device.type != "cuda" or dtype == torch.float32:
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _HOPPER:  # asked once per device: the query costs microseconds at every call
-        _HOPPER[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _HOPPER[index]
+    return runtime.cuda_properties(device).major >= 9
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,

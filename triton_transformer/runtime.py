@@ -10,6 +10,7 @@ on an H100 and in Colab.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -59,6 +60,17 @@ def device_name() -> str:
     if DEVICE.type == "cuda":
         return torch.cuda.get_device_name(DEVICE)
     return "CPU (Triton interpreter)"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def cuda_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of a CUDA `device` (SM count, compute capability), asked
+    once per GPU: the query costs microseconds, and launchers consult it at every call."""
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def shared_memory_per_block() -> int:

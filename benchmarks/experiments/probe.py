@@ -93,6 +93,32 @@ def bench(fn):
     return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def _with_launch_params(module, params, call):
+    """call() with `module._launch_params` forced to return `params` (None: the module's own choice)."""
+    if params is None:
+        return call()
+    orig = module._launch_params
+    module._launch_params = lambda *a, **k: params
+    try:
+        return call()
+    finally:
+        module._launch_params = orig
+
+
+def _use_configs(kernel, configs):
+    """Make an autotuned `kernel` choose among `configs` (just one: it runs without benchmarking).
+
+    The package's cached launches are dropped too: they would keep the kernel compiled for the last list.
+    """
+    kernel.configs = list(configs)
+    runtime._launchers.clear()
+
+
+def _config_name(cfg):
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}s{cfg.num_stages}w{cfg.num_warps}"
+
+
 def ce():
     ce_mod._raise_if_bad_targets = lambda *a, **k: None  # the readback, out of the timing
     for V in (50304, 256):
@@ -107,16 +133,11 @@ def ce():
                     if blk // (32 * w) >= 4:
                         variants.append((f"online{blk}w{w}", False, blk, w))
         for name, single, blk, w in variants:
-            if single is None:
-                fn = lambda: ce_mod.cross_entropy_forward(logits, target, with_grad=True)  # noqa: E731
-            else:
-                def fn(single=single, blk=blk, w=w):
-                    orig = ce_mod._launch_params
-                    ce_mod._launch_params = lambda n, e=2, s=None: (blk, single, w)
-                    try:
-                        return ce_mod.cross_entropy_forward(logits, target, with_grad=True)
-                    finally:
-                        ce_mod._launch_params = orig
+            params = None if single is None else (blk, single, w)
+
+            def fn(params=params):
+                return _with_launch_params(
+                    ce_mod, params, lambda: ce_mod.cross_entropy_forward(logits, target, with_grad=True))
             try:
                 us = bench(fn)
                 print(f"ce [8192, {V}] {name}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s (read+write once)")
@@ -135,14 +156,7 @@ def softmax():
                     variants.append((f"{'single' if blk >= n else 'online'}{blk}w{w}", (blk, blk >= n, w)))
         for name, params in variants:
             def fn(params=params):
-                if params is None:
-                    return sm_mod.softmax_forward(x)
-                orig = sm_mod._launch_params
-                sm_mod._launch_params = lambda *a, **k: params
-                try:
-                    return sm_mod.softmax_forward(x)
-                finally:
-                    sm_mod._launch_params = orig
+                return _with_launch_params(sm_mod, params, lambda: sm_mod.softmax_forward(x))
             try:
                 us = bench(fn)
                 print(f"softmax [{m}, {n}] {name}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s")
@@ -201,6 +215,7 @@ def mm2():
                         f"({flops / times[0] / 1e6:.0f} TF)")
         print(" ".join(line), flush=True)
 
+
 def tmacfg():
     MM = importlib.import_module("triton_transformer.matmul")
     kernel = MM._matmul_tma_kernel
@@ -212,23 +227,18 @@ def tmacfg():
         dy = torch.randn(M, n_out, device=dev, dtype=bf16)
         for name, a, b in (("fwd", x, w.t()), ("dX", dy, w)):
             MM.TMA = True
-            kernel.configs = configs
-            runtime._launchers.clear()
+            _use_configs(kernel, configs)
             auto = bench(lambda: MM.matmul(a, b))
-            best = kernel.best_config
             line = [f"[{M},{k_in}->{n_out}] {name} cublas {bench(lambda: a @ b):.1f} tuned {auto:.1f} "
-                    f"({best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']}x{best.kwargs['BLOCK_K']} "
-                    f"s{best.num_stages} w{best.num_warps}) |"]
+                    f"({_config_name(kernel.best_config)}) |"]
             for cfg in configs[1:]:
-                kernel.configs = [cfg]  # one config: the autotuner runs it without benchmarking
-                runtime._launchers.clear()  # the cached launch would keep the last compiled kernel
-                k = cfg.kwargs
+                _use_configs(kernel, [cfg])
                 try:
                     t = f"{bench(lambda: MM.matmul(a, b)):.1f}"
                 except Exception as err:  # out of shared memory and the like
                     t = type(err).__name__
-                line.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}s{cfg.num_stages}w{cfg.num_warps} {t}")
-            kernel.configs = configs
+                line.append(f"{_config_name(cfg)} {t}")
+            _use_configs(kernel, configs)
             MM.TMA = "auto"
             print(" ".join(line), flush=True)
         MM.TMA = False
@@ -288,13 +298,10 @@ def dwcfg():
         dy = torch.randn(M, n_out, device=dev, dtype=bf16)
         split = MM._split_k(n_out, k_in, M, dev)
         line = [f"dW [{n_out}x{k_in}] over {M}: cublas {bench(lambda: dy.t() @ x):.1f}"]
-        kernel.configs = listed
-        runtime._launchers.clear()
+        _use_configs(kernel, listed)
         line.append(f"tuned(split {split}) {bench(lambda: MM.matmul(dy.t(), x)):.1f} |")
         for cfg in listed[1:] + extra:
-            k = cfg.kwargs
-            kernel.configs = [cfg]  # one config: no benchmarking, this one runs
-            runtime._launchers.clear()  # the cached launch would keep the last compiled kernel
+            _use_configs(kernel, [cfg])
             times = []
             for forced in (None, 1):
                 MM.SPLIT_K = forced
@@ -303,9 +310,8 @@ def dwcfg():
                 except Exception as err:
                     times.append(type(err).__name__[:12])
             MM.SPLIT_K = None
-            line.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}s{cfg.num_stages}w{cfg.num_warps} "
-                        f"{'/'.join(times)}")
-        kernel.configs = listed
+            line.append(f"{_config_name(cfg)} {'/'.join(times)}")
+        _use_configs(kernel, listed)
         print(" ".join(line), flush=True)
 
 
