@@ -229,6 +229,23 @@ def test_split_k(monkeypatch, tma, device):
     check(*inputs((100, 32), 48, dtype, device, bias=False), None)
     x, w, _ = inputs((100, 32), 48, torch.float32, device, bias=False)
     check(x.half(), w, None, None)  # fp32 weight: the split partials summed straight into an fp32 dW
+    # with a bias: db from the dW kernel's row sums, one partial per split, summed after
+    check(*inputs((100, 32), 48, dtype, device, bias=True), None)
+
+
+def test_bias_gradient_comes_from_the_dW_matmul(monkeypatch, device):
+    """Without an activation, db = sum_rows dy is added up by the dW kernel from the dy tiles it loads:
+    no pass of its own over dy. A frozen weight has no dW matmul: then the reduction kernel does it."""
+    reductions = count_launches(monkeypatch, MM._act_bwd_kernel)
+    check(*inputs((2, 37, 70), 130, torch.float32, device), None)  # 74 rows, ragged tiles everywhere
+    assert reductions == []
+    x, w, b = inputs((2, 37, 70), 130, torch.float32, device)
+    check(x.half() if ON_GPU else x, w, b, None)  # fp32 bias (mixed precision on a GPU): db in fp32
+    assert reductions == []
+    x, w, b = inputs((33, 70), 130, torch.float32, device)
+    b.requires_grad_()
+    linear(x, w, b, None).backward(torch.ones(33, 130, device=device))
+    assert len(reductions) == 1 and torch.allclose(b.grad, torch.full_like(b, 33.0))
 
 
 # ---------------------------------------------------------------- errors

@@ -245,20 +245,24 @@ def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_
 # ---------------------------------------------------------------- the GEMM kernels
 
 
-@runtime.autotune(configs=_POINTER_CONFIGS, key=_TUNE_KEY)
+@runtime.autotune(configs=_POINTER_CONFIGS, key=_TUNE_KEY + ["ROW_SUM"])
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
                    M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn,
                    stride_cm, stride_cs, stride_zm,
                    M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only (see _TUNE_KEY)
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
-                   SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                   SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, ROW_SUM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[split] = act(A @ B + bias) over the K tiles of this split; A (M, K) and B (K, N) of any strides.
 
     Grid: (output tiles, SPLIT_K). A stride equal to 1 is specialised by Triton at compile time,
     so a row-major A and a transposed A (dz^T in the dW matmul) each get vectorised loads.
+    ROW_SUM: the programs of the first column of tiles also add up the rows of the A tiles they
+    load, row_sum[split, m] = sum_k A[m, k] over the split's K range. In dW = dz^T x that is the
+    bias gradient db = sum_rows dz, for the price of a reduction of tiles already on chip instead of
+    another pass over dz.
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
@@ -279,6 +283,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr,
               + rk[:, None] * stride_bk + rn[None, :] * stride_bn)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for kt in range(k_first, k_last):
         # Rows past M and columns past N load 0 (their results are never stored); so do
         # K past the end, where a 0 contributes nothing to the sum. EVEN_K drops that mask.
@@ -290,8 +295,16 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr,
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ROW_SUM:
+            if pid_n == 0:
+                row_sum += tl.sum(a.to(tl.float32), axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+
+    if ROW_SUM:
+        if pid_n == 0:
+            rows = pid_m * BLOCK_M + rm
+            tl.store(row_sum_ptr + split * M + rows, row_sum, mask=rows < M)
 
     _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
               HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
@@ -441,23 +454,33 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
-           store_z: bool = False, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           store_z: bool = False, out_dtype: torch.dtype | None = None,
+           row_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(a @ b + bias), z or None) for 2-D `a` (M, K) and `b` (K, N) of any strides, in a's dtype.
 
     The building block of `linear` (no autograd here, no input checks: `linear` does those).
     With `store_z` the pre-activation z = a @ b + bias is returned too. `out_dtype` (e.g. fp32 for
-    the gradient of an fp32 weight) changes the dtype the fp32 accumulator is stored in.
+    the gradient of an fp32 weight) changes the dtype the fp32 accumulator is stored in. A `row_sum`
+    tensor of M elements receives a.sum(1) (the bias gradient, when a = dz^T), computed by the
+    pointer kernel from the tiles of `a` it loads anyway.
     """
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
     z = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_z else None
     if M == 0 or N == 0:
+        if row_sum is not None:
+            row_sum.zero_()
         return c, z
     # split-K only for plain products (dW): bias and activation need the full sum
     split = 1 if (bias is not None or activation or store_z) else _split_k(M, N, K, a.device)
     split = min(split, max(1, cdiv(K, 32)))
     out = c if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
+    # one fp32 partial row sum per split, added up below; written in place when there is one, in fp32
+    sums = None
+    if row_sum is not None:
+        direct = split == 1 and row_sum.dtype == torch.float32 and row_sum.is_contiguous()
+        sums = row_sum if direct else torch.empty((split, M), dtype=torch.float32, device=a.device)
     stride_cs = out.stride(0) if split > 1 else 0
     bias_arg = bias.contiguous() if bias is not None else c  # the epilogue reads it with unit stride
     z_arg = z if z is not None else c
@@ -471,7 +494,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     # dW = dz^T x reads A column-major (a.stride(0) == 1): measured on the H100, the TMA kernel was 1.1x
     # to 4x slower there than the pointer kernel with its split-K, so "auto" leaves dW to the pointers.
     a_columns = a.stride(0) == 1 and a.stride(1) != 1
-    tma = (big and K > 0 and not a_columns and _tma_wanted(a.dtype, a.device)) or (TMA is True and K > 0)
+    tma = ((big and K > 0 and not a_columns and _tma_wanted(a.dtype, a.device)) or (TMA is True and K > 0)) \
+        and row_sum is None  # the row sums live in the pointer kernel only
     desc_a = _tma_operand(a) if tma else None
     desc_b = _tma_operand(b) if desc_a is not None else None
     if desc_a is not None and desc_b is not None:
@@ -493,19 +517,23 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
             globals()["TMA"] = False
             desc_a = None
     if desc_a is None or desc_b is None:
-        args = (a, b, out, bias_arg, z_arg, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        args = (a, b, out, bias_arg, z_arg, sums if sums is not None else c, M, N, K,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                 stride_cm, stride_cs, stride_zm, *keys, 2 * int(a.stride(0) == 1) + int(b.stride(1) != 1))
         # every BLOCK_K of the configs divides 128, so K % 128 == 0 means no K tail in any config
         even_k = K % 128 == 0
         if big:
             grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)
-            runtime.launch(_matmul_kernel, grid, *args, EVEN_K=even_k, **common)
+            runtime.launch(_matmul_kernel, grid, *args, EVEN_K=even_k, ROW_SUM=sums is not None, **common)
         else:
             cfg = SMALL_CONFIG
             grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
-            runtime.launch(_matmul_kernel.fn, grid, *args, EVEN_K=K % cfg["BLOCK_K"] == 0, **common, **cfg)
+            runtime.launch(_matmul_kernel.fn, grid, *args, EVEN_K=K % cfg["BLOCK_K"] == 0,
+                           ROW_SUM=sums is not None, **common, **cfg)
     if split > 1:
         _sum_rows(out.view(split, M * N), c.view(-1))
+    if sums is not None and sums is not row_sum:
+        _sum_rows(sums, row_sum)
     return c, z
 
 
@@ -580,9 +608,16 @@ class LinearFunction(torch.autograd.Function):
         x2, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dz, db = activation_backward(dy2, saved, ctx.activation, need_b, ctx.bias_dtype)
+        # Without an activation dz = dy, and db = sum_rows dz comes out of the dW matmul, which reads
+        # all of dz anyway (as A = dz^T): no pass of its own over dz.
+        db_in_dw = need_b and need_w and ctx.activation == 0
+        dz, db = activation_backward(dy2, saved, ctx.activation, need_b and not db_in_dw, ctx.bias_dtype)
         dx = matmul(dz, weight)[0].view(ctx.x_shape) if need_x else None  # dx = dz W
-        dw = matmul(dz.t(), x2, out_dtype=ctx.weight_dtype)[0] if need_w else None  # dW = dz^T x, all rows
+        dw = None
+        if need_w:  # dW = dz^T x, over all rows
+            if db_in_dw:
+                db = torch.empty(dz.shape[1], dtype=ctx.bias_dtype, device=dz.device)
+            dw = matmul(dz.t(), x2, out_dtype=ctx.weight_dtype, row_sum=db if db_in_dw else None)[0]
         return dx, dw, db, None
 
 

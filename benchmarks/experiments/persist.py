@@ -112,6 +112,27 @@ def softmax_bwd_persist(y_ptr, dy_ptr, dx_ptr, n_rows, n_cols, BLOCK: tl.constex
             tl.store(dx_ptr + off + start + cols, (y * (dy - s)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def ce_single_unit(x_ptr, t_ptr, loss_ptr, g_ptr, xs, gs, n_cols, scale, BLOCK: tl.constexpr,
+                   WIDE: tl.constexpr):
+    # the package's one-block path for unit column stride: int32 columns (WIDE: int64, as the package)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    if WIDE:
+        cols = cols.to(tl.int64)
+    target = tl.load(t_ptr + row).to(tl.int32)
+    x_row = x_ptr + row * xs
+    x_t = tl.load(x_row + target).to(tl.float32)
+    x = tl.load(x_row + cols, mask=cols < n_cols, other=-float("inf"))
+    m = tl.max(x, axis=0).to(tl.float32)
+    d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
+    lse = m + tl.log(d)
+    tl.store(loss_ptr + row, lse - x_t)
+    p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)
+    g = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+    tl.store(g_ptr + row * gs + cols, g.to(g_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
 def sms():
     return 4 if SMALL else runtime.cuda_properties(dev).multi_processor_count
 
@@ -191,6 +212,20 @@ def ce():
     import triton_transformer.cross_entropy as C
     C._raise_if_bad_targets = lambda *a, **k: None
     print(f"ce [{m}, {n}] package fwd: {bench(lambda: cross_entropy_forward(x, t, with_grad=True)):.1f} us")
+    blk = triton.next_power_of_2(n)
+    for wide in (False, True):
+        for w in ((1,) if SMALL else (16, 32)):
+            loss = torch.empty(m, device=dev)
+            g = torch.empty_like(x)
+            fn = lambda: ce_single_unit[(m,)](x, t, loss, g, x.stride(0), g.stride(0), n, 1.0 / m, BLOCK=blk,
+                                              WIDE=wide, num_warps=w)
+            us = bench(fn)
+            fn()
+            err = max((loss.mean() - ref_loss).abs().item(), (g.float() - xr.grad).abs().max().item() * m)
+            print(f"ce [{m}, {n}] single {'int64' if wide else 'int32'} w{w}: {us:.1f} us "
+                  f"{nbytes / us / 1e3:.0f} GB/s err {err:.1e}", flush=True)
+    if "--single" in sys.argv:
+        return
     for blk, w, progs, stages, lane in variants():
         loss = torch.empty(m, device=dev)
         g = torch.empty_like(x)
@@ -233,6 +268,6 @@ def bwd():
 
 
 if __name__ == "__main__":
-    for what in sys.argv[1:] or ["softmax", "ce", "bwd", "single"]:
+    for what in [a for a in sys.argv[1:] if not a.startswith("--")] or ["softmax", "ce", "bwd", "single"]:
         print(f"==== {what}", flush=True)
         globals()[what]()

@@ -10,6 +10,7 @@ mm2      forward, dX and dW of the same projections: "auto" routing against the 
 tmacfg   the TMA kernel's forward and dX with each config forced, against the autotuner's pick and cuBLAS
 dwcfg    dW = dz^T x with each pointer-kernel config forced (and a few more), at the split "auto" picks and at 1
 lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
+dbfuse   dW and db of the GPT's bias-only projections: db in the dW kernel's row sums, or its own pass
 """
 import cProfile
 import pstats
@@ -313,6 +314,24 @@ def dwcfg():
             line.append(f"{_config_name(cfg)} {'/'.join(times)}")
         _use_configs(kernel, listed)
         print(" ".join(line), flush=True)
+
+
+def dbfuse():
+    MM = importlib.import_module("triton_transformer.matmul")
+    M = 16384
+    for label, n_out, k_in in (("GPT-2 logits", 50304, 768), ("GPT-2 proj_out", 768, 3072),
+                               ("GPT-2 to_out", 768, 768), ("seed logits", 256, 512), ("seed proj_out", 512, 2048)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        db = torch.empty(n_out, device=dev)
+        fused = lambda: MM.matmul(dy.t(), x, out_dtype=torch.float32, row_sum=db)
+        fused()
+        err = (db - dy.float().sum(0)).abs().max().item()
+        apart = lambda: (MM.activation_backward(dy, None, 0, True, torch.float32),
+                         MM.matmul(dy.t(), x, out_dtype=torch.float32))
+        print(f"{label} [{n_out}x{k_in}] over {M}: fused {bench(fused):.1f} us | dW alone "
+              f"{bench(lambda: MM.matmul(dy.t(), x, out_dtype=torch.float32)):.1f} + db pass = {bench(apart):.1f} | "
+              f"cublas dW + torch db {bench(lambda: (dy.t() @ x, dy.sum(0))):.1f} | db err {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":
