@@ -111,6 +111,8 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
             check(logits, target, reduction=reduction)
     wide = torch.randn(2, 3, 2000, device=device)[:, :, ::2]  # (B, T, V) with column stride 2
     check(wide, make_target((2, 3), 1000, device, ignore_every=4), reduction="none")
+    # more rows than the online path's persistent programs (16 in the interpreter): each program loops
+    check(torch.randn(37, 300, device=device) * 4, make_target((37,), 300, device, ignore_every=3))
 
 
 def test_non_contiguous_logits_and_targets(device):

@@ -70,6 +70,7 @@ def test_long_rows_take_the_online_path(monkeypatch, device):
     monkeypatch.setattr(S, "ONLINE_BLOCK", 128)
     assert S._launch_params(1000)[1] is False
     check_fwd_bwd(torch.randn(3, 1000, device=device) * 5)
+    # 60 rows: more than the online path's persistent programs, so each program loops over rows
     check_fwd_bwd(torch.randn(2, 30, 300, device=device), causal=True)
 
 

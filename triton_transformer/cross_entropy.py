@@ -14,10 +14,12 @@ gradient written once; no probabilities, log-probabilities or fp32 copies of
 the logits ever reach memory. At GPT-2's vocabulary the logits are the largest
 tensor of training, so this is where most of the memory is saved.
 
-A program owns one row. When the row fits in one block (up to MAX_FUSED_BLOCK
-columns in bf16/fp16, half that in fp32) it stays on chip: one read, one write. Longer rows use the online
-logsumexp (running max, rescaled running sum; Milakov & Gimelshein) over blocks
-of ONLINE_BLOCK, then a second pass re-reads the row to write the gradient.
+When the row fits in one block (up to MAX_FUSED_BLOCK columns in bf16/fp16, half
+that in fp32) a program owns one row and keeps it on chip: one read, one write.
+Longer rows use the online logsumexp (running max, rescaled running sum; Milakov &
+Gimelshein) over blocks of ONLINE_BLOCK, then a second pass re-reads the row to
+write the gradient; there a few programs per SM loop over the rows, so that the
+second pass finds its row in L2.
 
 Layout: logits are (N, V) or (B, T, V) with the classes along the LAST dimension,
 as a GPT produces them (F.cross_entropy wants classes in dimension 1, so the
@@ -42,7 +44,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, num_sms
 from .softmax import LOG2E, online_combine, online_update
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
@@ -51,6 +53,9 @@ from .softmax import LOG2E, online_combine, online_update
 MAX_FUSED_BLOCK = 65536
 #: Block width of the online path, for longer rows.
 ONLINE_BLOCK = 8192
+#: Programs per SM on the online path and pipelining stages of its loops (chapter 1's softmax forward).
+ONLINE_PROGRAMS_PER_SM = 4
+ONLINE_STAGES = 3
 #: Targets counted per program of the small pre-pass.
 STATS_BLOCK = 1024
 
@@ -78,72 +83,76 @@ def _target_stats_kernel(target_ptr, stats_ptr, n_rows, n_cols, ignore_index, BL
 @triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr, target_ptr, loss_ptr, grad_ptr, stats_ptr,
-    rows_per_batch,                          # T of (B, T, V); rows = B * T
+    n_rows, rows_per_batch,                  # rows = B * T of (B, T, V)
     x_stride_b, x_stride_t, x_stride_v,      # strides of the logits (any layout, read in place)
     g_stride_b, g_stride_t, g_stride_v,      # strides of the gradient buffer
     n_cols, ignore_index,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # int64 offsets: 8192 rows x 50304 columns is already 412M elements, near 2**31.
-    row = tl.program_id(0).to(tl.int64)
-    b = row // rows_per_batch
-    t = row - b * rows_per_batch
-    x_row = logits_ptr + b * x_stride_b + t * x_stride_t
-    # int64 columns too: `cols * stride` must not overflow for strided (e.g. transposed) logits.
-    cols = tl.arange(0, BLOCK).to(tl.int64)
-
-    target = tl.load(target_ptr + row).to(tl.int64)
-    counted = target != ignore_index
-    # The target's logit, read only when the target is a real column: a bad target never
-    # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
-    in_range = (target >= 0) & (target < n_cols)
-    x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
-    # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
-    x_target = tl.where(in_range, x_target, float("nan"))
-
-    # Gradient scale of this row: 1 for "sum"/"none", 1/(counted rows) for "mean", 0 if ignored.
-    # (With every row ignored the count is 0; the where() keeps inf out of the gradient.)
-    scale = 1.0
+    cols = tl.arange(0, BLOCK)
+    if not UNIT_STRIDE:
+        # int64 columns: `cols * stride` must not overflow for strided (e.g. transposed) logits. With
+        # unit strides they stay int32, which measured 3% faster on the one-block path at GPT-2's vocabulary.
+        cols = cols.to(tl.int64)
+    # Gradient scale of counted rows: 1 for "sum"/"none", 1/(counted rows) for "mean".
+    # (With every row ignored the count is 0; the maximum keeps inf out of the gradient.)
+    mean_scale = 1.0
     if MEAN:
-        n_counted = tl.load(stats_ptr)
-        scale = 1.0 / tl.maximum(n_counted, 1).to(tl.float32)
-    scale = tl.where(counted, scale, 0.0)
-    g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+        mean_scale = 1.0 / tl.maximum(tl.load(stats_ptr), 1).to(tl.float32)
 
-    if SINGLE_BLOCK:
-        # The whole row on chip: read once, loss and gradient from the same values. x stays in its
-        # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
-        # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
-        x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf"))
-        m = tl.max(x, axis=0).to(tl.float32)
-        d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
-        lse = m + tl.log(d)
-        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
-        if HAS_GRAD:
-            p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
-            grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
-            tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
-    else:
-        # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
-        # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
-        # has no cross-lane reduction.
-        m = tl.full([BLOCK], -float("inf"), tl.float32)
-        d = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            x = tl.load(x_row + (start + cols) * x_stride_v, mask=start + cols < n_cols,
-                        other=-float("inf")).to(tl.float32)
-            m, d = online_update(m, d, x)
-        m_row, d_row = online_combine(m, d)
-        lse = m_row + tl.log(d_row)
-        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
-        if HAS_GRAD:
-            # Pass 2: read the row again (mostly from L2, it was just read) and write the gradient.
-            for start in range(0, n_cols, BLOCK):
-                mask = start + cols < n_cols
-                x = tl.load(x_row + (start + cols) * x_stride_v, mask=mask, other=-float("inf")).to(tl.float32)
-                p = tl.exp2((x - lse) * LOG2E)
-                grad = (p - tl.where(start + cols == target, 1.0, 0.0)) * scale
-                tl.store(g_row + (start + cols) * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    # One row per program when the row is one block; a persistent loop over rows (a few programs per SM)
+    # on the online path, so that the second pass finds its row in L2 (as chapter 1's softmax).
+    # int64 rows: 8192 rows x 50304 columns is already 412M elements, near 2**31.
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // rows_per_batch
+        t = row - b * rows_per_batch
+        x_row = logits_ptr + b * x_stride_b + t * x_stride_t
+        g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+        target = tl.load(target_ptr + row).to(tl.int64)
+        counted = target != ignore_index
+        # The target's logit, read only when the target is a real column: a bad target never
+        # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
+        in_range = (target >= 0) & (target < n_cols)
+        x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
+        # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
+        x_target = tl.where(in_range, x_target, float("nan"))
+        scale = tl.where(counted, mean_scale, 0.0)  # an ignored row's gradient is 0
+
+        if SINGLE_BLOCK:
+            # The whole row on chip: read once, loss and gradient from the same values. x stays in its
+            # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
+            # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
+            x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf"))
+            m = tl.max(x, axis=0).to(tl.float32)
+            d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
+            lse = m + tl.log(d)
+            tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+            if HAS_GRAD:
+                p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
+                grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+                tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+        else:
+            # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
+            # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
+            # has no cross-lane reduction.
+            m = tl.full([BLOCK], -float("inf"), tl.float32)
+            d = tl.zeros([BLOCK], tl.float32)
+            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                x = tl.load(x_row + (start + cols) * x_stride_v, mask=start + cols < n_cols,
+                            other=-float("inf")).to(tl.float32)
+                m, d = online_update(m, d, x)
+            m_row, d_row = online_combine(m, d)
+            lse = m_row + tl.log(d_row)
+            tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+            if HAS_GRAD:
+                # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
+                for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                    mask = start + cols < n_cols
+                    x = tl.load(x_row + (start + cols) * x_stride_v, mask=mask, other=-float("inf")).to(tl.float32)
+                    p = tl.exp2((x - lse) * LOG2E)
+                    grad = (p - tl.where(start + cols == target, 1.0, 0.0)) * scale
+                    tl.store(g_row + (start + cols) * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -232,10 +241,12 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     rows_per_batch, xsb, xst, xsv = _row_layout(logits)
     _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
     block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
-    launch(_cross_entropy_fwd_kernel, (n_rows,),
+    grid = (n_rows if single else min(n_rows, ONLINE_PROGRAMS_PER_SM * num_sms(device)),)
+    launch(_cross_entropy_fwd_kernel, grid,
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
-           rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
-           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean", num_warps=num_warps)
+           n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
+           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean",
+           UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES, num_warps=num_warps)
 
     if reduction == "mean":
         loss = loss_rows.sum() / stats[0]  # 0 / 0 = NaN when every row is ignored, as in PyTorch

@@ -73,6 +73,16 @@ def cuda_properties(device: torch.device):
     return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (132 on an H100 SXM), the unit persistent grids are sized in.
+
+    4 under the interpreter, so that each persistent program there still walks several work items.
+    """
+    if device.type != "cuda":
+        return 4
+    return cuda_properties(device).multi_processor_count
+
+
 def shared_memory_per_block() -> int:
     """Bytes of shared memory a program may use: 227 KB on H100, 64 KB on a T4, unbounded in the interpreter."""
     if DEVICE.type != "cuda":
