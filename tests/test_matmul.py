@@ -299,7 +299,7 @@ def test_cuda_split_k_and_fp16(device):
 def test_split_k_rule(monkeypatch):
     """dW's split of the K loop, as measured on the H100 (132 SMs): 3 for about a wave of 128 x 128 tiles,
     4 for 32 to 131 tiles, 8 for fewer; none for two waves or more, or a K under 4096; at most K // 2048."""
-    monkeypatch.setattr(MM, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 132)
     cuda = torch.device("cuda")
     rows = 16384
     for (out_features, in_features), split in [((1536, 512), 4), ((512, 512), 8), ((2048, 512), 4),

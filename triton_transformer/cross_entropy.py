@@ -81,6 +81,68 @@ def _target_stats_kernel(target_ptr, stats_ptr, n_rows, n_cols, ignore_index, BL
 
 
 @triton.jit
+def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, rows_per_batch,
+                       x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index,
+                       BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
+                       UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr):
+    """Loss and gradient of one row (int64 `row`: 8192 rows x 50304 columns is already 412M elements)."""
+    b = row // rows_per_batch
+    t = row - b * rows_per_batch
+    x_row = logits_ptr + b * x_stride_b + t * x_stride_t
+    g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+    cols = tl.arange(0, BLOCK)
+    if not UNIT_STRIDE:
+        # int64 columns: `cols * stride` must not overflow for strided (e.g. transposed) logits. With
+        # unit strides they stay int32, which measured 3% faster on the one-block path at GPT-2's vocabulary.
+        cols = cols.to(tl.int64)
+
+    target = tl.load(target_ptr + row).to(tl.int64)
+    counted = target != ignore_index
+    # The target's logit, read only when the target is a real column: a bad target never
+    # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
+    in_range = (target >= 0) & (target < n_cols)
+    x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
+    # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
+    x_target = tl.where(in_range, x_target, float("nan"))
+    scale = tl.where(counted, mean_scale, 0.0)  # an ignored row's gradient is 0
+
+    if SINGLE_BLOCK:
+        # The whole row on chip: read once, loss and gradient from the same values. x stays in its
+        # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
+        # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
+        x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf"))
+        m = tl.max(x, axis=0).to(tl.float32)
+        d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
+        lse = m + tl.log(d)
+        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+        if HAS_GRAD:
+            p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
+            grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+            tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
+        # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
+        # has no cross-lane reduction.
+        m = tl.full([BLOCK], -float("inf"), tl.float32)
+        d = tl.zeros([BLOCK], tl.float32)
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            x = tl.load(x_row + (start + cols) * x_stride_v, mask=start + cols < n_cols,
+                        other=-float("inf")).to(tl.float32)
+            m, d = online_update(m, d, x)
+        m_row, d_row = online_combine(m, d)
+        lse = m_row + tl.log(d_row)
+        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+        if HAS_GRAD:
+            # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
+            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                mask = start + cols < n_cols
+                x = tl.load(x_row + (start + cols) * x_stride_v, mask=mask, other=-float("inf")).to(tl.float32)
+                p = tl.exp2((x - lse) * LOG2E)
+                grad = (p - tl.where(start + cols == target, 1.0, 0.0)) * scale
+                tl.store(g_row + (start + cols) * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr, target_ptr, loss_ptr, grad_ptr, stats_ptr,
     n_rows, rows_per_batch,                  # rows = B * T of (B, T, V)
@@ -90,69 +152,20 @@ def _cross_entropy_fwd_kernel(
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
     UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
-    cols = tl.arange(0, BLOCK)
-    if not UNIT_STRIDE:
-        # int64 columns: `cols * stride` must not overflow for strided (e.g. transposed) logits. With
-        # unit strides they stay int32, which measured 3% faster on the one-block path at GPT-2's vocabulary.
-        cols = cols.to(tl.int64)
     # Gradient scale of counted rows: 1 for "sum"/"none", 1/(counted rows) for "mean".
     # (With every row ignored the count is 0; the maximum keeps inf out of the gradient.)
     mean_scale = 1.0
     if MEAN:
         mean_scale = 1.0 / tl.maximum(tl.load(stats_ptr), 1).to(tl.float32)
-
-    # One row per program when the row is one block; a persistent loop over rows (a few programs per SM)
-    # on the online path, so that the second pass finds its row in L2 (as chapter 1's softmax).
-    # int64 rows: 8192 rows x 50304 columns is already 412M elements, near 2**31.
-    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        b = row // rows_per_batch
-        t = row - b * rows_per_batch
-        x_row = logits_ptr + b * x_stride_b + t * x_stride_t
-        g_row = grad_ptr + b * g_stride_b + t * g_stride_t
-        target = tl.load(target_ptr + row).to(tl.int64)
-        counted = target != ignore_index
-        # The target's logit, read only when the target is a real column: a bad target never
-        # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
-        in_range = (target >= 0) & (target < n_cols)
-        x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
-        # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
-        x_target = tl.where(in_range, x_target, float("nan"))
-        scale = tl.where(counted, mean_scale, 0.0)  # an ignored row's gradient is 0
-
-        if SINGLE_BLOCK:
-            # The whole row on chip: read once, loss and gradient from the same values. x stays in its
-            # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
-            # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
-            x = tl.load(x_row + cols * x_stride_v, mask=cols < n_cols, other=-float("inf"))
-            m = tl.max(x, axis=0).to(tl.float32)
-            d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
-            lse = m + tl.log(d)
-            tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
-            if HAS_GRAD:
-                p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
-                grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
-                tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
-        else:
-            # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
-            # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
-            # has no cross-lane reduction.
-            m = tl.full([BLOCK], -float("inf"), tl.float32)
-            d = tl.zeros([BLOCK], tl.float32)
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                x = tl.load(x_row + (start + cols) * x_stride_v, mask=start + cols < n_cols,
-                            other=-float("inf")).to(tl.float32)
-                m, d = online_update(m, d, x)
-            m_row, d_row = online_combine(m, d)
-            lse = m_row + tl.log(d_row)
-            tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
-            if HAS_GRAD:
-                # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
-                for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                    mask = start + cols < n_cols
-                    x = tl.load(x_row + (start + cols) * x_stride_v, mask=mask, other=-float("inf")).to(tl.float32)
-                    p = tl.exp2((x - lse) * LOG2E)
-                    grad = (p - tl.where(start + cols == target, 1.0, 0.0)) * scale
-                    tl.store(g_row + (start + cols) * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    if SINGLE_BLOCK:  # a program per row
+        _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
+                           rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
+                           n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
+    else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale,
+                               rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
+                               n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
 
 
 @triton.jit

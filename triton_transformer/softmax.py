@@ -65,76 +65,97 @@ def online_combine(m, d):
 
 
 @triton.jit
+def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per_matrix,
+                 BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, STAGES: tl.constexpr):
+    """y = softmax(x) of one row (int64 `row`: row * stride can pass 2**31 elements)."""
+    x_row = x_ptr + row * x_row_stride
+    y_row = y_ptr + row * y_row_stride
+    cols = tl.arange(0, BLOCK)
+    # Columns this row may see; under the causal mask, row i of each matrix sees 0..i.
+    n_seen = n_cols
+    if CAUSAL:
+        n_seen = tl.minimum(row % rows_per_matrix + 1, n_cols)
+
+    if SINGLE_BLOCK:
+        # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output.
+        # x stays in its own dtype (bf16: two values per register) so a 50K-wide row fits
+        # on chip; the max is exact in any dtype, and each use converts to fp32 on the fly.
+        x = tl.load(x_row + cols, mask=cols < n_seen, other=-float("inf"))
+        m = tl.max(x, axis=0).to(tl.float32)
+        d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
+        # y = exp(x - m) / d, written as one exp2 so no fp32 copy of the row has to stay live.
+        y = tl.exp2((x.to(tl.float32) - m) * LOG2E - tl.log2(d))
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
+    else:
+        # Pass 1: per-lane running max m and running sum d of exp(x - m). tl.range's stages let
+        # the loads of the next blocks start while this one is reduced.
+        m = tl.full([BLOCK], -float("inf"), tl.float32)
+        d = tl.zeros([BLOCK], tl.float32)
+        for start in tl.range(0, n_seen, BLOCK, num_stages=STAGES):
+            x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
+            m, d = online_update(m, d, x)
+        m_row, d_row = online_combine(m, d)
+        # Pass 2: normalise and write (columns past n_seen get exp(-inf) = 0). This program read
+        # the row moments ago: it comes back from L2.
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
+            y = tl.exp2((x - m_row) * LOG2E) / d_row
+            tl.store(y_row + start + cols, y.to(y_ptr.dtype.element_ty), mask=start + cols < n_cols)
+
+
+@triton.jit
 def _softmax_fwd_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_rows, n_cols, rows_per_matrix,
                         BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
                         STAGES: tl.constexpr):
-    cols = tl.arange(0, BLOCK)
-    # Program p does rows p, p + P, p + 2P, ... for a grid of P programs: one row each when the grid
-    # has a program per row (one block), a persistent loop over rows on the online path.
-    # int64 rows: row * stride can pass 2**31 elements on big activations.
-    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        x_row = x_ptr + row * x_row_stride
-        y_row = y_ptr + row * y_row_stride
-        # Columns this row may see; under the causal mask, row i of each matrix sees 0..i.
-        n_seen = n_cols
-        if CAUSAL:
-            n_seen = tl.minimum(row % rows_per_matrix + 1, n_cols)
+    if SINGLE_BLOCK:  # a program per row
+        _softmax_row(x_ptr, y_ptr, tl.program_id(0).to(tl.int64), x_row_stride, y_row_stride, n_cols,
+                     rows_per_matrix, BLOCK, SINGLE_BLOCK, CAUSAL, STAGES)
+    else:  # a few programs per SM, program p doing rows p, p + P, p + 2P, ...
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols,
+                         rows_per_matrix, BLOCK, SINGLE_BLOCK, CAUSAL, STAGES)
 
-        if SINGLE_BLOCK:
-            # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output.
-            # x stays in its own dtype (bf16: two values per register) so a 50K-wide row fits
-            # on chip; the max is exact in any dtype, and each use converts to fp32 on the fly.
-            x = tl.load(x_row + cols, mask=cols < n_seen, other=-float("inf"))
-            m = tl.max(x, axis=0).to(tl.float32)
-            d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
-            # y = exp(x - m) / d, written as one exp2 so no fp32 copy of the row has to stay live.
-            y = tl.exp2((x.to(tl.float32) - m) * LOG2E - tl.log2(d))
-            tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
-        else:
-            # Pass 1: per-lane running max m and running sum d of exp(x - m). tl.range's stages let
-            # the loads of the next blocks start while this one is reduced.
-            m = tl.full([BLOCK], -float("inf"), tl.float32)
-            d = tl.zeros([BLOCK], tl.float32)
-            for start in tl.range(0, n_seen, BLOCK, num_stages=STAGES):
-                x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
-                m, d = online_update(m, d, x)
-            m_row, d_row = online_combine(m, d)
-            # Pass 2: normalise and write (columns past n_seen get exp(-inf) = 0). The row was
-            # read moments ago by this program: it comes from L2.
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                x = tl.load(x_row + start + cols, mask=start + cols < n_seen, other=-float("inf")).to(tl.float32)
-                y = tl.exp2((x - m_row) * LOG2E) / d_row
-                tl.store(y_row + start + cols, y.to(y_ptr.dtype.element_ty), mask=start + cols < n_cols)
+
+@triton.jit
+def _softmax_bwd_row(y_ptr, dy_ptr, dx_ptr, row, y_row_stride, dy_row_stride, dx_row_stride, n_cols,
+                     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """dx = y * (dy - sum(y * dy)) of one row. The causal mask needs no special case: masked columns
+    have y = 0, hence dx = 0."""
+    y_row = y_ptr + row * y_row_stride
+    dy_row = dy_ptr + row * dy_row_stride
+    dx_row = dx_ptr + row * dx_row_stride
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        mask = cols < n_cols
+        y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = y * (dy - tl.sum(y * dy, axis=0))
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            mask = start + cols < n_cols
+            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += y * dy
+        s = tl.sum(acc, axis=0)
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):  # from L2, as the forward's pass 2
+            mask = start + cols < n_cols
+            y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_row + start + cols, (y * (dy - s)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, y_row_stride, dy_row_stride, dx_row_stride, n_rows, n_cols,
                         BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    # The causal mask needs no special case here: masked columns have y = 0, hence dx = 0.
-    cols = tl.arange(0, BLOCK)
-    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):  # as in the forward
-        y_row = y_ptr + row * y_row_stride
-        dy_row = dy_ptr + row * dy_row_stride
-        dx_row = dx_ptr + row * dx_row_stride
-        if SINGLE_BLOCK:
-            mask = cols < n_cols
-            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-            dx = y * (dy - tl.sum(y * dy, axis=0))
-            tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            acc = tl.zeros([BLOCK], tl.float32)
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                mask = start + cols < n_cols
-                y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                acc += y * dy
-            s = tl.sum(acc, axis=0)
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):  # from L2, as the forward's pass 2
-                mask = start + cols < n_cols
-                y = tl.load(y_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_row + start + cols, (y * (dy - s)).to(dx_ptr.dtype.element_ty), mask=mask)
+    if SINGLE_BLOCK:  # rows as in the forward
+        _softmax_bwd_row(y_ptr, dy_ptr, dx_ptr, tl.program_id(0).to(tl.int64), y_row_stride, dy_row_stride,
+                         dx_row_stride, n_cols, BLOCK, SINGLE_BLOCK, STAGES)
+    else:
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _softmax_bwd_row(y_ptr, dy_ptr, dx_ptr, row, y_row_stride, dy_row_stride, dx_row_stride, n_cols,
+                             BLOCK, SINGLE_BLOCK, STAGES)
 
 
 def _launch_params(n_cols: int, element_size: int = 2, rows_held: int = 1) -> tuple[int, bool, int]:
