@@ -105,6 +105,9 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
     # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
     x_target = tl.where(in_range, x_target, float("nan"))
     scale = tl.where(counted, mean_scale, 0.0)  # an ignored row's gradient is 0
+    # The target as a column of cols' type (-1, no column, when it is not one): compared with an
+    # int64 target, int32 columns would be widened again, lane by lane.
+    target_col = tl.where(in_range, target, -1).to(cols.dtype)
 
     if SINGLE_BLOCK:
         # The whole row on chip: read once, loss and gradient from the same values. x stays in its
@@ -117,7 +120,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
         if HAS_GRAD:
             p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
-            grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+            grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
             tl.store(g_row + cols * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
     else:
         # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
@@ -138,7 +141,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
                 mask = start + cols < n_cols
                 x = tl.load(x_row + (start + cols) * x_stride_v, mask=mask, other=-float("inf")).to(tl.float32)
                 p = tl.exp2((x - lse) * LOG2E)
-                grad = (p - tl.where(start + cols == target, 1.0, 0.0)) * scale
+                grad = (p - tl.where(start + cols == target_col, 1.0, 0.0)) * scale
                 tl.store(g_row + (start + cols) * g_stride_v, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
