@@ -127,7 +127,8 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         if HAS_GRAD:
             p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
             grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
-            tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+            tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
+                     mask=cols < n_cols)
     else:
         # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
         # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
@@ -145,10 +146,12 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
             # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
             for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
                 mask = start + cols < n_cols
-                x = tl.load(x_row + _offsets(start + cols, x_stride_v, UNIT_STRIDE), mask=mask, other=-float("inf")).to(tl.float32)
+                x = tl.load(x_row + _offsets(start + cols, x_stride_v, UNIT_STRIDE), mask=mask,
+                            other=-float("inf")).to(tl.float32)
                 p = tl.exp2((x - lse) * LOG2E)
                 grad = (p - tl.where(start + cols == target_col, 1.0, 0.0)) * scale
-                tl.store(g_row + _offsets(start + cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + _offsets(start + cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
+                         mask=mask)
 
 
 @triton.jit

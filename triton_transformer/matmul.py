@@ -283,11 +283,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
               + rk[:, None] * stride_bk + rn[None, :] * stride_bn)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Row sums as a second, narrow product A @ ones: the tile of A stays an operand of the tensor cores
-    # only (summing it in registers took it out of the loads' software pipeline: 1.8x slower). Every
-    # column of row_sums holds the same sum; 16 is the narrowest tile tl.dot takes.
-    ones = tl.full((BLOCK_K, 16), 1.0, a_ptr.dtype.element_ty)
-    row_sums = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    if ROW_SUM:
+        # Row sums as a second, narrow product A @ ones: the tile of A stays an operand of the tensor
+        # cores only (summing it in registers took it out of the loads' software pipeline: 1.8x slower).
+        # Every column of row_sums holds the same sum; 16 is the narrowest tile tl.dot takes.
+        ones = tl.full((BLOCK_K, 16), 1.0, a_ptr.dtype.element_ty)
+        row_sums = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for kt in range(k_first, k_last):
         # Rows past M and columns past N load 0 (their results are never stored); so do
         # K past the end, where a 0 contributes nothing to the sum. EVEN_K drops that mask.
