@@ -1,6 +1,7 @@
 """linear (matmul + bias + fused activation), forward and backward, against F.linear + activation in float64."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -57,8 +58,8 @@ def check(x, weight, bias=None, activation=None, dy=None, tol=None):
     # (~7 standard deviations), far below what a wrong tile or a misplaced row would add.
     rounded = activation is not None and x.dtype in (torch.float16, torch.bfloat16)
     eps = 2 * torch.finfo(x.dtype).eps if rounded else 0.0
-    dz2 = z64.grad.reshape(-1, z64.shape[-1]) ** 2
-    x2 = x64.detach().reshape(-1, x64.shape[-1]) ** 2
+    dz2 = rows(z64.grad) ** 2
+    x2 = rows(x64.detach()) ** 2
     close_with_slack(x.grad, x64.grad, tol, eps * (dz2 @ w64.detach() ** 2).sqrt().view(x.shape), "dx")
     assert weight.grad.dtype == weight.dtype and (bias is None or bias.grad.dtype == bias.dtype)
     close_with_slack(weight.grad, w64.grad, tol, eps * (dz2.t() @ x2).sqrt(), "dW")
@@ -67,8 +68,16 @@ def check(x, weight, bias=None, activation=None, dy=None, tol=None):
     return y
 
 
+def rows(t):
+    """t (..., n) as (rows, n); the row count spelled out, as reshape(-1, 0) is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def close_with_slack(ours, ref, tol, slack, name):
     """|ours - ref| <= atol + rtol |ref| + slack, element by element (slack: a tensor like ref)."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
     bound = tol["atol"] + tol["rtol"] * ref.abs() + slack
     excess = (ours.double() - ref).abs() - bound
     worst = int(excess.argmax())
@@ -192,6 +201,10 @@ def test_empty(device):
     assert y.shape == (0, 8)
     y.sum().backward()
     assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+    # no input features (y = b), and no output features, with and without the bias's row sums in dW
+    check(*inputs((3, 0), 8, torch.float32, device), None)
+    check(*inputs((2, 3, 0), 8, torch.float32, device), "relu")
+    check(*inputs((3, 5), 0, torch.float32, device), None)
 
 
 # ---------------------------------------------------------------- the other code paths, forced on small shapes

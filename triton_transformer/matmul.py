@@ -468,8 +468,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     c = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
     z = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_z else None
     if M == 0 or N == 0:
-        if row_sum is not None:
-            row_sum.zero_()
+        if row_sum is not None:  # no output tile to sum in (e.g. dW of a layer with no input features)
+            row_sum.copy_(a.sum(1, dtype=torch.float32))
         return c, z
     # split-K only for plain products (dW): bias and activation need the full sum
     split = 1 if (bias is not None or activation or store_z) else _split_k(M, N, K, a.device)
@@ -577,7 +577,8 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x (..., K) as a 2-D (rows, K) view; copies only if the leading dimensions cannot be flattened."""
-    return x.reshape(-1, x.shape[-1])
+    # the row count spelled out: reshape(-1, 0) is ambiguous for a dimension of size 0 (no input features)
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 class LinearFunction(torch.autograd.Function):
@@ -606,7 +607,7 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = _rows(dy)
         # Without an activation dz = dy, and db = sum_rows dz comes out of the dW matmul, which reads
         # all of dz anyway (as A = dz^T): no pass of its own over dz.
         db_in_dw = need_b and need_w and ctx.activation == 0
