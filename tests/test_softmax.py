@@ -95,6 +95,10 @@ def test_rows_of_all_minus_inf_match_pytorch(device):
 def test_single_element_and_empty(device):
     assert softmax(torch.tensor(3.0, device=device)).item() == 1.0
     assert softmax(torch.empty(0, 5, device=device)).shape == (0, 5)
+    for shape in ((0, 5), (5, 0)):  # empty but differentiable, as torch.softmax
+        x = torch.empty(shape, device=device, requires_grad=True)
+        softmax(x, causal=True).sum().backward()
+        assert x.grad.shape == shape
 
 
 def test_bad_input_raises_clear_errors(device):

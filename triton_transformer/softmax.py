@@ -239,8 +239,8 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
     dim = dim % x.dim()
     if causal and (dim != x.dim() - 1 or x.dim() < 2):
         raise ValueError("softmax: causal=True needs dim=-1 on a tensor of at least 2 dimensions (..., M, N)")
-    if x.numel() == 0:
-        return torch.empty_like(x)
+    if x.numel() == 0:  # nothing to launch: PyTorch's own (empty, still differentiable) result
+        return torch.softmax(x, dim)
     if dim != x.dim() - 1:
         return SoftmaxFunction.apply(x.movedim(dim, -1), False).movedim(-1, dim)
     return SoftmaxFunction.apply(x, causal)
