@@ -172,7 +172,8 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     if t.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+        allowed = ndim if isinstance(ndim, int) else " or ".join(map(str, ndim))
+        raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(t.shape)}")
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
