@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, num_sms
-from .softmax import LOG2E, online_combine, online_update
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
+from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -53,9 +53,8 @@ from .softmax import LOG2E, online_combine, online_update
 MAX_FUSED_BLOCK = 65536
 #: Block width of the online path, for longer rows.
 ONLINE_BLOCK = 8192
-#: Programs per SM on the online path and pipelining stages of its loops (chapter 1's softmax forward).
+#: Programs per SM on the online path, as chapter 1's softmax forward (its loops pipeline as deep: ONLINE_STAGES).
 ONLINE_PROGRAMS_PER_SM = 4
-ONLINE_STAGES = 3
 #: Targets counted per program of the small pre-pass.
 STATS_BLOCK = 1024
 
@@ -266,8 +265,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     rows_per_batch, xsb, xst, xsv = _row_layout(logits)
     _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
     block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
-    grid = (n_rows if single else min(n_rows, ONLINE_PROGRAMS_PER_SM * num_sms(device)),)
-    launch(_cross_entropy_fwd_kernel, grid,
+    launch(_cross_entropy_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
            BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean",

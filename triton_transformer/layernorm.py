@@ -384,7 +384,7 @@ def _bwd_params(n_rows: int, n_cols: int, device: torch.device,
     rows, num_warps = _default_tile(block, single)
     if runtime.INTERPRET or device.type != "cuda":
         return rows, block, single, num_warps, INTERPRET_BWD_PROGRAMS
-    sms = runtime.cuda_properties(device).multi_processor_count
+    sms = runtime.num_sms(device)
     if element_size == 4 and single and block <= 1024:
         # An fp32 x: the GPT's residual stream under autocast, whose backward also reads the fp32
         # gradient of the stream. Measured on the H100 at (16384, 768): tiles of 4096 values on
@@ -404,7 +404,7 @@ def _sum_params(n_cols: int, device: torch.device) -> tuple[int, int]:
     if runtime.INTERPRET or device.type != "cuda":
         block_c = min(1024, next_power_of_2(n_cols))  # the interpreter prefers few, wide programs
         return block_c, 64
-    sms = runtime.cuda_properties(device).multi_processor_count
+    sms = runtime.num_sms(device)
     block_c = min(128, max(8, next_power_of_2(cdiv(n_cols, sms))))
     return block_c, 2048 // block_c
 
