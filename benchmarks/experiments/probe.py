@@ -11,6 +11,7 @@ tmacfg   the TMA kernel's forward and dX with each config forced, against the au
 dwcfg    dW = dz^T x with each pointer-kernel config forced (and a few more), at the split "auto" picks and at 1
 lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
 dbfuse   dW and db of the GPT's bias-only projections: db in the dW kernel's row sums, or its own pass
+dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 """
 import cProfile
 import pstats
@@ -332,6 +333,54 @@ def dbfuse():
         print(f"{label} [{n_out}x{k_in}] over {M}: fused {bench(fused):.1f} us | dW alone "
               f"{bench(lambda: MM.matmul(dy.t(), x, out_dtype=torch.float32)):.1f} + db pass = {bench(apart):.1f} | "
               f"cublas dW + torch db {bench(lambda: (dy.t() @ x, dy.sum(0))):.1f} | db err {err:.1e}", flush=True)
+
+
+def _ir_summary(compiled):
+    """The lines of a compiled kernel's TTGIR and PTX that say how the dot gets its operands, counted."""
+    import collections
+    import re
+    seen = collections.Counter()
+    for line in compiled.asm["ttgir"].splitlines():
+        line = line.strip()
+        if line.startswith("#shared") or line.startswith("#mma"):
+            seen[line[:170]] += 1
+        for op in ("warp_group_dot ", "ttg.convert_layout", "ttg.local_alloc", "ttg.memdesc_trans", "async_copy_global",
+                   "async_tma_copy", "ttg.local_load", "tt.trans", "warp_group_dot_wait"):
+            if op in line:
+                seen[op + " : " + re.sub(r"%[\w#]+", "%", line.split(":")[-1])[:150]] += 1
+    for line in compiled.asm["ptx"].splitlines():
+        m = re.match(r"\s*(wgmma\.mma_async[\w.]*|ldmatrix[\w.]*|cp\.async[\w.:]*|stmatrix[\w.]*)", line)
+        if m:
+            tail = line.rsplit(",", 4)[1:] if m.group(1).startswith("wgmma") else []
+            seen[m.group(1) + " " + ",".join(t.strip() for t in tail)] += 1
+    for k, v in sorted(seen.items()):
+        print(f"    {v:4d}  {k}")
+
+
+def dwir():
+    MM = importlib.import_module("triton_transformer.matmul")
+    M = 16384
+    for n_out, k_in in ((50304, 768), (3072, 768)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        w = torch.randn(n_out, k_in, device=dev, dtype=bf16)
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        flops = 2 * M * k_in * n_out
+        tf = lambda us: f"{us:.1f} us {flops / us / 1e6:.0f} TF"  # noqa: E731
+        print(f"[{n_out}x{k_in}] over {M}: cublas dW {tf(bench(lambda: dy.t() @ x))} | cublas fwd "
+              f"{tf(bench(lambda: x @ w.t()))} | cublas dX {tf(bench(lambda: dy @ w))}", flush=True)
+        for tma in (False, True):
+            MM.TMA = tma
+            for name, a, b in (("dW", dy.t(), x), ("fwd", x, w.t()), ("dX", dy, w)):
+                MM.SPLIT_K = 1
+                runtime._launchers.clear()
+                t = bench(lambda: MM.matmul(a, b, out_dtype=torch.float32 if name == "dW" else None))
+                kernel = MM._matmul_tma_kernel if tma else MM._matmul_kernel
+                cfg = kernel.best_config
+                print(f"  {'tma' if tma else 'ptr'} {name} split 1: {tf(t)} ({_config_name(cfg)})", flush=True)
+                if n_out == 3072 and name in ("dW", "fwd"):
+                    for compiled, _, _ in runtime._launchers[id(kernel)].cache.values():
+                        _ir_summary(compiled)
+            MM.SPLIT_K, MM.TMA = None, "auto"
 
 
 if __name__ == "__main__":
