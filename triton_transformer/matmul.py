@@ -79,6 +79,8 @@ FAST_TANH = tl.constexpr(not runtime.INTERPRET)
 #: Use the TMA kernel: "auto" (Hopper or newer, fp16/bf16, TMA-compatible strides), True (force it
 #: wherever the strides allow, any dtype: used to test it under the interpreter), or False.
 TMA = {"0": False, "1": True}.get(os.environ.get("TT_MATMUL_TMA", ""), "auto")
+#: The TMA kernel stores its outputs with TMA too (asynchronous, overlapping the next tile) where rows allow.
+TMA_STORE = True
 #: Problems with fewer multiply-adds than this take SMALL_CONFIG instead of the autotuner.
 AUTOTUNE_MIN_MACS = 1 << 26
 #: Split the K loop in this many parts; None picks by the heuristic in `_split_k`.
@@ -115,6 +117,9 @@ def _set_tma_block_shapes(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+    if nargs["TMA_STORE"]:  # outputs are stored in two half-width boxes
+        for name in ("c_desc", "z_desc"):
+            nargs[name].block_shape = [bm, bn // 2]
 
 
 def _tma_config(bm, bn, bk, stages, warps):
@@ -315,15 +320,41 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
               HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
 
 
-@runtime.autotune(configs=_TMA_CONFIGS, key=_TUNE_KEY)
 @triton.jit
-def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr,
+def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue with TMA stores, in two half-width sub-tiles.
+
+    A TMA store is asynchronous: the tile is copied to shared memory and the TMA unit writes it
+    out while the program goes on to the loads of its next tile. With a short K loop (K = 768:
+    twelve 64-wide steps) the store of a 128 x 256 tile weighs as much as a quarter of the loop,
+    so overlapping it matters; halves need half the shared memory, which the pipeline's stages keep.
+    The TMA unit also clips the boxes at the matrix's edges: no masks.
+    """
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc = acc + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+    left, right = tl.split(halves)  # columns [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N)
+    if STORE_Z:
+        z_desc.store([off_m, off_n], left.to(z_desc.dtype))
+        z_desc.store([off_m, off_n + BLOCK_N // 2], right.to(z_desc.dtype))
+    low_precision = c_desc.dtype != tl.float32
+    c_desc.store([off_m, off_n], _activation(left, ACTIVATION, low_precision).to(c_desc.dtype))
+    c_desc.store([off_m, off_n + BLOCK_N // 2], _activation(right, ACTIVATION, low_precision).to(c_desc.dtype))
+
+
+@runtime.autotune(configs=_TMA_CONFIGS, key=_TUNE_KEY + ["TMA_STORE"])
+@triton.jit
+def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
                        M, N, K,
                        stride_cm, stride_cs, stride_zm,
                        M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only
                        A_T: tl.constexpr, B_T: tl.constexpr,
                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
                        SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr,
+                       TMA_STORE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The same product with TMA loads, persistent: NUM_SMS programs stride over (split, tile) work items.
 
@@ -332,6 +363,8 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr,
     which costs nothing: the tensor cores read either orientation from shared memory.
     Likewise B_T: the descriptor holds B^T (shape (N, K), e.g. the weight W when B = W^T).
     Out-of-bounds parts of a box are filled with zeros by the TMA unit: no masks.
+    TMA_STORE: the outputs go out through the descriptors c_desc and z_desc too (`_epilogue_tma`);
+    otherwise (split-K partials, rows not 16-byte aligned) through c_ptr and z_ptr.
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
@@ -354,8 +387,12 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr,
             else:
                 b = b_desc.load([off_k, off_n])
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
-                  HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
+        if TMA_STORE:
+            _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, HAS_BIAS, ACTIVATION, STORE_Z,
+                          BLOCK_M, BLOCK_N)
+        else:
+            _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
+                      HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------- backward helpers and reductions
@@ -501,13 +538,17 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
         sms = runtime.num_sms(a.device)
         grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * split),)
+        # TMA stores need 16-byte aligned rows, and one (M, N) matrix: not split-K's partials
+        tma_store = split == 1 and TMA_STORE and (N * out.element_size()) % 16 == 0
+        c_desc = _tma_operand(c)[0] if tma_store else c
+        z_desc = _tma_operand(z)[0] if tma_store and z is not None else c_desc
         try:
             # The first launch per key goes through the autotuner, whose pre-hook sets each descriptor's
             # box to the winning tile; later ones take runtime.launch's cached path, where Triton's
             # launcher builds the TMA descriptors from the compiled kernel's own block sizes.
-            runtime.launch(_matmul_tma_kernel, grid, a_desc, b_desc, out, bias_arg, z_arg, M, N, K,
+            runtime.launch(_matmul_tma_kernel, grid, a_desc, b_desc, out, bias_arg, z_arg, c_desc, z_desc, M, N, K,
                            stride_cm, stride_cs, stride_zm, *keys, 2 * a_t + b_t,
-                           A_T=a_t, B_T=b_t, NUM_SMS=sms, **common)
+                           A_T=a_t, B_T=b_t, NUM_SMS=sms, TMA_STORE=tma_store, **common)
         except Exception as err:  # a Triton without working TMA support: say so once, then use pointers
             if TMA is True:
                 raise

@@ -11,6 +11,7 @@ tmacfg   the TMA kernel's forward and dX with each config forced, against the au
 dwcfg    dW = dz^T x with each pointer-kernel config forced (and a few more), at the split "auto" picks and at 1
 lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
 dbfuse   dW and db of the GPT's bias-only projections: db in the dW kernel's row sums, or its own pass
+tmastore the TMA kernel's forward and dX with the outputs stored through TMA or through pointers, against cuBLAS
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 """
 import cProfile
@@ -381,6 +382,33 @@ def dwir():
                     for compiled, _, _ in runtime._launchers[id(kernel)].cache.values():
                         _ir_summary(compiled)
             MM.SPLIT_K, MM.TMA = None, "auto"
+
+
+def tmastore():
+    MM = importlib.import_module("triton_transformer.matmul")
+    M = 16384
+    for k_in, n_out in ((768, 3072), (3072, 768), (768, 2304), (768, 768), (768, 50304), (512, 1536), (512, 256)):
+        x = torch.randn(M, k_in, device=dev, dtype=bf16)
+        w = torch.randn(n_out, k_in, device=dev, dtype=bf16) / k_in ** 0.5
+        bias = torch.randn(n_out, device=dev, dtype=bf16)
+        dy = torch.randn(M, n_out, device=dev, dtype=bf16)
+        flops = 2 * M * k_in * n_out
+        line = [f"[{M},{k_in}->{n_out}]"]
+        for name, call, ref in (
+                ("fwd", lambda: MM.matmul(x, w.t()), lambda: x @ w.t()),
+                ("fwd+bias", lambda: MM.matmul(x, w.t(), bias), lambda: torch.addmm(bias, x, w.t())),
+                ("gelu+z", lambda: MM.matmul(x, w.t(), bias, MM.GELU, store_z=True),
+                 lambda: torch.nn.functional.gelu(torch.addmm(bias, x, w.t()), approximate="tanh")),
+                ("dX", lambda: MM.matmul(dy, w), lambda: dy @ w)):
+            times = []
+            for store in (False, True):
+                MM.TMA_STORE = store
+                times.append(bench(call))
+            MM.TMA_STORE = True
+            r = bench(ref)
+            line.append(f"| {name} ptr-store {times[0]:.1f} tma-store {times[1]:.1f} ({flops / times[1] / 1e6:.0f} TF) "
+                        f"torch {r:.1f}")
+        print(" ".join(line), flush=True)
 
 
 if __name__ == "__main__":
