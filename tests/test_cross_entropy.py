@@ -102,7 +102,7 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
     """Rows longer than one block stream through the online logsumexp and a second pass."""
     monkeypatch.setattr(C, "MAX_FUSED_BLOCK", 2048 if single_block else 256)  # fp32 rows get half
     monkeypatch.setattr(C, "ONLINE_BLOCK", 128)
-    assert C._launch_params(1000, 4)[3] is single_block
+    assert C._launch_params(1000, 4)[1] is single_block
     for n_cols in (1000, 1024, 129):
         logits = torch.randn(5, n_cols, device=device) * 4
         target = make_target((5,), n_cols, device, ignore_every=3)
@@ -113,21 +113,6 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
     check(wide, make_target((2, 3), 1000, device, ignore_every=4), reduction="none")
     # more rows than the online path's persistent programs (16 in the interpreter): each program loops
     check(torch.randn(37, 300, device=device) * 4, make_target((37,), 300, device, ignore_every=3))
-
-
-def test_rows_held_in_pieces(device):
-    """A row kept on chip as up to three power-of-two pieces: every piece's columns, masks and target."""
-    assert C.row_pieces(50304) == (32768, 16384, 2048)  # GPT-2's vocabulary: 51 200 lanes, not 65 536
-    assert C.row_pieces(4096) == (4096, 0, 0) and C.row_pieces(1000) == (1024, 0, 0)
-    assert C.row_pieces(32000) == (32768, 0, 0)  # pieces would save less than an eighth
-    for n_cols in (2500, 3000):
-        first, second, third = C.row_pieces(n_cols)
-        assert second > 0 and third > 0 and n_cols <= first + second + third
-        logits = torch.randn(6, n_cols, device=device) * 4
-        target = make_target((6,), n_cols, device, ignore_every=4)
-        target[0], target[2], target[3] = first - 1, first + second, n_cols - 1  # in the first, second, third piece
-        check(logits, target)
-        check(torch.randn(6, 2 * n_cols, device=device)[:, ::2], target, reduction="none")  # column stride 2
 
 
 def test_non_contiguous_logits_and_targets(device):

@@ -90,27 +90,10 @@ def _offsets(cols, stride, UNIT_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _load_piece(x_row, start, n_cols, stride, BLOCK: tl.constexpr, UNIT_STRIDE: tl.constexpr):
-    """Columns [start, start + BLOCK) of a row, -inf past its end (they add exp(-inf) = 0 to any sum)."""
-    cols = start + tl.arange(0, BLOCK)
-    return tl.load(x_row + _offsets(cols, stride, UNIT_STRIDE), mask=cols < n_cols, other=-float("inf"))
-
-
-@triton.jit
-def _store_grad_piece(g_row, start, x, lse, target_col, scale, n_cols, stride, BLOCK: tl.constexpr,
-                      UNIT_STRIDE: tl.constexpr):
-    """The gradient softmax(x) - onehot(target), scaled, for the piece x of a row held on chip."""
-    cols = start + tl.arange(0, BLOCK)
-    p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
-    grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
-    tl.store(g_row + _offsets(cols, stride, UNIT_STRIDE), grad.to(g_row.dtype.element_ty), mask=cols < n_cols)
-
-
-@triton.jit
 def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, rows_per_batch,
                        x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index,
-                       BLOCK: tl.constexpr, BLOCK2: tl.constexpr, BLOCK3: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-                       HAS_GRAD: tl.constexpr, UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr):
+                       BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
+                       UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr):
     """Loss and gradient of one row (int64 `row`: 8192 rows x 50304 columns is already 412M elements)."""
     b = row // rows_per_batch
     t = row - b * rows_per_batch
@@ -135,31 +118,16 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         # The whole row on chip: read once, loss and gradient from the same values. x stays in its
         # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
         # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
-        # The row is held as up to three power-of-two pieces: 50 304 columns take 32 768 + 16 384 + 2 048
-        # lanes instead of the 65 536 of one block, registers that let two rows share an SM.
-        x = _load_piece(x_row, 0, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
-        m = tl.max(x, axis=0)
-        if BLOCK2 > 0:
-            x2 = _load_piece(x_row, BLOCK, n_cols, x_stride_v, BLOCK2, UNIT_STRIDE)
-            m = tl.maximum(m, tl.max(x2, axis=0))
-        if BLOCK3 > 0:
-            x3 = _load_piece(x_row, BLOCK + BLOCK2, n_cols, x_stride_v, BLOCK3, UNIT_STRIDE)
-            m = tl.maximum(m, tl.max(x3, axis=0))
-        m = m.to(tl.float32)
+        x = tl.load(x_row + _offsets(cols, x_stride_v, UNIT_STRIDE), mask=cols < n_cols, other=-float("inf"))
+        m = tl.max(x, axis=0).to(tl.float32)
         d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
-        if BLOCK2 > 0:
-            d += tl.sum(tl.exp2((x2.to(tl.float32) - m) * LOG2E), axis=0)
-        if BLOCK3 > 0:
-            d += tl.sum(tl.exp2((x3.to(tl.float32) - m) * LOG2E), axis=0)
         lse = m + tl.log(d)
         tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
         if HAS_GRAD:
-            _store_grad_piece(g_row, 0, x, lse, target_col, scale, n_cols, g_stride_v, BLOCK, UNIT_STRIDE)
-            if BLOCK2 > 0:
-                _store_grad_piece(g_row, BLOCK, x2, lse, target_col, scale, n_cols, g_stride_v, BLOCK2, UNIT_STRIDE)
-            if BLOCK3 > 0:
-                _store_grad_piece(g_row, BLOCK + BLOCK2, x3, lse, target_col, scale, n_cols, g_stride_v, BLOCK3,
-                                  UNIT_STRIDE)
+            p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
+            grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
+            tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
+                     mask=cols < n_cols)
     else:
         # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
         # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
@@ -192,8 +160,8 @@ def _cross_entropy_fwd_kernel(
     x_stride_b, x_stride_t, x_stride_v,      # strides of the logits (any layout, read in place)
     g_stride_b, g_stride_t, g_stride_v,      # strides of the gradient buffer
     n_cols, ignore_index,
-    BLOCK: tl.constexpr, BLOCK2: tl.constexpr, BLOCK3: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Gradient scale of counted rows: 1 for "sum"/"none", 1/(counted rows) for "mean".
     # (With every row ignored the count is 0; the maximum keeps inf out of the gradient.)
@@ -203,12 +171,12 @@ def _cross_entropy_fwd_kernel(
     if SINGLE_BLOCK:  # a program per row
         _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
                            rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
-                           n_cols, ignore_index, BLOCK, BLOCK2, BLOCK3, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
+                           n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
     else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale,
                                rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
-                               n_cols, ignore_index, BLOCK, BLOCK2, BLOCK3, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
+                               n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
 
 
 @triton.jit
@@ -232,42 +200,16 @@ def _scale_rows_kernel(grad_ptr, dloss_ptr, dloss_stride, rows_per_batch, g_stri
             tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def row_pieces(n_cols: int) -> tuple[int, int, int]:
-    """Up to three powers of two (0 for none) that cover n_cols with less padding than one block.
-
-    A Triton block is a power of two: 50 304 columns in one block take 65 536 lanes, 30% of them
-    padding. As 32 768 + 16 384 + 2 048 = 51 200 lanes they take 2% more than the row. Kept only
-    where they save more than an eighth of the lanes.
-    """
-    whole = next_power_of_2(n_cols)
-    if whole == n_cols or whole < 2048:
-        return whole, 0, 0
-    first = whole // 2
-    rest = n_cols - first
-    second = next_power_of_2(rest) // 2 if next_power_of_2(rest) > rest else rest
-    third = next_power_of_2(rest - second) if rest > second else 0
-    if (first + second + third) * 8 > whole * 7:
-        return whole, 0, 0
-    return first, second, third
-
-
-#: Warps of a program that holds a whole row (None: one per 1024 lanes, 4 to 16).
-FUSED_WARPS = None
-
-
-def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None = None) -> tuple[int, int, int, bool, int]:
-    """Block widths (up to three pieces), whether the row is kept whole on chip, and warps (4 to 16).
+def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None = None) -> tuple[int, bool, int]:
+    """Block width, whether the row is kept whole on chip, and warps (4 to 16).
 
     `single_block` forces one path or the other (to measure them against each other).
     """
     whole = next_power_of_2(n_cols)
     single = whole <= MAX_FUSED_BLOCK * 2 // element_size if single_block is None else single_block
-    if not single:
-        block = min(ONLINE_BLOCK, whole)
-        return block, 0, 0, False, min(16, max(4, block // 1024))
-    pieces = row_pieces(n_cols)
-    num_warps = FUSED_WARPS or min(16, max(4, sum(pieces) // 1024))
-    return *pieces, True, num_warps
+    block = whole if single else min(ONLINE_BLOCK, whole)
+    num_warps = min(16, max(4, block // 1024))
+    return block, single, num_warps
 
 
 def _row_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -322,11 +264,11 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
         grad = logits if inplace else torch.empty_like(logits)
     rows_per_batch, xsb, xst, xsv = _row_layout(logits)
     _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
-    block, block2, block3, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
+    block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
     launch(_cross_entropy_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
-           BLOCK=block, BLOCK2=block2, BLOCK3=block3, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean",
+           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean",
            UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES, num_warps=num_warps)
 
     if reduction == "mean":

@@ -12,7 +12,6 @@ dwcfg    dW = dz^T x with each pointer-kernel config forced (and a few more), at
 lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
 dbfuse   dW and db of the GPT's bias-only projections: db in the dW kernel's row sums, or its own pass
 tmastore the TMA kernel's forward and dX with the outputs stored through TMA or through pointers, against cuBLAS
-cepieces cross-entropy's one-block rows as one power-of-two block or up to three pieces, per warps (regs, spills)
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 """
 import cProfile
@@ -409,30 +408,6 @@ def tmastore():
             r = bench(ref)
             line.append(f"| {name} ptr-store {times[0]:.1f} tma-store {times[1]:.1f} ({flops / times[1] / 1e6:.0f} TF) "
                         f"torch {r:.1f}")
-        print(" ".join(line), flush=True)
-
-
-def cepieces():
-    for n_rows, n_cols in ((8192, 50304), (16384, 50304), (8192, 32000)):
-        x = torch.randn(n_rows, n_cols, device=dev, dtype=bf16)
-        t = torch.randint(0, n_cols, (n_rows,), device=dev)
-        moved = 2 * x.numel() * x.element_size()
-        line = [f"({n_rows}, {n_cols}):"]
-        whole = lambda n: (runtime.next_power_of_2(n), 0, 0)  # noqa: E731
-        for label, pieces, warps in (("whole", whole, 16), ("whole", whole, 8), ("pieces", ce_mod.row_pieces, 16),
-                                     ("pieces", ce_mod.row_pieces, 8), ("pieces", ce_mod.row_pieces, 4)):
-            orig = ce_mod.row_pieces
-            ce_mod.row_pieces, ce_mod.FUSED_WARPS = pieces, warps
-            try:
-                us = bench(lambda: ce_mod.cross_entropy_forward(x, t, with_grad=True))
-                compiled = [c for c, _, _ in runtime._launchers[id(ce_mod._cross_entropy_fwd_kernel)].cache.values()][-1]
-                line.append(f"| {label} w{warps} {us:.1f} us {moved / us / 1e3:.0f} GB/s "
-                            f"(regs {compiled.n_regs}, spills {compiled.n_spills})")
-            except Exception as err:
-                line.append(f"| {label} w{warps} {type(err).__name__}: {str(err)[:80]}")
-            finally:
-                ce_mod.row_pieces, ce_mod.FUSED_WARPS = orig, None
-                runtime._launchers.clear()
         print(" ".join(line), flush=True)
 
 
