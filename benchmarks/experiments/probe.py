@@ -12,6 +12,8 @@ dwcfg    dW = dz^T x with each pointer-kernel config forced (and a few more), at
 lnbwd    layer norm's backward as the GPT runs it (fp32 residual stream, bf16 dy): tile and program count
 dbfuse   dW and db of the GPT's bias-only projections: db in the dW kernel's row sums, or its own pass
 tmastore the TMA kernel's forward and dX with the outputs stored through TMA or through pointers, against cuBLAS
+attn     causal attention per kernel (forward, dQ, dK/dV) against SDPA's forward and backward, the tuned configs,
+         and the tuner's pick from a wider list of configs
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 """
 import cProfile
@@ -409,6 +411,61 @@ def tmastore():
             line.append(f"| {name} ptr-store {times[0]:.1f} tma-store {times[1]:.1f} ({flops / times[1] / 1e6:.0f} TF) "
                         f"torch {r:.1f}")
         print(" ".join(line), flush=True)
+
+
+def _kernel_times(fn, reps=20):
+    """GPU ms per call of each kernel `fn` launches (torch.profiler), by kernel name."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:40]: e.device_time_total / reps / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def attn():
+    A = importlib.import_module("triton_transformer.attention")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    kernels = {"fwd": A._attn_fwd, "dq": A._attn_bwd_dq, "dkdv": A._attn_bwd_dkdv}
+    cfg = lambda m, n, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)  # noqa: E731
+    wider = {"fwd": [(128, 64, 4, 2), (128, 64, 4, 5), (64, 64, 4, 4), (64, 32, 4, 4), (128, 128, 4, 3),
+                     (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 2)],
+             "dkdv": [(16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 2),
+                      (32, 128, 4, 2), (16, 64, 4, 4), (64, 128, 4, 2), (32, 256, 8, 3)],
+             "dq": [(64, 64, 4, 4), (128, 64, 4, 4), (64, 32, 4, 5), (128, 128, 8, 2), (64, 64, 8, 3),
+                    (128, 32, 4, 4), (64, 16, 4, 4), (128, 16, 4, 4)]}
+    listed = {name: list(k.configs) for name, k in kernels.items()}
+    for B, H, N, D in ((16, 12, 1024, 64), (4, 16, 4096, 64), (4, 16, 4096, 128)):
+        q, k, v, do = (torch.randn(B, H, N, D, device=dev, dtype=bf16) for _ in range(4))
+        flops = 4 * B * H * N * N * D / 2  # forward, causal half
+        qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        os_ = sdpa(qs, ks, vs, is_causal=True)
+        sd_f = bench(lambda: sdpa(q, k, v, is_causal=True))
+        sd_b = bench(lambda: torch.autograd.grad(os_, (qs, ks, vs), do, retain_graph=True))
+        print(f"[{B},{H},{N},{D}] sdpa fwd {sd_f:.1f} us ({flops / sd_f / 1e6:.0f} TF) bwd {sd_b:.1f} us "
+              f"({2.5 * flops / sd_b / 1e6:.0f} TF) | {_kernel_times(lambda: torch.autograd.grad(os_, (qs, ks, vs), do, retain_graph=True))}",
+              flush=True)
+        for label in ("listed", "wider"):
+            for name, kern in kernels.items():
+                kern.configs = listed[name] + ([cfg(*c) for c in wider[name]] if label == "wider" else [])
+                kern.cache.clear()
+            runtime._launchers.clear()
+            o, lse = A.attention_forward(q, k, v, causal=True)
+            f = bench(lambda: A.attention_forward(q, k, v, causal=True))
+            b = bench(lambda: A.attention_backward(do, q, k, v, o, lse, causal=True))
+            times = _kernel_times(lambda: A.attention_backward(do, q, k, v, o, lse, causal=True))
+            picks = {name: _attn_cfg(kern.best_config) for name, kern in kernels.items()}
+            print(f"  {label}: fwd {f:.1f} us ({flops / f / 1e6:.0f} TF) bwd {b:.1f} us ({2.5 * flops / b / 1e6:.0f} TF) "
+                  f"fwdbwd {flops * 3.5 / (f + b) / 1e6:.0f} TF | kernels {times} | picks {picks}", flush=True)
+        for name, kern in kernels.items():
+            kern.configs = listed[name]
+            kern.cache.clear()
+        runtime._launchers.clear()
+
+
+def _attn_cfg(c):
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
 
 
 if __name__ == "__main__":
