@@ -45,7 +45,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
-from .softmax import LOG2E, ONLINE_STAGES, _grid, exp_and_sum, online_combine, online_update
+from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -120,11 +120,11 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
         x = tl.load(x_row + _offsets(cols, x_stride_v, UNIT_STRIDE), mask=cols < n_cols, other=-float("inf"))
         m = tl.max(x, axis=0).to(tl.float32)
-        e, d = exp_and_sum(x, m)  # exp(x - m), one exp2 per value (masked lanes: exp(-inf) = 0)
+        d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
         lse = m + tl.log(d)
         tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
         if HAS_GRAD:
-            p = e.to(tl.float32) * (1.0 / d)  # softmax = exp(x - m) / sum
+            p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
             grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
             tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
                      mask=cols < n_cols)

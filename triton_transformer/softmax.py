@@ -69,11 +69,13 @@ def exp_and_sum(x, m):
     """(exp(x - m) in x's own dtype, its sum in fp32) for a row x held on chip, m its max.
 
     One exp2 per value: the exponentials are kept for the caller (exp(x - m) / sum is the softmax)
-    instead of being computed a second time. A 50K-wide row fills an SM's registers, one program
-    per SM, so its loads, its exponentials and its stores take turns; computing each exponential
-    once shortens the middle turn by half. Kept in 16 bits as x was, e costs no more registers than
-    x did; the sum is taken in fp32 before that rounding, and the result is rounded once more
-    when stored (within one unit in the last place of a 16-bit output).
+    instead of being computed a second time. Kept in 16 bits as x was, e costs no more registers
+    than x did; the sum is taken in fp32 before that rounding, and the result is rounded once more
+    when stored (within one unit in the last place of a 16-bit output). Measured on the H100 (bf16,
+    kernel time, `probe.py onexp`): (8192, 32000) 455 -> 395 us, (8192, 50304) 739 -> 735 us.
+    Cross-entropy's row kernel, which also keeps its target logit and scale live, spilled more
+    registers with it (50 against 22) and got slower (755 -> 838 us at (8192, 50304)): it keeps
+    computing the exponential twice.
     """
     e = tl.exp2((x.to(tl.float32) - m) * LOG2E)  # masked lanes: exp(-inf) = 0
     return e.to(x.dtype), tl.sum(e, axis=0)

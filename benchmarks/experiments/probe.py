@@ -14,6 +14,7 @@ dbfuse   dW and db of the GPT's bias-only projections: db in the dW kernel's row
 tmastore the TMA kernel's forward and dX with the outputs stored through TMA or through pointers, against cuBLAS
 attn     causal attention per kernel (forward, dQ, dK/dV) against SDPA's forward and backward, the tuned configs,
          and the tuner's pick from a wider list of configs
+onexp    the one-block softmax forward and cross-entropy kernels against copies of older modules (kernel time)
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 """
 import cProfile
@@ -466,6 +467,27 @@ def attn():
 
 def _attn_cfg(c):
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+
+
+def onexp():
+    """GPU time of the one-block softmax forward and cross-entropy kernels, this tree's against the copies of
+    the modules in triton_transformer/_old_*.py (git show REV:... > those files before the run)."""
+    mods = {"new": (sm_mod, ce_mod),
+            "old": (importlib.import_module("triton_transformer._old_softmax"),
+                    importlib.import_module("triton_transformer._old_ce"))}
+    for n_rows, n_cols in ((8192, 50304), (16384, 50304), (4096, 4096), (8192, 32000)):
+        x = torch.randn(n_rows, n_cols, device=dev, dtype=bf16) * 3
+        t = torch.randint(0, n_cols, (n_rows,), device=dev)
+        moved = 2 * x.numel() * x.element_size()
+        line = [f"({n_rows}, {n_cols})"]
+        for label, (S, C) in mods.items():
+            for name, fn, kern in (("softmax", lambda: S.softmax_forward(x), S._softmax_fwd_kernel),
+                                   ("ce", lambda: C.cross_entropy_forward(x, t, with_grad=True), C._cross_entropy_fwd_kernel)):
+                times = _kernel_times(fn)
+                ms = sum(v for k, v in times.items() if k.startswith(kern.fn.__name__ if hasattr(kern, "fn") else kern.__name__))
+                regs = [(c.n_regs, c.n_spills) for c, _, _ in runtime._launchers[id(kern)].cache.values()]
+                line.append(f"| {label} {name} {1e3 * ms:.1f} us {moved / ms / 1e6:.0f} GB/s regs/spills {regs}")
+        print(" ".join(line), flush=True)
 
 
 if __name__ == "__main__":
