@@ -15,6 +15,7 @@ tmastore the TMA kernel's forward and dX with the outputs stored through TMA or 
 attn     causal attention per kernel (forward, dQ, dK/dV) against SDPA's forward and backward, the tuned configs,
          and the tuner's pick from a wider list of configs
 onexp    the one-block softmax forward and cross-entropy kernels against copies of older modules (kernel time)
+warps    one-block softmax forward and cross-entropy at 16 and 32 warps (kernel time, registers, spills)
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 """
 import cProfile
@@ -488,6 +489,32 @@ def onexp():
                 regs = [(c.n_regs, c.n_spills) for c, _, _ in runtime._launchers[id(kern)].cache.values()]
                 line.append(f"| {label} {name} {1e3 * ms:.1f} us {moved / ms / 1e6:.0f} GB/s regs/spills {regs}")
         print(" ".join(line), flush=True)
+
+
+def warps():
+    for n_rows, n_cols in ((8192, 50304), (16384, 50304), (8192, 32000)):
+        x = torch.randn(n_rows, n_cols, device=dev, dtype=bf16) * 3
+        t = torch.randint(0, n_cols, (n_rows,), device=dev)
+        moved = 2 * x.numel() * x.element_size()
+        line = [f"({n_rows}, {n_cols})"]
+        for mod, name, fn, kern in ((sm_mod, "softmax", lambda: sm_mod.softmax_forward(x), sm_mod._softmax_fwd_kernel),
+                                    (ce_mod, "ce", lambda: ce_mod.cross_entropy_forward(x, t, with_grad=True),
+                                     ce_mod._cross_entropy_fwd_kernel)):
+            orig = mod._launch_params
+            for w in (16, 32):
+                mod._launch_params = lambda *a, orig=orig, w=w, **k: (*orig(*a, **k)[:-1], w)
+                runtime._launchers.clear()
+                try:
+                    times = _kernel_times(fn)
+                    us = 1e3 * sum(v for k, v in times.items() if k.startswith(kern.fn.__name__))
+                    c = [c for c, _, _ in runtime._launchers[id(kern)].cache.values()][-1]
+                    line.append(f"| {name} w{w} {us:.1f} us {moved / us / 1e3:.0f} GB/s ({c.n_regs} regs, {c.n_spills} spills)")
+                except Exception as err:
+                    line.append(f"| {name} w{w} {type(err).__name__}: {str(err)[:60]}")
+                finally:
+                    mod._launch_params = orig
+        print(" ".join(line), flush=True)
+    runtime._launchers.clear()
 
 
 if __name__ == "__main__":
