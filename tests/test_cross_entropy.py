@@ -115,6 +115,16 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
     check(torch.randn(37, 300, device=device) * 4, make_target((37,), 300, device, ignore_every=3))
 
 
+def test_warps_per_row_held_whole():
+    """The warp counts measured on the H100: 32 for a row of 32 768 lanes held whole, 16 for 65 536 (which
+    spills at 32), one per 1024 lanes from 4 below that; the online path's blocks keep 8."""
+    assert C._launch_params(32000) == (32768, True, 32)
+    assert C._launch_params(50304) == (65536, True, 16)
+    assert C._launch_params(16000) == (16384, True, 16)
+    assert C._launch_params(1000) == (1024, True, 4)
+    assert C._launch_params(128256) == (C.ONLINE_BLOCK, False, 8)
+
+
 def test_non_contiguous_logits_and_targets(device):
     base = torch.randn(40, 781, device=device)
     target = make_target((40,), 781, device, ignore_every=7)
