@@ -233,6 +233,27 @@ def test_tma_kernel(monkeypatch, device):
     assert len(calls) == 6
 
 
+@tma_capable
+def test_tma_stores_only_aligned_rows(monkeypatch, device):
+    """The TMA kernel stores through descriptors only where every output row is 16-byte aligned: an fp32
+    output of 4 columns is (16 bytes) but its fp16 pre-activation is not (8), so both go through pointers.
+    Wider outputs take the TMA stores; every variant matches the product."""
+    monkeypatch.setattr(MM, "TMA", True)
+    stores = []
+    launch = MM.runtime.launch
+    monkeypatch.setattr(MM.runtime, "launch",
+                        lambda kernel, grid, *a, **k: stores.append(k.get("TMA_STORE")) or launch(kernel, grid, *a, **k))
+    for n, out_dtype, expected in ((4, torch.float32, False), (8, torch.float32, True), (8, None, True), (4, None, False)):
+        a = torch.randn(40, 32, device=device).half()
+        b = torch.randn(n, 32, device=device).half().t()  # W^T, as the forward passes it: TMA reads W's rows
+        bias = torch.randn(n, device=device).half()
+        c, z = MM.matmul(a, b, bias, MM.GELU, store_z=True, out_dtype=out_dtype)
+        ref = a.double() @ b.double() + bias.double()
+        assert stores[-1] is expected, (n, out_dtype)
+        torch.testing.assert_close(z.double(), ref, atol=1e-2, rtol=2e-3)
+        torch.testing.assert_close(c.double(), F.gelu(ref, approximate="tanh"), atol=1e-2, rtol=2e-3)
+
+
 @pytest.mark.parametrize("tma", [False, pytest.param(True, marks=tma_capable)], ids=["pointer", "tma"])
 def test_split_k(monkeypatch, tma, device):
     """dW with its K loop (the rows) split in 3, partial sums reduced in fp32."""

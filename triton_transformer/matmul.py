@@ -481,6 +481,12 @@ def _tma_operand(t: torch.Tensor):
     return None
 
 
+def _tma_output(t: torch.Tensor):
+    """A TMA descriptor over an output we allocated (row-major), or None where its rows are not 16-byte aligned."""
+    desc = _tma_operand(t)
+    return desc[0] if desc is not None and not desc[1] else None
+
+
 def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
     if TMA is True:
         return True
@@ -538,10 +544,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
         sms = runtime.num_sms(a.device)
         grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * split),)
-        # TMA stores need 16-byte aligned rows, and one (M, N) matrix: not split-K's partials
-        tma_store = split == 1 and TMA_STORE and (N * out.element_size()) % 16 == 0
-        c_desc = _tma_operand(c)[0] if tma_store else c
-        z_desc = _tma_operand(z)[0] if tma_store and z is not None else c_desc
+        # TMA stores need 16-byte aligned rows (of c and of z), and one (M, N) matrix: not split-K's partials
+        c_desc = _tma_output(c) if split == 1 and TMA_STORE else None
+        z_desc = _tma_output(z) if c_desc is not None and z is not None else None
+        tma_store = c_desc is not None and (z is None or z_desc is not None)
+        c_desc = c_desc if tma_store else c  # unused without TMA stores: any argument of a fixed type
+        z_desc = z_desc if z_desc is not None else c_desc
         try:
             # The first launch per key goes through the autotuner, whose pre-hook sets each descriptor's
             # box to the winning tile; later ones take runtime.launch's cached path, where Triton's
