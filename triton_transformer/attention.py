@@ -14,7 +14,7 @@ N. Exponentials are base 2 with scale * log2(e) folded into one multiply-add
 row's log-sum-exp L = m + log2(l) (base 2, fp32, B*H*N_q floats): P can then be
 recomputed exactly as exp2(S*log2(e) - L) without a second online pass.
 
-Backward (FlashAttention-2's split, no atomics), two kernels:
+Backward in two kernels, each owning the rows it writes (no atomics; FlashAttention-2 adds dQ atomically):
   1. one program per query block loops over the key blocks it sees and
      accumulates dQ = scale * dS K, where  dS = P * (dP - delta),  dP = dO V^T
      and  delta_i = sum_d dO_id O_id  (computed here from O and dO, and stored);

@@ -1,7 +1,7 @@
 """Attention benchmark cases: causal (and full) attention, forward and forward+backward, plus peak memory vs N.
 
 Providers: ``triton`` (this package), ``sdpa`` (``F.scaled_dot_product_attention``,
-which runs FlashAttention-2 on an H100 in bf16) and ``naive`` (three PyTorch ops
+a fused FlashAttention-style kernel: cuDNN's with torch 2.11 on an H100) and ``naive`` (three PyTorch ops
 that materialise the N x N scores), the latter only where its memory fits.
 
 FLOPs (BOOK.md): the forward does two matmuls of 2*N*N*D each per (batch, head),
