@@ -25,7 +25,8 @@ Two kernels compute the tiles:
   the interpreter, a T4, an A100, any strides.
 * `_matmul_tma_kernel` (Hopper and newer, fp16/bf16) loads tiles with the Tensor
   Memory Accelerator through host-side tensor descriptors (tails are zero-filled
-  by the hardware, no masks) and is persistent: one program per SM walks over
+  by the hardware, no masks), stores them through descriptors too (asynchronous,
+  in two half-width boxes) and is persistent: one program per SM walks over
   the tiles, so the epilogue of one tile overlaps the loads of the next.
 
 Both are autotuned for large problems; small ones (the launches of a test, or of
