@@ -96,7 +96,7 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
     if SINGLE_BLOCK:
         # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output.
         # x stays in its own dtype (bf16: two values per register) so a 50K-wide row fits
-        # on chip; the max is exact in any dtype, and each use converts to fp32 on the fly.
+        # on chip; the max is exact in any dtype, and exp_and_sum keeps the exponentials in it too.
         x = tl.load(x_row + cols, mask=cols < n_seen, other=-float("inf"))
         m = tl.max(x, axis=0).to(tl.float32)
         e, d = exp_and_sum(x, m)

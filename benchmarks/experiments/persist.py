@@ -144,14 +144,24 @@ def bench(fn):
     return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def variants(single_ok=False):
+def variants():
     blocks = (128,) if SMALL else (4096, 8192, 16384)
     for blk in blocks:
         w = max(1, min(16, blk // 512))
         for progs in ((1,) if SMALL else (1, 2, 4)):
             for stages in ((1, 2) if SMALL else (1, 3)):
-                for lane in ((False, True) if single_ok else (False, True)):
+                for lane in (False, True):
                     yield blk, w, progs, stages, lane
+
+
+def report(label, fn, error, nbytes):
+    """Time `fn`, run it once more and print one line with `error()`, its largest error; or why it failed."""
+    try:
+        us = bench(fn)
+        fn()
+        print(f"{label}: {us:.1f} us {nbytes / us / 1e3:.0f} GB/s err {error():.1e}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"  failed {type(e).__name__}: {str(e)[:300]}")
 
 
 def softmax():
@@ -166,14 +176,8 @@ def softmax():
             grid = (min(m, progs * sms()),)
             fn = lambda: softmax_online_persist[grid](x, y, x.stride(0), y.stride(0), m, n, BLOCK=blk, STAGES=stages,
                                                       LANE=lane, num_warps=w)
-            try:
-                us = bench(fn)
-                fn()
-                err = (y.float() - ref).abs().max().item()
-                print(f"softmax [{m}, {n}] online b{blk} w{w} p{progs} s{stages} {'lane' if lane else 'block'}: "
-                      f"{us:.1f} us {nbytes / us / 1e3:.0f} GB/s err {err:.1e}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"  failed {type(e).__name__}: {str(e)[:300]}")
+            report(f"softmax [{m}, {n}] online b{blk} w{w} p{progs} s{stages} {'lane' if lane else 'block'}", fn,
+                   lambda: (y.float() - ref).abs().max().item(), nbytes)
 
 
 def single():
@@ -191,14 +195,8 @@ def single():
                     grid = (min(m, progs * sms()),)
                     fn = lambda: softmax_single_persist[grid](x, y, x.stride(0), y.stride(0), m, n, BLOCK=blk,
                                                               STAGES=stages, num_warps=w)
-                    try:
-                        us = bench(fn)
-                        fn()
-                        err = (y.float() - ref).abs().max().item()
-                        print(f"softmax [{m}, {n}] single w{w} p{progs} s{stages}: {us:.1f} us "
-                              f"{nbytes / us / 1e3:.0f} GB/s err {err:.1e}", flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  failed {type(e).__name__}: {str(e)[:300]}")
+                    report(f"softmax [{m}, {n}] single w{w} p{progs} s{stages}", fn,
+                           lambda: (y.float() - ref).abs().max().item(), nbytes)
 
 
 def ce():
@@ -214,17 +212,17 @@ def ce():
     print(f"ce [{m}, {n}] package fwd: {bench(lambda: cross_entropy_forward(x, t, with_grad=True)):.1f} us, "
           f"forced online {bench(lambda: cross_entropy_forward(x, t, with_grad=True, single_block=False)):.1f} us")
     blk = triton.next_power_of_2(n)
+
+    def ce_error():  # the loss and gradient buffers of the variant just run (the loops rebind them)
+        return max((loss.mean() - ref_loss).abs().item(), (g.float() - xr.grad).abs().max().item() * m)
+
     for wide in (False, True):
         for w in ((1,) if SMALL else (16, 32)):
             loss = torch.empty(m, device=dev)
             g = torch.empty_like(x)
             fn = lambda: ce_single_unit[(m,)](x, t, loss, g, x.stride(0), g.stride(0), n, 1.0 / m, BLOCK=blk,
                                               WIDE=wide, num_warps=w)
-            us = bench(fn)
-            fn()
-            err = max((loss.mean() - ref_loss).abs().item(), (g.float() - xr.grad).abs().max().item() * m)
-            print(f"ce [{m}, {n}] single {'int64' if wide else 'int32'} w{w}: {us:.1f} us "
-                  f"{nbytes / us / 1e3:.0f} GB/s err {err:.1e}", flush=True)
+            report(f"ce [{m}, {n}] single {'int64' if wide else 'int32'} w{w}", fn, ce_error, nbytes)
     if "--single" in sys.argv:
         return
     for blk, w, progs, stages, lane in variants():
@@ -233,14 +231,8 @@ def ce():
         grid = (min(m, progs * sms()),)
         fn = lambda: ce_online_persist[grid](x, t, loss, g, x.stride(0), g.stride(0), m, n, 1.0 / m, BLOCK=blk,
                                              STAGES=stages, LANE=lane, num_warps=w)
-        try:
-            us = bench(fn)
-            fn()
-            err = max((loss.mean() - ref_loss).abs().item(), (g.float() - xr.grad).abs().max().item() * m)
-            print(f"ce [{m}, {n}] online b{blk} w{w} p{progs} s{stages} {'lane' if lane else 'block'}: {us:.1f} us "
-                  f"{nbytes / us / 1e3:.0f} GB/s err {err:.1e}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  failed {type(e).__name__}: {str(e)[:300]}")
+        report(f"ce [{m}, {n}] online b{blk} w{w} p{progs} s{stages} {'lane' if lane else 'block'}", fn, ce_error,
+               nbytes)
 
 
 def bwd():
@@ -258,14 +250,8 @@ def bwd():
         dx = torch.empty_like(y)
         grid = (min(m, progs * sms()),)
         fn = lambda: softmax_bwd_persist[grid](y, dy, dx, m, n, BLOCK=blk, STAGES=stages, num_warps=w)
-        try:
-            us = bench(fn)
-            fn()
-            err = (dx.float() - ref).abs().max().item()
-            print(f"softmax bwd [{m}, {n}] b{blk} w{w} p{progs} s{stages}: {us:.1f} us "
-                  f"{nbytes / us / 1e3:.0f} GB/s err {err:.1e}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  failed {type(e).__name__}: {str(e)[:300]}")
+        report(f"softmax bwd [{m}, {n}] b{blk} w{w} p{progs} s{stages}", fn,
+               lambda: (dx.float() - ref).abs().max().item(), nbytes)
 
 
 if __name__ == "__main__":
