@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ON_GPU, cuda_only
 
-from triton_transformer import linear, runtime
-from triton_transformer.testing import tolerance
+from triton_transformer import feed_forward, linear, runtime
+from triton_transformer.testing import max_error, tolerance
 
 # the module (the package's `linear` name is the function), for its knobs: TMA, SPLIT_K, AUTOTUNE_MIN_MACS
 MM = importlib.import_module("triton_transformer.matmul")
@@ -280,6 +280,88 @@ def test_bias_gradient_comes_from_the_dW_matmul(monkeypatch, device):
     b.requires_grad_()
     linear(x, w, b, None).backward(torch.ones(33, 130, device=device))
     assert len(reductions) == 1 and torch.allclose(b.grad, torch.full_like(b, 33.0))
+
+
+# ---------------------------------------------------------------- feed_forward: act' in the epilogue of the dh GEMM
+
+def ff_check(x, w1, b1, w2, b2, activation, frozen=()):
+    """feed_forward against float64, and at least as close to it as our two linears composed.
+
+    The two linears round dh = dy W2 to x's dtype before multiplying by act'; the fused backward rounds
+    dz = (dy W2) act' once. So in 16 bits the fused gradients are as accurate or better; in fp32 both
+    are exact to the tolerance. `frozen`: names of inputs that get no gradient.
+    """
+    names = ["x", "w1", "b1", "w2", "b2"]
+    given = {n: t for n, t in zip(names, (x, w1, b1, w2, b2)) if t is not None}
+    trained = [n for n in given if n not in frozen]
+
+    def run(cast, fn):
+        leaves = {n: cast(t).detach().requires_grad_(n in trained) for n, t in given.items()}
+        y = fn(*(leaves.get(n) for n in names))
+        return [y, *torch.autograd.grad(y, [leaves[n] for n in trained], dy.to(y.dtype))]
+
+    dy = torch.randn(*x.shape[:-1], w2.shape[0], device=x.device, dtype=x.dtype)
+    ours = run(lambda t: t, lambda *a: feed_forward(*a, activation))
+    two = run(lambda t: t, lambda x, w1, b1, w2, b2: linear(linear(x, w1, b1, activation), w2, b2))
+    ref = run(lambda t: t.to(x.dtype).double(),
+              lambda x, w1, b1, w2, b2: F.linear(act_ref(F.linear(x, w1, b1), activation), w2, b2))
+    tol = tolerance(x.dtype, matmul=True)
+    for name, a, b, r in zip(["y", *trained], ours, two, ref):
+        assert a.shape == r.shape and a.dtype == b.dtype, name
+        floor = 0.1 * tol["atol"] * max(1.0, float(r.detach().abs().max()))
+        assert max_error(a, r) <= 1.5 * max_error(b, r) + floor, (name, max_error(a, r), max_error(b, r))
+        if x.dtype == torch.float32:
+            torch.testing.assert_close(a.double(), r, **tol)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_feed_forward(activation, bias, device):
+    """Ragged sizes (40 -> 70 -> 33), a non-contiguous x of 34 rows."""
+    x = torch.randn(2, 17, 50, device=device)[..., :40]
+    _, w1, b1 = inputs((1, 40), 70, torch.float32, device, bias)
+    _, w2, b2 = inputs((1, 70), 33, torch.float32, device, bias)
+    ff_check(x, w1, b1, w2, b2, activation)
+
+
+@pytest.mark.parametrize("hidden", [72, 70], ids=["tma-stores", "pointer-stores"])
+@tma_capable
+def test_feed_forward_tma(monkeypatch, hidden, device):
+    """The TMA kernel multiplies by act' in both epilogues: s read through a descriptor where h's rows are
+    16-byte aligned, through pointers where they are not (fp32 rows of 70)."""
+    monkeypatch.setattr(MM, "TMA", True)
+    dtype = torch.float16 if ON_GPU else torch.float32
+    if ON_GPU and hidden % 8:
+        hidden = 76  # fp16 rows of 76 (152 bytes): not 16-byte aligned either
+    x, w1, b1 = inputs((2, 17, 64), hidden, torch.float32, device)
+    _, w2, b2 = inputs((1, hidden), 48, torch.float32, device)
+    for activation in ("relu_squared", "gelu"):
+        ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), activation)
+
+
+def test_feed_forward_backward_has_no_elementwise_pass(monkeypatch, device):
+    """With every parameter trained, dz leaves the dh GEMM and db1, db2 come from the dW GEMMs' row sums:
+    no `_act_bwd_kernel` at all. Frozen weights (no dW GEMM to sum in) take it for their biases."""
+    x, w1, b1 = inputs((21, 24), 40, torch.float32, device)
+    _, w2, b2 = inputs((1, 40), 16, torch.float32, device)
+    for frozen, elementwise in (((), 0), (("w1", "w2"), 2), (("w1", "b1", "w2", "b2"), 0), (("x", "w1", "b1"), 0)):
+        ff_check(x, w1, b1, w2, b2, "gelu", frozen)
+        passes = count_launches(monkeypatch, MM._act_bwd_kernel)
+        leaves = [t.detach().requires_grad_(n not in frozen) for n, t in zip(["x", "w1", "b1", "w2", "b2"],
+                                                                               (x, w1, b1, w2, b2))]
+        feed_forward(*leaves, "gelu").sum().backward()
+        monkeypatch.undo()
+        assert len(passes) == elementwise, frozen
+
+
+def test_feed_forward_saves_nothing_without_grad(device):
+    x, w1, b1 = inputs((5, 24), 40, torch.float32, device)
+    _, w2, b2 = inputs((1, 40), 16, torch.float32, device)
+    w1.requires_grad_()
+    with torch.no_grad():
+        y = feed_forward(x, w1, b1, w2, b2)
+    assert y.grad_fn is None and y.shape == (5, 16)
+    torch.testing.assert_close(y, linear(linear(x, w1, b1, "relu_squared"), w2, b2).detach())
 
 
 # ---------------------------------------------------------------- errors

@@ -10,7 +10,7 @@ from .softmax import softmax  # noqa: F401
 # kernel exports: one line per module, in chapter order
 from .layernorm import add_layer_norm, layer_norm  # noqa: F401
 from .dropout import dropout  # noqa: F401
-from .matmul import linear  # noqa: F401
+from .matmul import feed_forward, linear  # noqa: F401
 from .attention import attention, attention_qkv  # noqa: F401
 from .cross_entropy import cross_entropy  # noqa: F401
 from .transformer import Transformer, TransformerConfig  # noqa: F401

@@ -142,7 +142,7 @@ _TMA_CONFIGS = [
 
 # The autotuner re-tunes for every new value of its key. Keying on the exact M, N, K would re-tune
 # for every batch size (generation changes M at each step); we key on their powers of two instead.
-_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "SPLIT_K"]
+_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "ACT_GRAD", "SPLIT_K"]
 
 # ---------------------------------------------------------------- shared pieces of the kernels
 
@@ -223,12 +223,14 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, ACT_GRAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Bias, optional store of the pre-activation, activation and the one store of the tile.
 
     All of it happens on the fp32 accumulator in registers: fused, the bias and the activation
     cost no memory traffic; unfused, each would read and write the whole (M, N) output again.
+    ACT_GRAD (an activation code) multiplies the tile by act'(s) instead, s read from z_ptr: a
+    product that is the gradient at an activation's output leaves as the gradient at its input.
     Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
     may exceed 2**31 (logits of a large batch over a 50K vocabulary).
     """
@@ -240,9 +242,11 @@ def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_
     if HAS_BIAS:
         bias = tl.load(bias_ptr + col0 + rn, mask=(col0 + rn) < N, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
+    z_tile = z_ptr + row0.to(tl.int64) * stride_zm + col0 + rm[:, None] * stride_zm + rn[None, :]
     if STORE_Z:
-        z_tile = z_ptr + row0.to(tl.int64) * stride_zm + col0
-        tl.store(z_tile + rm[:, None] * stride_zm + rn[None, :], acc.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_tile, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if ACT_GRAD != 0:
+        acc = acc * _activation_grad(tl.load(z_tile, mask=mask, other=0.0).to(tl.float32), ACT_GRAD)
     y = _activation(acc, ACTIVATION, c_ptr.dtype.element_ty != tl.float32)
     c_tile = c_ptr + split.to(tl.int64) * stride_cs + row0.to(tl.int64) * stride_cm + col0
     tl.store(c_tile + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
@@ -259,7 +263,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
                    stride_cm, stride_cs, stride_zm,
                    M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only (see _TUNE_KEY)
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
-                   SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, ROW_SUM: tl.constexpr,
+                   ACT_GRAD: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                   ROW_SUM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[split] = act(A @ B + bias) over the K tiles of this split; A (M, K) and B (K, N) of any strides.
 
@@ -318,12 +323,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
             tl.store(row_sum_ptr + split * M + rows, first, mask=rows < M)
 
     _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
-              HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
+              HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc,
-                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, ACT_GRAD: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The epilogue with TMA stores, in two half-width sub-tiles.
 
@@ -331,7 +336,8 @@ def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc,
     out while the program goes on to the loads of its next tile. With a short K loop (K = 768:
     twelve 64-wide steps) the store of a 128 x 256 tile weighs as much as a quarter of the loop,
     so overlapping it matters; halves need half the shared memory, which the pipeline's stages keep.
-    The TMA unit also clips the boxes at the matrix's edges: no masks.
+    The TMA unit also clips the boxes at the matrix's edges: no masks. With ACT_GRAD, s comes in
+    through z_desc in the same two boxes (zeros past the edges).
     """
     if HAS_BIAS:
         cols = off_n + tl.arange(0, BLOCK_N)
@@ -341,6 +347,9 @@ def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc,
     if STORE_Z:
         z_desc.store([off_m, off_n], left.to(z_desc.dtype))
         z_desc.store([off_m, off_n + BLOCK_N // 2], right.to(z_desc.dtype))
+    if ACT_GRAD != 0:
+        left = left * _activation_grad(z_desc.load([off_m, off_n]).to(tl.float32), ACT_GRAD)
+        right = right * _activation_grad(z_desc.load([off_m, off_n + BLOCK_N // 2]).to(tl.float32), ACT_GRAD)
     low_precision = c_desc.dtype != tl.float32
     c_desc.store([off_m, off_n], _activation(left, ACTIVATION, low_precision).to(c_desc.dtype))
     c_desc.store([off_m, off_n + BLOCK_N // 2], _activation(right, ACTIVATION, low_precision).to(c_desc.dtype))
@@ -354,7 +363,7 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
                        M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only
                        A_T: tl.constexpr, B_T: tl.constexpr,
                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
-                       SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr,
+                       ACT_GRAD: tl.constexpr, SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr,
                        TMA_STORE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The same product with TMA loads, persistent: NUM_SMS programs stride over (split, tile) work items.
@@ -390,10 +399,10 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if TMA_STORE:
             _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, HAS_BIAS, ACTIVATION, STORE_Z,
-                          BLOCK_M, BLOCK_N)
+                          ACT_GRAD, BLOCK_M, BLOCK_N)
         else:
             _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
-                      HAS_BIAS, ACTIVATION, STORE_Z, BLOCK_M, BLOCK_N)
+                      HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------- backward helpers and reductions
@@ -498,14 +507,17 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
            store_z: bool = False, out_dtype: torch.dtype | None = None,
-           row_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           row_sum: torch.Tensor | None = None,
+           grad_of: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(a @ b + bias), z or None) for 2-D `a` (M, K) and `b` (K, N) of any strides, in a's dtype.
 
     The building block of `linear` (no autograd here, no input checks: `linear` does those).
     With `store_z` the pre-activation z = a @ b + bias is returned too. `out_dtype` (e.g. fp32 for
     the gradient of an fp32 weight) changes the dtype the fp32 accumulator is stored in. A `row_sum`
     tensor of M elements receives a.sum(1) (the bias gradient, when a = dz^T), computed by the
-    pointer kernel from the tiles of `a` it loads anyway.
+    pointer kernel from the tiles of `a` it loads anyway. ``grad_of=(activation, s)``, with s what
+    the forward saved for that activation (see `_activation_grad`), returns (a @ b) * act'(s): when
+    a @ b is the gradient at an activation's output, the gradient at its input, in the same pass.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -516,7 +528,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
             row_sum.copy_(a.sum(1, dtype=torch.float32))
         return c, z
     # split-K only for plain products (dW): bias and activation need the full sum
-    split = 1 if (bias is not None or activation or store_z) else _split_k(M, N, K, a.device)
+    split = 1 if (bias is not None or activation or store_z or grad_of) else _split_k(M, N, K, a.device)
     split = min(split, max(1, cdiv(K, 32)))
     out = c if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
     # one fp32 partial row sum per split, added up below; written in place when there is one, in fp32
@@ -526,11 +538,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         sums = row_sum if direct else torch.empty((split, M), dtype=torch.float32, device=a.device)
     stride_cs = out.stride(0) if split > 1 else 0
     bias_arg = bias.contiguous() if bias is not None else c  # the epilogue reads it with unit stride
-    z_arg = z if z is not None else c
-    common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, SPLIT_K=split,
-                  PRECISION=runtime.dot_precision(a.dtype))
+    act_grad, s = grad_of if grad_of is not None else (0, None)
+    if s is not None:  # read where z would be written: same shape, unit column stride
+        s = s if s.stride(1) == 1 else s.contiguous()
+    zs = z if z is not None else s
+    z_arg = zs if zs is not None else c
+    common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, ACT_GRAD=act_grad,
+                  SPLIT_K=split, PRECISION=runtime.dot_precision(a.dtype))
     stride_cm = out.stride(-2)
-    stride_zm = z.stride(0) if z is not None else 0
+    stride_zm = zs.stride(0) if zs is not None else 0
     keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))
 
     big = M * N * K >= AUTOTUNE_MIN_MACS
@@ -545,10 +561,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
         sms = runtime.num_sms(a.device)
         grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * split),)
-        # TMA stores need 16-byte aligned rows (of c and of z), and one (M, N) matrix: not split-K's partials
+        # TMA stores need 16-byte aligned rows (of c and of z or s), and one (M, N) matrix: not split-K's partials
         c_desc = _tma_output(c) if split == 1 and TMA_STORE else None
-        z_desc = _tma_output(z) if c_desc is not None and z is not None else None
-        tma_store = c_desc is not None and (z is None or z_desc is not None)
+        z_desc = _tma_output(zs) if c_desc is not None and zs is not None else None
+        tma_store = c_desc is not None and (zs is None or z_desc is not None)
         c_desc = c_desc if tma_store else c  # unused without TMA stores: any argument of a fixed type
         z_desc = z_desc if z_desc is not None else c_desc
         try:
@@ -631,6 +647,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def _weight_grad(dz: torch.Tensor, x2: torch.Tensor, weight_dtype: torch.dtype, bias_dtype: torch.dtype | None):
+    """(dW, db): dW = dz^T x over all rows, and db = sum_rows dz from the same matmul when bias_dtype is given.
+
+    The dW matmul reads all of dz anyway (as A = dz^T): its row sums are the bias gradient, with no
+    pass of their own over dz.
+    """
+    db = torch.empty(dz.shape[1], dtype=bias_dtype, device=dz.device) if bias_dtype is not None else None
+    return matmul(dz.t(), x2, out_dtype=weight_dtype, row_sum=db)[0], db
+
+
 class LinearFunction(torch.autograd.Function):
     """y = act(x W^T + b). Saves x only if W needs a gradient, W only if x does, and z only for gelu.
 
@@ -658,17 +684,63 @@ class LinearFunction(torch.autograd.Function):
         x2, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = _rows(dy)
-        # Without an activation dz = dy, and db = sum_rows dz comes out of the dW matmul, which reads
-        # all of dz anyway (as A = dz^T): no pass of its own over dz.
+        # Without an activation dz = dy and db comes out of the dW matmul (`_weight_grad`); with one,
+        # the pass that forms dz sums its columns on the way.
         db_in_dw = need_b and need_w and ctx.activation == 0
         dz, db = activation_backward(dy2, saved, ctx.activation, need_b and not db_in_dw, ctx.bias_dtype)
         dx = matmul(dz, weight)[0].view(ctx.x_shape) if need_x else None  # dx = dz W
         dw = None
-        if need_w:  # dW = dz^T x, over all rows
-            if db_in_dw:
-                db = torch.empty(dz.shape[1], dtype=ctx.bias_dtype, device=dz.device)
-            dw = matmul(dz.t(), x2, out_dtype=ctx.weight_dtype, row_sum=db if db_in_dw else None)[0]
+        if need_w:
+            dw, db_w = _weight_grad(dz, x2, ctx.weight_dtype, ctx.bias_dtype if db_in_dw else None)
+            db = db_w if db_in_dw else db
         return dx, dw, db, None
+
+
+class FeedForwardFunction(torch.autograd.Function):
+    """y = act(x W1^T + b1) W2^T + b2, two linears whose backward never writes the gradient at h = act(z).
+
+    As two `LinearFunction`s the backward writes dh = dy W2 (rows x hidden, the widest activation of
+    a block), reads it back with the saved h to form dz = dh * act'(.), and writes dz. Here the
+    GEMM that produces dh multiplies by act' in its epilogue (`matmul(..., grad_of=...)`) and writes
+    dz directly: one (rows x hidden) write and two reads fewer per step, and no elementwise kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, activation: int):
+        x2 = _rows(x)
+        w1c, w2c = _as_dtype_of(w1, x), _as_dtype_of(w2, x)
+        keep_z = activation == GELU
+        h, z = matmul(x2, w1c.t(), b1, activation, store_z=keep_z)
+        y2, _ = matmul(h, w2c.t(), b2)
+        # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z
+        ctx.save_for_backward(x2, w1c, h, w2c, z)
+        ctx.activation = activation
+        ctx.x_shape = x.shape
+        ctx.dtypes = [t.dtype if t is not None else None for t in (w1, b1, w2, b2)]
+        return y2.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x2, w1, h, w2, z = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
+        dy2 = _rows(dy)
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_w2:
+            dw2, db2 = _weight_grad(dy2, h, w2_dtype, b2_dtype if need_b2 else None)
+        elif need_b2:
+            db2 = activation_backward(dy2, None, 0, True, b2_dtype)[1]
+        if need_x or need_w1 or need_b1:
+            act = ctx.activation
+            dz = matmul(dy2, w2, grad_of=(act, z if act == GELU else h) if act else None)[0]  # dz = (dy W2) act'
+            if need_x:
+                dx = matmul(dz, w1)[0].view(ctx.x_shape)
+            if need_w1:
+                dw1, db1 = _weight_grad(dz, x2, w1_dtype, b1_dtype if need_b1 else None)
+            elif need_b1:
+                db1 = activation_backward(dz, None, 0, True, b1_dtype)[1]
+        return dx, dw1, db1, dw2, db2, None
 
 
 def _as_dtype_of(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -678,6 +750,36 @@ def _as_dtype_of(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _mixed_ok(param: torch.Tensor, x: torch.Tensor) -> bool:
     """A parameter's dtype is x's, or fp32 with 16-bit x (an fp32 master copy under mixed precision)."""
     return param.dtype == x.dtype or (param.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
+
+
+def _check_activation(fn: str, activation) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: unknown activation {activation!r}; choose one of "
+                         f"{', '.join(repr(a) for a in ACTIVATIONS)}")
+    return ACTIVATIONS[activation]
+
+
+def _check_layer(fn: str, x: torch.Tensor, features: int, what: str, weight: torch.Tensor,
+                 bias: torch.Tensor | None, w: str = "weight", b: str = "bias") -> None:
+    """Clear errors for one projection of `features` inputs (x's last dimension, or a hidden width)."""
+    check_tensor(f"{fn} input x", x, dtypes=FLOAT_DTYPES)
+    check_tensor(f"{fn} {w}", weight, dtypes=FLOAT_DTYPES, device=x.device, ndim=2)
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least 1 dimension (..., in_features), got a scalar")
+    if not _mixed_ok(weight, x):
+        raise TypeError(f"{fn}: {w} has dtype {str(weight.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}; "
+                        "cast one of them (as with F.linear, both must match)")
+    if features != weight.shape[1]:
+        where = f" in its last dimension (shape {tuple(x.shape)})" if what == "x" else ""
+        raise ValueError(f"{fn}: {what} has {features} features{where} but {w} of shape {tuple(weight.shape)} "
+                         f"= (out_features, in_features) expects {weight.shape[1]}")
+    if bias is not None:
+        check_tensor(f"{fn} {b}", bias, dtypes=FLOAT_DTYPES, device=x.device, ndim=1)
+        if not _mixed_ok(bias, x):
+            raise TypeError(f"{fn}: {b} has dtype {str(bias.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{fn}: {b} has {bias.shape[0]} elements but {w} has {weight.shape[0]} "
+                             "output features")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -694,31 +796,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     compute them: autocast's four cast kernels per projection (weight and bias, forward and backward)
     are not needed.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"linear: unknown activation {activation!r}; choose one of "
-                         f"{', '.join(repr(a) for a in ACTIVATIONS)}")
-    check_tensor("linear input x", x, dtypes=FLOAT_DTYPES)
-    check_tensor("linear weight", weight, dtypes=FLOAT_DTYPES, device=x.device, ndim=2)
-    if x.dim() == 0:
-        raise ValueError("linear: x must have at least 1 dimension (..., in_features), got a scalar")
-    if not _mixed_ok(weight, x):
-        raise TypeError(f"linear: weight has dtype {str(weight.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}; "
-                        "cast one of them (as with F.linear, both must match)")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: x has {x.shape[-1]} features in its last dimension (shape {tuple(x.shape)}) "
-                         f"but weight of shape {tuple(weight.shape)} = (out_features, in_features) expects "
-                         f"{weight.shape[1]}")
-    if bias is not None:
-        check_tensor("linear bias", bias, dtypes=FLOAT_DTYPES, device=x.device, ndim=1)
-        if not _mixed_ok(bias, x):
-            raise TypeError(f"linear: bias has dtype {str(bias.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"linear: bias has {bias.shape[0]} elements but weight has {weight.shape[0]} "
-                             "output features")
-    act = ACTIVATIONS[activation]
+    act = _check_activation("linear", activation)
+    _check_layer("linear", x, x.shape[-1], "x", weight, bias)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return LinearFunction.apply(x, weight, bias, act)
     # no gradient wanted: nothing is saved, no pre-activation is stored
     y2, _ = matmul(_rows(x), _as_dtype_of(weight, x).t(), bias, act)
     return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, activation: str | None = "relu_squared") -> torch.Tensor:
+    """``linear(linear(x, w1, b1, activation), w2, b2)``, with a backward that fuses act' into a GEMM.
+
+    The same values and gradients as the two calls (`FeedForwardFunction` says what it saves in
+    memory traffic); w1: (hidden, in_features), w2: (out_features, hidden). A transformer block's
+    feed-forward without dropout between its projections (with dropout, compose `linear`, `dropout`,
+    `linear`).
+    """
+    act = _check_activation("feed_forward", activation)
+    _check_layer("feed_forward", x, x.shape[-1], "x", w1, b1, "w1", "b1")
+    _check_layer("feed_forward", x, w1.shape[0], "the hidden layer (w1's out_features)", w2, b2, "w2", "b2")
+    tensors = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return FeedForwardFunction.apply(x, w1, b1, w2, b2, act)
+    h, _ = matmul(_rows(x), _as_dtype_of(w1, x).t(), b1, act)
+    y2, _ = matmul(h, _as_dtype_of(w2, x).t(), b2)
+    return y2.view(*x.shape[:-1], w2.shape[0])

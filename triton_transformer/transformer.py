@@ -13,7 +13,9 @@ separately.
 
 One set of parameters, two ways to run it. ``use_triton=True`` sends every
 operation through the package's kernels (layer norm, linear with its fused
-activation for every projection, fused attention, dropout, cross-entropy);
+activation for every projection, fused attention, dropout, cross-entropy; the
+feed-forward's two projections are one `feed_forward` call, whose backward
+fuses the activation's derivative into a GEMM);
 ``use_triton=False`` is the same model in plain PyTorch (``F.layer_norm``,
 ``F.linear``, ``F.scaled_dot_product_attention``, ``F.cross_entropy``), the
 reference both for correctness and for speed. The choice can be overridden on
@@ -55,6 +57,7 @@ from .attention import split_heads
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
 from .layernorm import add_layer_norm as tt_add_layer_norm
+from .matmul import feed_forward as tt_feed_forward
 from .matmul import linear as tt_linear
 
 # ---------------------------------------------------------------- configuration
@@ -113,6 +116,16 @@ def _triton_linear(x, weight, bias, activation):
     if dt is not None:
         x = x.to(dt)
     return tt_linear(x, weight, bias, activation=activation)
+
+
+@torch.compiler.disable
+def _triton_feed_forward(x, proj_in, proj_out, activation):
+    # Both projections in one autograd node: its backward multiplies by act' inside the GEMM that
+    # forms the hidden layer's gradient (see `matmul.FeedForwardFunction`). Parameters as in _triton_linear.
+    dt = _autocast_dtype(x)
+    if dt is not None:
+        x = x.to(dt)
+    return tt_feed_forward(x, proj_in.weight, proj_in.bias, proj_out.weight, proj_out.bias, activation)
 
 
 @torch.compiler.disable
@@ -262,7 +275,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x, use_triton: bool):
         """x: the normalized residual stream (Block applies self.norm). Squared ReLU (So et al., Primer)
-        is fused into the first projection's epilogue."""
+        is fused into the first projection's epilogue, and its derivative into the backward's GEMMs."""
+        p = self.dropout if self.training else 0.0
+        if use_triton and p == 0.0:
+            return _triton_feed_forward(x, self.proj_in, self.proj_out, "relu_squared")
         h = linear(x, self.proj_in, use_triton, activation="relu_squared")
         h = dropout(h, self.dropout, self.training, use_triton)
         return linear(h, self.proj_out, use_triton)
