@@ -17,6 +17,7 @@ attn     causal attention per kernel (forward, dQ, dK/dV) against SDPA's forward
 onexp    the one-block softmax forward and cross-entropy kernels against copies of older modules (kernel time)
 warps    one-block softmax forward and cross-entropy at 16 and 32 warps (kernel time, registers, spills)
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
+ff       a GPT's feed-forward forward+backward: feed_forward (act' in the dh GEMM) against two linears and torch
 """
 import cProfile
 import pstats
@@ -515,6 +516,40 @@ def warps():
                     mod._launch_params = orig
         print(" ".join(line), flush=True)
     runtime._launchers.clear()
+
+
+def ff():
+    torch.autograd.set_multithreading_enabled(False)
+    import torch.nn.functional as F
+    for rows, dim in ((16384, 768), (16384, 512)):
+        x = torch.randn(rows, dim, device=dev, dtype=bf16, requires_grad=True)
+        # fp32 parameters with bf16 activations, as the model runs under autocast
+        w1 = (torch.randn(4 * dim, dim, device=dev) / dim ** 0.5).requires_grad_()
+        b1 = torch.zeros(4 * dim, device=dev, requires_grad=True)
+        w2 = (torch.randn(dim, 4 * dim, device=dev) / (2 * dim) ** 0.5).requires_grad_()
+        b2 = torch.zeros(dim, device=dev, requires_grad=True)
+        dy = torch.randn(rows, dim, device=dev, dtype=bf16)
+        params = [x, w1, b1, w2, b2]
+
+        def torch_ff(x, w1, b1, w2, b2):
+            with torch.autocast("cuda", bf16):
+                return F.linear(F.relu(F.linear(x, w1, b1)).square(), w2, b2)
+        compiled = torch.compile(torch_ff)
+        cases = {
+            "feed_forward": lambda: tt.feed_forward(x, w1, b1, w2, b2).backward(dy),
+            "two linears": lambda: tt.linear(tt.linear(x, w1, b1, "relu_squared"), w2, b2).backward(dy),
+            "torch": lambda: torch_ff(*params).backward(dy),
+            "compile": lambda: compiled(*params).backward(dy),
+        }
+        line = [f"[{rows},{dim}->{4 * dim}->{dim}] fwd+bwd us:"]
+        for name, fn in cases.items():
+            line.append(f"{name} {1e3 * triton.testing.do_bench(fn, grad_to_none=params, return_mode='median'):.1f} "
+                        f"(gpu {1e3 * (measure_gpu_ms(fn, params) or float('nan')):.1f})")
+        print(" | ".join(line), flush=True)
+        for name in ("feed_forward", "two linears"):
+            times = _kernel_times(cases[name])
+            print(f"  {name}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])),
+                  flush=True)
 
 
 if __name__ == "__main__":
