@@ -546,6 +546,18 @@ def ff():
             line.append(f"{name} {1e3 * triton.testing.do_bench(fn, grad_to_none=params, return_mode='median'):.1f} "
                         f"(gpu {1e3 * (measure_gpu_ms(fn, params) or float('nan')):.1f})")
         print(" | ".join(line), flush=True)
+        MM = importlib.import_module("triton_transformer.matmul")
+        dh = torch.randn(rows, dim, device=dev, dtype=bf16)
+        w2b = w2.detach().to(bf16)
+        h = torch.relu(torch.randn(rows, 4 * dim, device=dev, dtype=bf16)) ** 2
+        plain = bench(lambda: MM.matmul(dh, w2b))
+        for prefetch in (True, False):
+            MM.PREFETCH_S = prefetch
+            fused = bench(lambda: MM.matmul(dh, w2b, grad_of=(MM.RELU_SQUARED, h)))
+            ff_gpu = measure_gpu_ms(cases["feed_forward"], params)
+            print(f"  PREFETCH_S={prefetch}: dh GEMM {plain:.1f} us plain, {fused:.1f} with act'; "
+                  f"feed_forward fwd+bwd gpu {1e3 * ff_gpu:.1f} us", flush=True)
+        MM.PREFETCH_S = True
         for name in ("feed_forward", "two linears"):
             times = _kernel_times(cases[name])
             print(f"  {name}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])),
