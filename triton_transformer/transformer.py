@@ -89,6 +89,11 @@ class TransformerConfig:
 # compiled graphs, instead of being traced through their launchers.
 
 
+#: The Triton path runs a feed-forward without dropout as one `feed_forward` node (False: two `linear`
+#: calls with an elementwise pass for act' between them; chapters 4 and 7 time both).
+FUSED_FEED_FORWARD = True
+
+
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The low-precision dtype autocast would run a matmul in here, or None outside autocast."""
     if torch.is_autocast_enabled(t.device.type):
@@ -277,7 +282,7 @@ class FeedForward(nn.Module):
         """x: the normalized residual stream (Block applies self.norm). Squared ReLU (So et al., Primer)
         is fused into the first projection's epilogue, and its derivative into the backward's GEMMs."""
         p = self.dropout if self.training else 0.0
-        if use_triton and p == 0.0:
+        if use_triton and p == 0.0 and FUSED_FEED_FORWARD:
             return _triton_feed_forward(x, self.proj_in, self.proj_out, "relu_squared")
         h = linear(x, self.proj_in, use_triton, activation="relu_squared")
         h = dropout(h, self.dropout, self.training, use_triton)

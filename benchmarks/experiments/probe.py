@@ -18,6 +18,7 @@ onexp    the one-block softmax forward and cross-entropy kernels against copies 
 warps    one-block softmax forward and cross-entropy at 16 and 32 warps (kernel time, registers, spills)
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 ff       a GPT's feed-forward forward+backward: feed_forward (act' in the dh GEMM) against two linears and torch
+ffstep   the GPT-2-small training step (CUDA graph, as benchmarked) with the feed-forward fused or as two linears
 """
 import cProfile
 import pstats
@@ -551,17 +552,41 @@ def ff():
         w2b = w2.detach().to(bf16)
         h = torch.relu(torch.randn(rows, 4 * dim, device=dev, dtype=bf16)) ** 2
         plain = bench(lambda: MM.matmul(dh, w2b))
-        for prefetch in (True, False):
-            MM.PREFETCH_S = prefetch
-            fused = bench(lambda: MM.matmul(dh, w2b, grad_of=(MM.RELU_SQUARED, h)))
-            ff_gpu = measure_gpu_ms(cases["feed_forward"], params)
-            print(f"  PREFETCH_S={prefetch}: dh GEMM {plain:.1f} us plain, {fused:.1f} with act'; "
-                  f"feed_forward fwd+bwd gpu {1e3 * ff_gpu:.1f} us", flush=True)
-        MM.PREFETCH_S = True
+        fused = bench(lambda: MM.matmul(dh, w2b, grad_of=(MM.RELU_SQUARED, h)))
+        print(f"  dh GEMM {plain:.1f} us plain, {fused:.1f} with act'", flush=True)
         for name in ("feed_forward", "two linears"):
             times = _kernel_times(cases[name])
             print(f"  {name}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])),
                   flush=True)
+
+
+def ffstep():
+    import functools
+    T = importlib.import_module("triton_transformer.transformer")
+    from triton_transformer.bench import measure_ms
+    from triton_transformer.bench.transformer import train_step
+    for batch, seq, dim, depth, vocab in ((16, 1024, 768, 12, 50304), (16, 1024, 512, 6, 256)):
+        torch.manual_seed(0)
+        model = T.Transformer(num_tokens=vocab, max_seq_len=seq, dim=dim, depth=depth, heads=dim // 64,
+                              dim_head=64, causal=True).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        x = torch.randint(0, vocab, (batch, seq), device=dev)
+        y = torch.randint(0, vocab, (batch, seq), device=dev)
+        steps = {}
+        for fused in (False, True):
+            T.FUSED_FEED_FORWARD = fused  # read while the step's graph is recorded, on its first calls
+            steps[fused] = train_step(functools.partial(model, use_triton=True), opt, x, y, bf16, cuda_graph=True)
+            for _ in range(5):
+                steps[fused]()
+        T.FUSED_FEED_FORWARD = True
+        times = {False: [], True: []}
+        for _ in range(3):
+            for fused, step in steps.items():
+                times[fused].append(measure_ms(step))
+        print(f"[{batch},{seq},{dim},{depth},{vocab}] step ms, three rounds: two linears "
+              f"{', '.join(f'{t:.3f}' for t in times[False])} | feed_forward {', '.join(f'{t:.3f}' for t in times[True])}",
+              flush=True)
+        del model, opt, steps
 
 
 if __name__ == "__main__":

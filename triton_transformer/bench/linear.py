@@ -1,24 +1,29 @@
-"""Linear benchmark cases (issue 5): a plain GEMM and a GEMM with fused bias + gelu, forward and forward+backward.
+"""Linear benchmark cases (issue 5): a plain GEMM and a GEMM with fused bias + gelu, forward and forward+backward,
+and a transformer's whole feed-forward, forward+backward.
 
 Shapes are [M, K, N]: x (M, K) times weight (N, K)^T. The first two are a GPT-2-small
 feed-forward (768 -> 3072 and back) over 16384 tokens, the third a square 8192 GEMM.
+`feed_forward` rows have shape [M, dim, hidden]: relu^2(x W1^T + b1) W2^T + b2, GPT-2 small's and
+the seed model's widths, 16384 tokens.
 
 Providers:
   triton         tt.linear
   cublas         torch.matmul(x, w.T): the GEMM alone, no bias or activation (the speed of light)
   torch          eager F.linear (+ bias, + F.gelu(approximate="tanh") for linear_gelu)
   torch.compile  torch.compile of the eager function
+  (feed_forward: triton is tt.feed_forward, cublas the two products alone, without bias or activation)
 """
 
 import torch
 import torch.nn.functional as F
 
 from .. import runtime
-from ..matmul import linear
+from ..matmul import feed_forward, linear
 from . import Case
 
 SHAPES = [[16384, 768, 3072], [16384, 3072, 768], [8192, 8192, 8192]]
 QUICK_SHAPES = [[2048, 512, 1024]]
+FF_SHAPES = [[16384, 768, 3072], [16384, 512, 2048]]
 
 
 def _torch_gelu(x, w, b):
@@ -27,6 +32,34 @@ def _torch_gelu(x, w, b):
 
 def _torch_plain(x, w, b):
     return F.linear(x, w)
+
+
+def _torch_ff(x, w1, b1, w2, b2):
+    return F.linear(F.relu(F.linear(x, w1, b1)).square(), w2, b2)
+
+
+def _ff_cases(quick: bool):
+    dtype = runtime.default_dtype()
+    device = runtime.DEVICE
+    for m, d, h in QUICK_SHAPES if quick else FF_SHAPES:
+        leaves = [torch.randn(m, d, device=device, dtype=dtype),
+                  torch.randn(h, d, device=device, dtype=dtype) / d ** 0.5, torch.zeros(h, device=device, dtype=dtype),
+                  torch.randn(d, h, device=device, dtype=dtype) / h ** 0.5, torch.zeros(d, device=device, dtype=dtype)]
+        x, w1, b1, w2, b2 = (t.requires_grad_() for t in leaves)
+        dy = torch.randn(m, d, device=device, dtype=dtype)
+        compiled = torch.compile(_torch_ff)
+        elt = x.element_size()
+        # two products forward, four backward; bytes: x, y, dy, dx and the (m, h) hidden layer written,
+        # read for dW2 and its gradient written and read twice, at the least
+        t = (x, w1, b1, w2, b2)
+        yield Case("feed_forward", "fwdbwd", [m, d, h], dtype, flops=12 * m * d * h,
+                   bytes=elt * (4 * m * d + 5 * m * h + 4 * d * h), grad_to_none=leaves, providers={
+                       "triton": lambda t=t, dy=dy: feed_forward(*t, "relu_squared").backward(dy),
+                       "cublas": lambda t=t, dy=dy: torch.matmul(torch.matmul(t[0], t[1].t()), t[3].t()).backward(dy),
+                       "torch": lambda t=t, dy=dy: _torch_ff(*t).backward(dy),
+                       "torch.compile": lambda t=t, dy=dy, c=compiled: c(*t).backward(dy),
+                   })
+        del x, w1, b1, w2, b2, t, leaves, dy
 
 
 def cases(quick: bool = False):
@@ -69,3 +102,4 @@ def cases(quick: bool = False):
                                })
                     del dy
                 del x, w, b
+    yield from _ff_cases(quick)
