@@ -354,6 +354,23 @@ def test_feed_forward_backward_has_no_elementwise_pass(monkeypatch, device):
         assert len(passes) == elementwise, frozen
 
 
+def test_feed_forward_bad_input_raises_clear_errors(device):
+    x, w1, b1 = inputs((4, 16), 24, torch.float32, device)
+    _, w2, b2 = inputs((1, 24), 8, torch.float32, device)
+    with pytest.raises(ValueError, match="x has 15 features in its last dimension"):
+        feed_forward(x[:, :15], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match=r"the hidden layer \(w1's out_features\) has 24 features but w2 of shape \(8, 23\)"):
+        feed_forward(x, w1, b1, w2[:, :23], b2)
+    with pytest.raises(ValueError, match="b1 has 7 elements but w1 has 24 output features"):
+        feed_forward(x, w1, b1[:7], w2, b2)
+    with pytest.raises(TypeError, match="w2 has dtype float16 but x has dtype float32"):
+        feed_forward(x, w1, b1, w2.half(), b2)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        feed_forward(x, w1, b1, w2, b2, "swish")
+    with pytest.raises(ValueError, match="b2 is on meta"):
+        feed_forward(x, w1, b1, w2, b2.to("meta"))
+
+
 def test_feed_forward_saves_nothing_without_grad(device):
     x, w1, b1 = inputs((5, 24), 40, torch.float32, device)
     _, w2, b2 = inputs((1, 40), 16, torch.float32, device)
