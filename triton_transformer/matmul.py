@@ -41,6 +41,11 @@ per-block column sums for db (reduced by a second tiny kernel: deterministic,
 no atomics). When the output tiles of dW are too few to fill the GPU (dW is
 (out, in) however many rows were reduced), the K loop is split over several
 programs whose fp32 partial sums are added by that same small reduction kernel.
+
+`feed_forward` runs two projections with the activation between them as one
+autograd node. Its backward needs no elementwise kernel: the GEMM that forms the
+gradient at the activation's output multiplies by act' in its epilogue
+(`matmul(..., grad_of=...)`), and both bias gradients come from the dW GEMMs' row sums.
 """
 
 from __future__ import annotations
@@ -710,13 +715,16 @@ class FeedForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, activation: int):
+        need_x, need_w1, need_b1 = ctx.needs_input_grad[:3]
         x2 = _rows(x)
         w1c, w2c = _as_dtype_of(w1, x), _as_dtype_of(w2, x)
         keep_z = activation == GELU
         h, z = matmul(x2, w1c.t(), b1, activation, store_z=keep_z)
         y2, _ = matmul(h, w2c.t(), b2)
-        # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z
-        ctx.save_for_backward(x2, w1c, h, w2c, z)
+        # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z. W2 is needed for any
+        # gradient of the first layer; x only for dW1, W1 only for dx.
+        ctx.save_for_backward(x2 if need_w1 else None, w1c if need_x else None, h,
+                              w2c if (need_x or need_w1 or need_b1) else None, z)
         ctx.activation = activation
         ctx.x_shape = x.shape
         ctx.dtypes = [t.dtype if t is not None else None for t in (w1, b1, w2, b2)]
