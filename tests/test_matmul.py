@@ -339,6 +339,16 @@ def test_feed_forward_tma(monkeypatch, hidden, device):
         ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), activation)
 
 
+def test_feed_forward_autotuned_pointer_kernel(monkeypatch, device):
+    """act' in the epilogue of the autotuned pointer kernel (what runs without TMA: a T4, an A100)."""
+    monkeypatch.setattr(MM, "AUTOTUNE_MIN_MACS", 0)
+    monkeypatch.setattr(MM, "TMA", False)
+    dtype = torch.float16 if ON_GPU else torch.float32
+    x, w1, b1 = inputs((2, 17, 40), 70, torch.float32, device)
+    _, w2, b2 = inputs((1, 70), 33, torch.float32, device)
+    ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), "relu_squared")
+
+
 def test_feed_forward_backward_has_no_elementwise_pass(monkeypatch, device):
     """With every parameter trained, dz leaves the dh GEMM and db1, db2 come from the dW GEMMs' row sums:
     no `_act_bwd_kernel` at all. Frozen weights (no dW GEMM to sum in) take it for their biases."""
