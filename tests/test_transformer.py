@@ -191,6 +191,34 @@ def test_dropout_follows_training_mode(device, use_triton):
         assert not torch.allclose(model(x, use_triton=use_triton), plain(x, use_triton=use_triton))
 
 
+def test_feed_forward_is_one_node_without_dropout(device, monkeypatch):
+    """The Triton path runs a feed-forward as `feed_forward` (no elementwise kernel for the squared ReLU's
+    derivative) unless dropout sits between its projections in training; the gradients agree either way."""
+    import triton_transformer.matmul as MM
+    from triton_transformer import runtime
+
+    calls, launch = [], runtime.launch
+    monkeypatch.setattr(runtime, "launch", lambda k, *a, **kw: calls.append(k) or launch(k, *a, **kw))
+    x = ids(device)
+    for ff_dropout, elementwise in ((0.0, False), (0.3, True)):
+        calls.clear()
+        torch.manual_seed(0)
+        model = tiny(device, ff_dropout=ff_dropout)
+        run(model, x, True)
+        assert (MM._act_bwd_kernel in calls) is elementwise, ff_dropout
+    # the same model both ways (no dropout): FUSED_FEED_FORWARD off composes linear, linear
+    torch.manual_seed(0)
+    model = tiny(device)
+    fused = run(model, x, True)
+    monkeypatch.setattr("triton_transformer.transformer.FUSED_FEED_FORWARD", False)
+    calls.clear()
+    composed = run(model, x, True)
+    assert MM._act_bwd_kernel in calls
+    torch.testing.assert_close(fused[0], composed[0])
+    for name in fused[1]:
+        torch.testing.assert_close(fused[1][name], composed[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_initialisation():
     torch.manual_seed(0)
     model = Transformer(num_tokens=256, max_seq_len=128, dim=256, depth=8)
