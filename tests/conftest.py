@@ -30,6 +30,17 @@ def assert_close_named(actual, expected, name, **tolerances):
     torch.testing.assert_close(actual, expected, msg=lambda message: f"{name}: {message}", **tolerances)
 
 
+def count_launches(monkeypatch, kernel):
+    """A list that gets one entry per launch of `kernel` through runtime.launch (which forwards them)."""
+    calls, launch = [], runtime.launch
+
+    def counting(k, grid, *args, **meta):
+        calls.extend([1] if k is kernel else [])
+        return launch(k, grid, *args, **meta)
+    monkeypatch.setattr(runtime, "launch", counting)
+    return calls
+
+
 @pytest.fixture
 def device():
     return runtime.DEVICE

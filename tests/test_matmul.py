@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ON_GPU, cuda_only
+from conftest import ON_GPU, count_launches, cuda_only
 
 from triton_transformer import feed_forward, linear, runtime
 from triton_transformer.testing import max_error, tolerance
@@ -91,17 +91,6 @@ def inputs(shape, out_features, dtype, device, bias=True, scale=1.0):
     w = torch.randn(out_features, shape[-1], device=device) / shape[-1] ** 0.5
     b = torch.randn(out_features, device=device) if bias else None
     return x.to(dtype), w.to(dtype), (b.to(dtype) if bias else None)
-
-
-def count_launches(monkeypatch, kernel):
-    """A list that gets one entry per launch of `kernel` through runtime.launch (which forwards them)."""
-    calls, launch = [], runtime.launch
-
-    def counting(k, grid, *args, **meta):
-        calls.extend([1] if k is kernel else [])
-        return launch(k, grid, *args, **meta)
-    monkeypatch.setattr(runtime, "launch", counting)
-    return calls
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

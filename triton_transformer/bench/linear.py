@@ -42,24 +42,22 @@ def _ff_cases(quick: bool):
     dtype = runtime.default_dtype()
     device = runtime.DEVICE
     for m, d, h in QUICK_SHAPES if quick else FF_SHAPES:
-        leaves = [torch.randn(m, d, device=device, dtype=dtype),
-                  torch.randn(h, d, device=device, dtype=dtype) / d ** 0.5, torch.zeros(h, device=device, dtype=dtype),
-                  torch.randn(d, h, device=device, dtype=dtype) / h ** 0.5, torch.zeros(d, device=device, dtype=dtype)]
-        x, w1, b1, w2, b2 = (t.requires_grad_() for t in leaves)
+        t = tuple(leaf.requires_grad_() for leaf in (
+            torch.randn(m, d, device=device, dtype=dtype),
+            torch.randn(h, d, device=device, dtype=dtype) / d ** 0.5, torch.zeros(h, device=device, dtype=dtype),
+            torch.randn(d, h, device=device, dtype=dtype) / h ** 0.5, torch.zeros(d, device=device, dtype=dtype)))
         dy = torch.randn(m, d, device=device, dtype=dtype)
         compiled = torch.compile(_torch_ff)
-        elt = x.element_size()
         # two products forward, four backward; bytes: x, y, dy, dx and the (m, h) hidden layer written,
         # read for dW2 and its gradient written and read twice, at the least
-        t = (x, w1, b1, w2, b2)
         yield Case("feed_forward", "fwdbwd", [m, d, h], dtype, flops=12 * m * d * h,
-                   bytes=elt * (4 * m * d + 5 * m * h + 4 * d * h), grad_to_none=leaves, providers={
+                   bytes=t[0].element_size() * (4 * m * d + 5 * m * h + 4 * d * h), grad_to_none=list(t), providers={
                        "triton": lambda t=t, dy=dy: feed_forward(*t, "relu_squared").backward(dy),
                        "cublas": lambda t=t, dy=dy: torch.matmul(torch.matmul(t[0], t[1].t()), t[3].t()).backward(dy),
                        "torch": lambda t=t, dy=dy: _torch_ff(*t).backward(dy),
                        "torch.compile": lambda t=t, dy=dy, c=compiled: c(*t).backward(dy),
                    })
-        del x, w1, b1, w2, b2, t, leaves, dy
+        del t, dy
 
 
 def cases(quick: bool = False):
