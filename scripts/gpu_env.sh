@@ -7,3 +7,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # NVLink multicast stays off on shared multi-GPU hosts (the device notes say why).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+# Triton's kernels and autotuning results, and inductor's, in an ignored folder of the tree: the lent
+# machine keeps it between calls while it stays warm, so a second call (a chapter re-run) starts compiled.
+export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor

@@ -89,6 +89,9 @@ TMA = {"0": False, "1": True}.get(os.environ.get("TT_MATMUL_TMA", ""), "auto")
 TMA_STORE = True
 #: Problems with fewer multiply-adds than this take SMALL_CONFIG instead of the autotuner.
 AUTOTUNE_MIN_MACS = 1 << 26
+#: Tensor-core flops per byte of memory traffic the H100 sustains (bf16 GEMM ~650 TFLOP/s, HBM ~2.9 TB/s):
+#: what `_split_k` weighs a split's fp32 partials with.
+FLOPS_PER_BYTE = 224
 #: Split the K loop in this many parts; None picks by the heuristic in `_split_k`.
 SPLIT_K = None
 
@@ -464,26 +467,29 @@ def _sum_rows_kernel(x_ptr, out_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.co
 # ---------------------------------------------------------------- launchers
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
-    """How many programs share the K loop of one output tile.
+    """How many programs share the K loop of one output tile: the split that ends in the fullest waves.
 
     dW = dz^T x has a small (out, in) output but reduces over every row of the batch:
-    (3072, 768) over 16384 rows is only 144 tiles of 128 x 128 for 132 SMs, so one wave
-    is full and the second almost empty. Splitting K fills the machine; the price is an
-    fp32 partial (M, N) per split, written then summed by `_sum_rows_kernel`.
+    (3072, 768) over 16384 rows is only 72 tiles of 128 x 256 (the tile the autotuner picks
+    for it on the H100) for 132 SMs, so 60 SMs would idle. Splitting K in s parts makes
+    s * tiles work items of K / s rows each, which run in ceil(s * tiles / SMs) waves; the
+    time is about waves / s in units of one whole-K tile. The price: each split writes an
+    fp32 partial (M, N), which `_sum_rows_kernel` reads back, 8 M N bytes against the
+    product's 2 M N K flops. Pick the s in 1..8 with the least of both.
     """
     if SPLIT_K is not None:
         return max(1, int(SPLIT_K))
     if device.type != "cuda" or K < 4096:
         return 1
     sms = runtime.num_sms(device)
-    tiles = cdiv(M, 128) * cdiv(N, 128)
-    if tiles >= 2 * sms:
+    tiles = cdiv(M, 128) * cdiv(N, 256)
+    if tiles >= 2 * sms:  # two waves or more: the last one is at most a third of the time
         return 1
-    # Measured on the H100 (pointer kernel, dW of a GPT's projections over 16384 rows): about one
-    # wave of tiles gains from 3 splits, 32 to 131 tiles from 4, fewer from 8. More splits than
-    # these lost time to the fp32 partials they write and read back.
-    split = 3 if tiles >= sms else (4 if tiles >= 32 else 8)
-    return max(1, min(split, K // 2048))
+    # One split's partials in the same unit: 8 M N bytes at HBM speed over one tile's 2 * 128 * 256 * K
+    # flops at one SM's share, with the H100's ~224 bf16 flops per byte of HBM (650 TFLOP/s, 2.9 TB/s).
+    partial = 4 * tiles * FLOPS_PER_BYTE / (K * sms)
+    return min(range(1, max(1, min(8, K // 2048)) + 1),
+               key=lambda s: cdiv(s * tiles, sms) / s + (partial * s if s > 1 else 0.0))
 
 
 def _tma_operand(t: torch.Tensor):

@@ -19,6 +19,7 @@ warps    one-block softmax forward and cross-entropy at 16 and 32 warps (kernel 
 dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, and what Triton made of it (IR)
 ff       a GPT's feed-forward forward+backward: feed_forward (act' in the dh GEMM) against two linears and torch
 ffstep   the GPT-2-small training step (CUDA graph, as benchmarked) with the feed-forward fused or as two linears
+dwsplit  dW = dz^T x (fp32 out, as the model) of every projection of both models, split-K forced 1 to 12 (GPU time)
 """
 import cProfile
 import pstats
@@ -587,6 +588,34 @@ def ffstep():
               f"{', '.join(f'{t:.3f}' for t in times[False])} | feed_forward {', '.join(f'{t:.3f}' for t in times[True])}",
               flush=True)
         del model, opt, steps
+
+
+def dwsplit():
+    """GPU time (profiler: dW kernel + the partials' sum, no host time) of every split, two rounds each."""
+    MM = importlib.import_module("triton_transformer.matmul")
+    rows = 16384
+    splits = (None, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12)
+    # (out, in) of every dW: seed qkv, out, ff in, ff out, logits; GPT-2 the same (its logits take split 1)
+    for n_out, k_in in ((1536, 512), (512, 512), (2048, 512), (512, 2048), (256, 512),
+                        (2304, 768), (768, 768), (3072, 768), (768, 3072)):
+        x = torch.randn(rows, k_in, device=dev, dtype=bf16)
+        dz = torch.randn(rows, n_out, device=dev, dtype=bf16)
+        flops = 2 * rows * k_in * n_out
+        times = {s: [] for s in splits}
+        picks = {}
+        for _ in range(2):
+            for split in splits:
+                MM.SPLIT_K = split
+                kt = _kernel_times(lambda: MM.matmul(dz.t(), x, out_dtype=torch.float32), reps=30)
+                times[split].append(1e3 * sum(kt.values()))
+                picks[split] = _config_name(MM._matmul_kernel.best_config)
+        MM.SPLIT_K = None
+        auto = MM._split_k(n_out, k_in, rows, torch.device(dev))
+        cells = [f"s{s or 'auto'} {min(t):.1f}/{max(t):.1f} {picks[s]}" for s, t in times.items()]
+        best = min(splits[1:], key=lambda s: min(times[s]))
+        print(f"dW [{n_out}x{k_in}] auto={auto} best=s{best} ({flops / min(times[best]) / 1e6:.0f} TF, auto "
+              f"{flops / min(times[None]) / 1e6:.0f}) cublas {1e3 * sum(_kernel_times(lambda: dz.t() @ x).values()):.1f} | "
+              + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
