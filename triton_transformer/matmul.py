@@ -89,9 +89,10 @@ TMA = {"0": False, "1": True}.get(os.environ.get("TT_MATMUL_TMA", ""), "auto")
 TMA_STORE = True
 #: Problems with fewer multiply-adds than this take SMALL_CONFIG instead of the autotuner.
 AUTOTUNE_MIN_MACS = 1 << 26
-#: Tensor-core flops per byte of memory traffic the H100 sustains (bf16 GEMM ~650 TFLOP/s, HBM ~2.9 TB/s):
-#: what `_split_k` weighs a split's fp32 partials with.
-FLOPS_PER_BYTE = 224
+#: How `_split_k` weighs a split's fp32 partials: tensor-core flops per byte of memory traffic. The H100
+#: sustains ~650 TFLOP/s of bf16 GEMM and ~2.9 TB/s of HBM, 224; 300 charges the partials a third more,
+#: as measured with a cold L2 (chapter 4: 3 splits beat 5 at GPT-2's feed-forward there, not with a warm one).
+FLOPS_PER_BYTE = 300
 #: Split the K loop in this many parts; None picks by the heuristic in `_split_k`.
 SPLIT_K = None
 
@@ -486,7 +487,7 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     if tiles >= 2 * sms:  # two waves or more: the last one is at most a third of the time
         return 1
     # One split's partials in the same unit: 8 M N bytes at HBM speed over one tile's 2 * 128 * 256 * K
-    # flops at one SM's share, with the H100's ~224 bf16 flops per byte of HBM (650 TFLOP/s, 2.9 TB/s).
+    # flops at one SM's share of the tensor cores.
     partial = 4 * tiles * FLOPS_PER_BYTE / (K * sms)
     return min(range(1, max(1, min(8, K // 2048)) + 1),
                key=lambda s: cdiv(s * tiles, sms) / s + (partial * s if s > 1 else 0.0))
