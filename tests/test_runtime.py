@@ -28,3 +28,20 @@ def test_cuda_properties_asks_once_per_gpu(monkeypatch):
         assert asked == [1, 3]
     finally:
         runtime._cuda_properties.cache_clear()  # no fake left behind for later tests
+
+
+def test_exact_fp32_tries_a_short_list_of_configs():
+    """Exact fp32 dots compile 4-10x slower than bf16 ones: their autotuners try only small tiles, others all."""
+    import importlib
+
+    attention = importlib.import_module("triton_transformer.attention")
+    matmul = importlib.import_module("triton_transformer.matmul")
+    lists = [(attention._fwd_configs(), attention._FWD_EXACT_FP32, 2), (attention._dkdv_configs(), attention._DKDV_EXACT_FP32, 2),
+             (attention._dq_configs(), attention._DQ_EXACT_FP32, 2), (matmul._POINTER_CONFIGS, matmul._exact_fp32, 4)]
+    for configs, keep, count in lists:
+        prune = runtime.exact_fp32_pruner(keep)
+        exact = prune(configs, {}, PRECISION="ieee")
+        assert len(exact) == count and exact[0] is configs[0]  # the first config (runs everywhere) is among them
+        assert prune(configs, {"PRECISION": "ieee"}) == exact  # passed positionally, the same
+        assert prune(configs, {}, PRECISION="tf32") == configs  # tensor-core precisions: every config
+    assert runtime.exact_fp32_pruner(lambda c: False)(lists[0][0], {}, PRECISION="ieee") == lists[0][0][:1]

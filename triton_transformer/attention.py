@@ -160,6 +160,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, 
     return acc, l_i, m_i
 
 
+def _exact_fp32(*tiles):
+    """Which configs exact-fp32 attention tries: (BLOCK_M, BLOCK_N, warps, stages) among `tiles`.
+
+    The smallest config, and a mid-sized one with 8 warps, the fastest to compile of its size
+    (`runtime.exact_fp32_pruner` says why fp32 needs its own short list).
+    """
+    return lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles
+
+
 def _fwd_configs():
     # First config: what the interpreter runs, and small enough for a T4 (64 KB shared memory).
     # BLOCK_M must be a multiple of BLOCK_N (the causal diagonal then starts on a key-block edge).
@@ -246,7 +255,8 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
         tl.store(L + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
-_attn_fwd = autotune(_fwd_configs(), key=_KEY)(_attn_fwd_kernel)
+_FWD_EXACT_FP32 = _exact_fp32((32, 32, 4, 2), (128, 64, 8, 3))
+_attn_fwd = autotune(_fwd_configs(), key=_KEY, exact_fp32=_FWD_EXACT_FP32)(_attn_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -469,8 +479,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                 offs_m, N_Q, offs_d, D, not EVEN_D)
 
 
-_attn_bwd_dkdv = autotune(_dkdv_configs(), key=_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq = autotune(_dq_configs(), key=_KEY)(_attn_bwd_dq_kernel)
+_DKDV_EXACT_FP32 = _exact_fp32((32, 32, 4, 2), (32, 128, 8, 3))
+_DQ_EXACT_FP32 = _exact_fp32((32, 32, 4, 2), (128, 32, 8, 3))
+_attn_bwd_dkdv = autotune(_dkdv_configs(), key=_KEY, exact_fp32=_DKDV_EXACT_FP32)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = autotune(_dq_configs(), key=_KEY, exact_fp32=_DQ_EXACT_FP32)(_attn_bwd_dq_kernel)
 
 
 

@@ -264,7 +264,13 @@ def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_
 # ---------------------------------------------------------------- the GEMM kernels
 
 
-@runtime.autotune(configs=_POINTER_CONFIGS, key=_TUNE_KEY + ["ROW_SUM"])
+def _exact_fp32(config) -> bool:
+    """The pointer configs exact fp32 tries (`runtime.exact_fp32_pruner`): tiles of at most 8192 outputs with
+    BLOCK_K = 32, 9 s of compiling for an H100 instead of 105 for the whole list."""
+    return config.kwargs["BLOCK_K"] == 32 and config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 8192
+
+
+@runtime.autotune(configs=_POINTER_CONFIGS, key=_TUNE_KEY + ["ROW_SUM"], exact_fp32=_exact_fp32)
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
                    M, N, K,

@@ -91,7 +91,7 @@ def shared_memory_per_block() -> int:
     return props["max_shared_mem"]
 
 
-def autotune(configs, key, **kwargs):
+def autotune(configs, key, exact_fp32=None, **kwargs):
     """`triton.autotune`, but with one config under the interpreter.
 
     The interpreter cannot benchmark (``do_bench`` needs a GPU), and more than one
@@ -100,6 +100,9 @@ def autotune(configs, key, **kwargs):
     Configs too big for the GPU at hand are skipped by the autotuner itself (it
     catches the out-of-resources error and moves on). ``TT_AUTOTUNE_CONFIGS=N`` keeps the first
     N configs of every list (the test suite uses 2 on a GPU; unset or 0: all).
+
+    ``exact_fp32``, a predicate on configs, names the ones to try when the kernel's dots are exact
+    fp32 (its ``PRECISION`` argument is "ieee", see `dot_precision`): see `exact_fp32_pruner`.
     """
     if INTERPRET:
         configs = configs[:1]
@@ -107,6 +110,8 @@ def autotune(configs, key, **kwargs):
         # tests on a GPU set this: every new shape autotunes, and compiling every config of
         # every kernel for every test shape takes longer than the tests themselves
         configs = configs[: int(os.environ["TT_AUTOTUNE_CONFIGS"])]
+    if not INTERPRET and exact_fp32 is not None:
+        kwargs.setdefault("prune_configs_by", {"early_config_prune": exact_fp32_pruner(exact_fp32)})
     if not INTERPRET and "cache_results" in _AUTOTUNE_PARAMETERS:
         # Keep each tuning's winner in Triton's on-disk cache: the next process (the next `python train.py`,
         # each rank of a torchrun job) skips benchmarking every config of every kernel again.
@@ -114,6 +119,26 @@ def autotune(configs, key, **kwargs):
     if not INTERPRET and "do_bench" in _AUTOTUNE_PARAMETERS:
         kwargs.setdefault("do_bench", _tuning_bench)
     return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def exact_fp32_pruner(keep):
+    """An autotuner's `early_config_prune`: only the configs `keep` accepts when PRECISION is "ieee".
+
+    Exact fp32 dots have no tensor-core instruction: Triton unrolls them into FMAs on the CUDA
+    cores, and compiling that takes 4 to 10 times as long as the bf16 kernel of the same tile.
+    Compiled ahead of time for an H100 (sm_90) by Triton 3.9 on two CPU cores
+    (benchmarks/experiments/compile_times.py), the attention forward's nine configs took
+    189 s in fp32 against 19 s in bf16, the dK/dV kernel's ten 400 s against 33 (one config alone
+    123 s), the matmul's eleven 105 s against 26: a first training step in exact fp32 spent many
+    minutes compiling tiles that only the tensor cores make worth having. Other precisions keep
+    every config; if `keep` accepts none, the first config (the one that runs everywhere) stays.
+    """
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("PRECISION", named_args.get("PRECISION")) != "ieee":
+            return configs
+        return [c for c in configs if keep(c)] or configs[:1]
+
+    return prune
 
 
 _AUTOTUNE_PARAMETERS = inspect.signature(triton.autotune).parameters
