@@ -128,8 +128,8 @@ def exact_fp32_pruner(keep):
     cores, and compiling that takes 4 to 10 times as long as the bf16 kernel of the same tile.
     Compiled ahead of time for an H100 (sm_90) by Triton 3.9 on two CPU cores
     (benchmarks/experiments/compile_times.py), the attention forward's nine configs took
-    189 s in fp32 against 19 s in bf16, the dK/dV kernel's ten 400 s against 33 (one config alone
-    123 s), the matmul's eleven 105 s against 26: a first training step in exact fp32 spent many
+    169 s in fp32 against 16 s in bf16, the dK/dV kernel's ten 381 s against 33, the matmul's
+    eleven 92 s against 24: a first training step in exact fp32 spent many
     minutes compiling tiles that only the tensor cores make worth having. Other precisions keep
     every config; if `keep` accepts none, the first config (the one that runs everywhere) stays.
     """
