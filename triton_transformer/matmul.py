@@ -490,7 +490,7 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
         return 1
     sms = runtime.num_sms(device)
     tiles = cdiv(M, 128) * cdiv(N, 256)
-    if tiles >= 2 * sms:  # two waves or more: the last one is at most a third of the time
+    if tiles >= 2 * sms:  # two waves or more: a partial last wave idles the GPU for at most a third of the time
         return 1
     # One split's partials in the same unit: 8 M N bytes at HBM speed over one tile's 2 * 128 * 256 * K
     # flops at one SM's share of the tensor cores.
