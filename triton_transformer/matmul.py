@@ -495,7 +495,7 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     # One split's partials in the same unit: 8 M N bytes at HBM speed over one tile's 2 * 128 * 256 * K
     # flops at one SM's share of the tensor cores.
     partial = 4 * tiles * FLOPS_PER_BYTE / (K * sms)
-    return min(range(1, max(1, min(8, K // 2048)) + 1),
+    return min(range(1, min(8, K // 2048) + 1),  # K >= 4096 here: at least 2
                key=lambda s: cdiv(s * tiles, sms) / s + (partial * s if s > 1 else 0.0))
 
 
@@ -668,14 +668,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def _weight_grad(dz: torch.Tensor, x2: torch.Tensor, weight_dtype: torch.dtype, bias_dtype: torch.dtype | None):
-    """(dW, db): dW = dz^T x over all rows, and db = sum_rows dz from the same matmul when bias_dtype is given.
+def _param_grads(dz: torch.Tensor, x2: torch.Tensor, need_w: bool, need_b: bool, weight_dtype: torch.dtype,
+                 bias_dtype: torch.dtype | None):
+    """(dW, db) of a projection whose pre-activation gradient is dz: dW = dz^T x over all rows, db = sum_rows dz.
 
     The dW matmul reads all of dz anyway (as A = dz^T): its row sums are the bias gradient, with no
-    pass of their own over dz.
+    pass of their own over dz. Only a frozen weight with a trained bias needs that pass.
     """
-    db = torch.empty(dz.shape[1], dtype=bias_dtype, device=dz.device) if bias_dtype is not None else None
-    return matmul(dz.t(), x2, out_dtype=weight_dtype, row_sum=db)[0], db
+    if need_w:
+        db = torch.empty(dz.shape[1], dtype=bias_dtype, device=dz.device) if need_b else None
+        return matmul(dz.t(), x2, out_dtype=weight_dtype, row_sum=db)[0], db
+    return None, (activation_backward(dz, None, 0, True, bias_dtype)[1] if need_b else None)
 
 
 class LinearFunction(torch.autograd.Function):
@@ -705,16 +708,13 @@ class LinearFunction(torch.autograd.Function):
         x2, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = _rows(dy)
-        # Without an activation dz = dy and db comes out of the dW matmul (`_weight_grad`); with one,
-        # the pass that forms dz sums its columns on the way.
-        db_in_dw = need_b and need_w and ctx.activation == 0
-        dz, db = activation_backward(dy2, saved, ctx.activation, need_b and not db_in_dw, ctx.bias_dtype)
+        # With an activation, the pass that forms dz sums its columns for db on the way; without one,
+        # dz = dy and db comes with dW (`_param_grads`).
+        act = ctx.activation
+        dz, db = activation_backward(dy2, saved, act, need_b and act != 0, ctx.bias_dtype)
         dx = matmul(dz, weight)[0].view(ctx.x_shape) if need_x else None  # dx = dz W
-        dw = None
-        if need_w:
-            dw, db_w = _weight_grad(dz, x2, ctx.weight_dtype, ctx.bias_dtype if db_in_dw else None)
-            db = db_w if db_in_dw else db
-        return dx, dw, db, None
+        dw, db_plain = _param_grads(dz, x2, need_w, need_b and act == 0, ctx.weight_dtype, ctx.bias_dtype)
+        return dx, dw, db if act else db_plain, None
 
 
 class FeedForwardFunction(torch.autograd.Function):
@@ -750,20 +750,14 @@ class FeedForwardFunction(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         dy2 = _rows(dy)
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need_w2:
-            dw2, db2 = _weight_grad(dy2, h, w2_dtype, b2_dtype if need_b2 else None)
-        elif need_b2:
-            db2 = activation_backward(dy2, None, 0, True, b2_dtype)[1]
+        dx = dw1 = db1 = None
+        dw2, db2 = _param_grads(dy2, h, need_w2, need_b2, w2_dtype, b2_dtype)
         if need_x or need_w1 or need_b1:
             act = ctx.activation
             dz = matmul(dy2, w2, grad_of=(act, z if act == GELU else h) if act else None)[0]  # dz = (dy W2) act'
             if need_x:
                 dx = matmul(dz, w1)[0].view(ctx.x_shape)
-            if need_w1:
-                dw1, db1 = _weight_grad(dz, x2, w1_dtype, b1_dtype if need_b1 else None)
-            elif need_b1:
-                db1 = activation_backward(dz, None, 0, True, b1_dtype)[1]
+            dw1, db1 = _param_grads(dz, x2, need_w1, need_b1, w1_dtype, b1_dtype)
         return dx, dw1, db1, dw2, db2, None
 
 

@@ -9,6 +9,7 @@ the whole config list and for the short list `runtime.exact_fp32_pruner` lets ex
 Timings depend on the machine's CPU; compare them within one run.
 """
 import importlib
+import os
 import sys
 import tempfile
 import time
@@ -20,8 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # Import the package as on a GPU machine (plain @triton.jit kernels, every config), without one.
 torch.cuda.is_available = lambda: True
 torch.cuda.is_bf16_supported = lambda *a, **k: True
-import os  # noqa: E402
-
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: every compile is timed
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
