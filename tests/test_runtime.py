@@ -45,3 +45,6 @@ def test_exact_fp32_tries_a_short_list_of_configs():
         assert prune(configs, {"PRECISION": "ieee"}) == exact  # passed positionally, the same
         assert prune(configs, {}, PRECISION="tf32") == configs  # tensor-core precisions: every config
     assert runtime.exact_fp32_pruner(lambda c: False)(lists[0][0], {}, PRECISION="ieee") == lists[0][0][:1]
+    # the winner of a short list must not serve TF32 calls of the same shape (nor the reverse)
+    for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq, matmul._matmul_kernel):
+        assert "PRECISION" in kernel.keys, kernel.fn.__name__

@@ -110,8 +110,12 @@ def autotune(configs, key, exact_fp32=None, **kwargs):
         # tests on a GPU set this: every new shape autotunes, and compiling every config of
         # every kernel for every test shape takes longer than the tests themselves
         configs = configs[: int(os.environ["TT_AUTOTUNE_CONFIGS"])]
-    if not INTERPRET and exact_fp32 is not None:
-        kwargs.setdefault("prune_configs_by", {"early_config_prune": exact_fp32_pruner(exact_fp32)})
+    if exact_fp32 is not None:
+        # The configs tried depend on PRECISION, so the winner does too: tune each precision on its own
+        # (the autotuner's key already separates dtypes, not exact fp32 from TF32).
+        key = key if "PRECISION" in key else [*key, "PRECISION"]
+        if not INTERPRET:
+            kwargs.setdefault("prune_configs_by", {"early_config_prune": exact_fp32_pruner(exact_fp32)})
     if not INTERPRET and "cache_results" in _AUTOTUNE_PARAMETERS:
         # Keep each tuning's winner in Triton's on-disk cache: the next process (the next `python train.py`,
         # each rank of a torchrun job) skips benchmarking every config of every kernel again.
