@@ -282,12 +282,13 @@ def test_out_dtype_is_the_cast_fused(out_dtype, device):
 
 # ---------------------------------------------------------------- residual add fused in
 
-def check_add_layer_norm(x, r, n, out_dtype=None, use_h=True):
-    """add_layer_norm against h = x + r; F.layer_norm(h).to(out_dtype): y, h and every gradient."""
+def check_add_layer_norm(x, r, n, out_dtype=None, use_h=True, residual_bias=False):
+    """add_layer_norm against h = x + r (+ rb); F.layer_norm(h).to(out_dtype): y, h and every gradient."""
     w, b = make_params(n, x.device, torch.float32)
     x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
-    y, h = L.add_layer_norm(x, r, (n,), w, b, out_dtype=out_dtype)
-    h_ref = x + r
+    rb = torch.randn(n, device=x.device).requires_grad_() if residual_bias else None
+    y, h = L.add_layer_norm(x, r, (n,), w, b, out_dtype=out_dtype, residual_bias=rb)
+    h_ref = x + r if rb is None else x + (r + rb)
     y_ref = F.layer_norm(h_ref, (n,), w, b)
     y_ref = y_ref.to(out_dtype) if out_dtype is not None else y_ref
     assert y.dtype == y_ref.dtype and h.dtype == h_ref.dtype
@@ -296,30 +297,37 @@ def check_add_layer_norm(x, r, n, out_dtype=None, use_h=True):
     dy = torch.randn_like(y_ref)
     dh = torch.randn_like(h_ref) if use_h else None
     outs, refs = (y, h) if use_h else (y,), (y_ref, h_ref) if use_h else (y_ref,)
-    grads = torch.autograd.grad(outs, (x, r, w, b), (dy, dh) if use_h else (dy,))
-    ref_grads = torch.autograd.grad(refs, (x, r, w, b), (dy, dh) if use_h else (dy,))
-    for name, g, ref in zip(("dx", "dr", "dw", "db"), grads, ref_grads):
+    inputs, names = ((x, r, w, b), ("dx", "dr", "dw", "db")) if rb is None else (
+        (x, r, w, b, rb), ("dx", "dr", "dw", "db", "d residual_bias"))
+    grads = torch.autograd.grad(outs, inputs, (dy, dh) if use_h else (dy,))
+    ref_grads = torch.autograd.grad(refs, inputs, (dy, dh) if use_h else (dy,))
+    for name, g, ref in zip(names, grads, ref_grads):
         assert g.dtype == ref.dtype, name
         assert_close_named(g, ref, name, **tolerance(g.dtype))
 
 
 @pytest.mark.parametrize("use_h", [True, False], ids=["h-used", "h-unused"])
-def test_add_layer_norm_matches_add_then_norm(use_h, device):
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["", "residual-bias"])
+def test_add_layer_norm_matches_add_then_norm(use_h, residual_bias, device):
     check_add_layer_norm(torch.randn(3, 37, 200, device=device), torch.randn(3, 37, 200, device=device), 200,
-                         use_h=use_h)
+                         use_h=use_h, residual_bias=residual_bias)
 
 
-def test_add_layer_norm_mixed_precision(device):
-    """The model's case: fp32 residual stream, half-precision sublayer output, normalized into half precision."""
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["", "residual-bias"])
+def test_add_layer_norm_mixed_precision(residual_bias, device):
+    """The model's case: fp32 residual stream, half-precision sublayer output (its projection's fp32 bias
+    added here), normalized into half precision."""
     half = torch.bfloat16 if torch.bfloat16 in DTYPES else torch.float16
     check_add_layer_norm(torch.randn(2, 65, 96, device=device), torch.randn(2, 65, 96, device=device).to(half), 96,
-                         out_dtype=half)
+                         out_dtype=half, residual_bias=residual_bias)
 
 
-def test_add_layer_norm_long_rows(monkeypatch, device):
+@pytest.mark.parametrize("residual_bias", [False, True], ids=["", "residual-bias"])
+def test_add_layer_norm_long_rows(monkeypatch, residual_bias, device):
     monkeypatch.setattr(L, "MAX_FUSED_BLOCK", 64)  # rows of 150 take the looping path (LOOP_BLOCK chunks)
     monkeypatch.setattr(L, "LOOP_BLOCK", 64)
-    check_add_layer_norm(torch.randn(5, 150, device=device), torch.randn(5, 150, device=device), 150)
+    check_add_layer_norm(torch.randn(5, 150, device=device), torch.randn(5, 150, device=device), 150,
+                         residual_bias=residual_bias)
 
 
 def test_add_layer_norm_without_grad_and_without_residual(device):
@@ -328,11 +336,19 @@ def test_add_layer_norm_without_grad_and_without_residual(device):
         y, h = L.add_layer_norm(x, r, 48)
     torch.testing.assert_close(h, x + r, rtol=0, atol=0)
     torch.testing.assert_close(y, F.layer_norm(x + r, (48,)), **tolerance(torch.float32))
+    rb = torch.randn(48, device=device)
+    with torch.no_grad():
+        y, h = L.add_layer_norm(x, r, 48, residual_bias=rb)
+    torch.testing.assert_close(h, x + (r + rb), rtol=0, atol=0)
     y, h = L.add_layer_norm(x, None, 48)
     assert h is x
     torch.testing.assert_close(y, F.layer_norm(x, (48,)), **tolerance(torch.float32))
     with pytest.raises(ValueError, match="residual has shape"):
         L.add_layer_norm(x, r[:, :10], 48)
+    with pytest.raises(ValueError, match="residual_bias has shape"):
+        L.add_layer_norm(x, r, 48, residual_bias=rb[:10])
+    with pytest.raises(ValueError, match="residual_bias needs a residual"):
+        L.add_layer_norm(x, None, 48, residual_bias=rb)
 
 
 def test_inputs_on_another_device_raise(device):

@@ -56,11 +56,11 @@ INTERPRET_BWD_PROGRAMS = 3
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr, h_ptr,
+def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr, h_ptr, rb_ptr,
                            x_row_stride, y_row_stride, r_row_stride, h_row_stride, n_rows, n_cols, eps,
                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr):
+                           HAS_RESIDUAL: tl.constexpr, HAS_RBIAS: tl.constexpr):
     # A program normalizes ROWS rows at once as a [ROWS, BLOCK_N] tile: short rows
     # (512, 768 columns) would otherwise give each program too little to keep in flight.
     # int64 row indices: rows * stride can pass 2**31 elements on big activations.
@@ -70,6 +70,7 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
     x_rows = x_ptr + rows[:, None] * x_row_stride
     y_rows = y_ptr + rows[:, None] * y_row_stride
     # With a residual: h = x + r is what gets normalized, and is written out for the next residual add.
+    # HAS_RBIAS: r is a projection's output before its bias, h = x + (r + rbias).
     r_rows = r_ptr + rows[:, None] * r_row_stride
     h_rows = h_ptr + rows[:, None] * h_row_stride
 
@@ -81,6 +82,8 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
         if HAS_RESIDUAL:
             # rounded to h's dtype before normalizing, exactly as `layer_norm(x + r)` would see it
             r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RBIAS:
+                r += tl.load(rb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             h = (x + r).to(h_ptr.dtype.element_ty)
             tl.store(h_rows + cols[None, :], h, mask=mask)
             x = h.to(tl.float32)
@@ -104,6 +107,8 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
             x = tl.load(x_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(r_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_RBIAS:
+                    r += tl.load(rb_ptr + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)[None, :]
                 h = (x + r).to(h_ptr.dtype.element_ty)
                 tl.store(h_rows + start + cols[None, :], h, mask=mask)
                 x = h.to(tl.float32)
@@ -171,7 +176,7 @@ def _fwd_kernel_for(block_n: int, single: bool):
     The forward may be autotuned freely: each row is computed by one program whatever
     the tile, so the choice changes speed, never which values are summed together.
     """
-    key = ["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL"]
+    key = ["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL", "HAS_RBIAS"]
     return runtime.autotune(_fwd_configs(block_n, single), key=key)(_layer_norm_fwd_kernel)
 
 
@@ -185,11 +190,12 @@ def _block_n(n_cols: int) -> tuple[int, bool]:
 
 def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                        store_stats: bool, out_dtype: torch.dtype | None = None,
-                       residual: torch.Tensor | None = None, h: torch.Tensor | None = None):
+                       residual: torch.Tensor | None = None, h: torch.Tensor | None = None,
+                       residual_bias: torch.Tensor | None = None):
     """y (rows, N) in `out_dtype` (default x's), and the fp32 row statistics (mean, rstd) when `store_stats`.
 
-    With `residual` (rows, N), the row normalized is x + residual, written into `h` (rows, N), which the
-    caller allocates in the dtype the sum should have.
+    With `residual` (rows, N), the row normalized is x + residual (+ `residual_bias`, N), written into
+    `h` (rows, N), which the caller allocates in the dtype the sum should have.
     """
     n_rows, n_cols = x2.shape
     y2 = torch.empty((n_rows, n_cols), dtype=out_dtype or x2.dtype, device=x2.device)
@@ -206,11 +212,11 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
     has_r = residual is not None
     launch(kernel, grid, x2, y2, weight if weight is not None else x2, bias if bias is not None else x2,
            mean if store_stats else y2, rstd if store_stats else y2,
-           residual if has_r else x2, h if has_r else x2,
+           residual if has_r else x2, h if has_r else x2, residual_bias if residual_bias is not None else x2,
            x2.stride(0), y2.stride(0), residual.stride(0) if has_r else 0, h.stride(0) if has_r else 0,
            n_rows, n_cols, eps,
            BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, HAS_B=bias is not None,
-           STORE_STATS=store_stats, HAS_RESIDUAL=has_r)
+           STORE_STATS=store_stats, HAS_RESIDUAL=has_r, HAS_RBIAS=has_r and residual_bias is not None)
     return y2, mean, rstd
 
 
@@ -219,16 +225,17 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
 @triton.jit
 def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_part_ptr, db_part_ptr,
-                           dh_ptr, dr_ptr,
+                           dh_ptr, dr_ptr, drb_part_ptr,
                            x_row_stride, dy_row_stride, dx_row_stride, dh_row_stride, dr_row_stride,
                            n_rows, n_cols, rows_per_program, eps,
                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                            HAS_W: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
                            COMPUTE_DB: tl.constexpr, RECOMPUTE_STATS: tl.constexpr,
-                           HAS_DH: tl.constexpr, STORE_DR: tl.constexpr):
+                           HAS_DH: tl.constexpr, STORE_DR: tl.constexpr, COMPUTE_DRB: tl.constexpr):
     # With a fused residual add (h = x + r normalized): x_ptr holds h, dh_ptr the gradient that
     # reaches h from its other use (the residual stream), added to dx; dr_ptr gets the same sum
-    # in r's dtype, since h = x + r passes one gradient to both.
+    # in r's dtype, since h = x + r passes one gradient to both. COMPUTE_DRB: r's bias was added
+    # here too; its gradient, the column sums of that same gradient, is summed like dbias.
     # Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and walks
     # them ROWS at a time. Besides dx it sums dy * xhat and dy over its rows, in a fixed
     # order, and writes those partial sums to row p of the [programs, N] buffers.
@@ -243,6 +250,7 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
             w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         db_acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        drb_acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for i in range(0, rows_per_program, ROWS):
             rows = first_row + i + tl.arange(0, ROWS)
             row_mask = rows < n_rows
@@ -275,6 +283,8 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
                 if STORE_DR:
                     tl.store(dr_ptr + rows[:, None] * dr_row_stride + cols[None, :],
                              dx.to(dr_ptr.dtype.element_ty), mask=mask)
+                if COMPUTE_DRB:
+                    drb_acc += dx  # rows past the end have dx = 0
             # dgamma needs xhat, the normalized input -- not y = xhat * w + b (the seed's bug).
             if COMPUTE_DW:
                 dw_acc += dy * xhat
@@ -285,6 +295,8 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
             tl.store(dw_part_ptr + part_offset + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
         if COMPUTE_DB:
             tl.store(db_part_ptr + part_offset + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        if COMPUTE_DRB:
+            tl.store(drb_part_ptr + part_offset + cols, tl.sum(drb_acc, axis=0), mask=col_mask)
     else:
         # Long rows, one at a time: pass 1 gathers the row sums, pass 2 writes dx and adds
         # into this program's own row of the partial buffers (zeroed by the launcher).
@@ -338,6 +350,9 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
                         if STORE_DR:
                             tl.store(dr_ptr + row * dr_row_stride + start + cols, dx.to(dr_ptr.dtype.element_ty),
                                      mask=m)
+                        if COMPUTE_DRB:
+                            p = drb_part_ptr + part_offset + start + cols
+                            tl.store(p, tl.load(p, mask=m, other=0.0) + dx, mask=m)
                     # Each program only touches its own partial row, so no other program races it.
                     if COMPUTE_DW:
                         p = dw_part_ptr + part_offset + start + cols
@@ -350,15 +365,16 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
 
 
 @triton.jit
-def _sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, n_cols,
+def _sum_partials_kernel(dw_part_ptr, db_part_ptr, drb_part_ptr, dw_ptr, db_ptr, drb_ptr, n_parts, n_cols,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                         COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr):
+                         COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DRB: tl.constexpr):
     # Column block per program; the partial rows are added in the same order on every run.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
     parts = tl.arange(0, BLOCK_P)
     dw_acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     db_acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    drb_acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for start in range(0, n_parts, BLOCK_P):
         p = start + parts
         mask = (p < n_parts)[:, None] & col_mask[None, :]
@@ -367,10 +383,14 @@ def _sum_partials_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, n_parts, n_co
             dw_acc += tl.load(dw_part_ptr + offsets, mask=mask, other=0.0)
         if COMPUTE_DB:
             db_acc += tl.load(db_part_ptr + offsets, mask=mask, other=0.0)
+        if COMPUTE_DRB:
+            drb_acc += tl.load(drb_part_ptr + offsets, mask=mask, other=0.0)
     if COMPUTE_DW:
         tl.store(dw_ptr + cols, tl.sum(dw_acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_mask)
     if COMPUTE_DB:
         tl.store(db_ptr + cols, tl.sum(db_acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_mask)
+    if COMPUTE_DRB:
+        tl.store(drb_ptr + cols, tl.sum(drb_acc, axis=0).to(drb_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _bwd_params(n_rows: int, n_cols: int, device: torch.device,
@@ -413,16 +433,21 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
                         mean: torch.Tensor | None, rstd: torch.Tensor | None, eps: float, *,
                         compute_dx: bool = True, compute_dw: bool = True, compute_db: bool = True,
                         bias_dtype: torch.dtype | None = None, num_programs: int | None = None,
-                        dh: torch.Tensor | None = None, dr: torch.Tensor | None = None):
-    """(dx (rows, N) or None, dweight (N,) or None, dbias (N,) or None).
+                        dh: torch.Tensor | None = None, dr: torch.Tensor | None = None,
+                        residual_bias_dtype: torch.dtype | None = None):
+    """(dx (rows, N) or None, dweight (N,) or None, dbias (N,) or None[, d residual bias (N,)]).
 
     `mean`/`rstd` None means: recompute them from x (the chapter times this against
     storing them). `num_programs` overrides the row split (the chapter sweeps it).
     For a fused residual add, x is the normalized sum h: `dh` (rows, N) is added to dx,
-    and `dr` (rows, N, allocated by the caller) receives the same gradient in its own dtype.
+    and `dr` (rows, N, allocated by the caller) receives the same gradient in its own dtype. With
+    `residual_bias_dtype` (a bias was added to the residual too) its gradient, the column sums of
+    dx, is returned as a fourth value.
     """
     n_rows, n_cols = x2.shape
     compute_dw = compute_dw and weight is not None
+    compute_drb = residual_bias_dtype is not None
+    compute_dx = compute_dx or compute_drb  # the residual bias's gradient is summed from dx
     dx2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device) if compute_dx else None
     db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
     # The partial-sum kernel writes every column of dweight and dbias: no zero fill (one launch each) needed,
@@ -430,8 +455,9 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     alloc_sum = torch.zeros if x2.numel() == 0 else torch.empty
     dw = alloc_sum(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
     db = alloc_sum(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
+    drb = alloc_sum(n_cols, dtype=residual_bias_dtype, device=x2.device) if compute_drb else None
     if x2.numel() == 0:
-        return dx2, dw, db
+        return (dx2, dw, db, drb) if compute_drb else (dx2, dw, db)
 
     rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device, x2.element_size())
     programs = max(1, min(num_programs or programs, cdiv(n_rows, rows)))
@@ -442,29 +468,33 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     recompute = mean is None
     dummy = x2  # stands in for pointers a flag leaves unused
     part = None
-    dw_part = db_part = dummy
-    if compute_dw or compute_db:
-        # fp32 partial sums, [0] for dweight and [1] for dbias. The single-block path
-        # overwrites its row; the looping path adds into it, so it starts from zero.
+    dw_part = db_part = drb_part = dummy
+    if compute_dw or compute_db or compute_drb:
+        # fp32 partial sums, [0] for dweight, [1] for dbias and [2] for the residual's bias. The
+        # single-block path overwrites its row; the looping path adds into it, so it starts from zero.
         alloc = torch.empty if single else torch.zeros
-        part = alloc((2, programs, n_cols), dtype=torch.float32, device=x2.device)
-        dw_part, db_part = part.unbind(0)
+        part = alloc((3 if compute_drb else 2, programs, n_cols), dtype=torch.float32, device=x2.device)
+        dw_part, db_part, *rest = part.unbind(0)
+        drb_part = rest[0] if compute_drb else dummy
 
     launch(_layer_norm_bwd_kernel, (programs,),
            x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
            dummy if recompute else mean, dummy if recompute else rstd,
-           dw_part, db_part, dh if dh is not None else dummy, dr if dr is not None else dummy,
+           dw_part, db_part, dh if dh is not None else dummy, dr if dr is not None else dummy, drb_part,
            x2.stride(0), dy2.stride(0), n_cols, dh.stride(0) if dh is not None else 0,
            dr.stride(0) if dr is not None else 0, n_rows, n_cols, rows_per_program, eps,
            ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute,
-           HAS_DH=dh is not None and compute_dx, STORE_DR=dr is not None and compute_dx, num_warps=num_warps)
+           HAS_DH=dh is not None and compute_dx, STORE_DR=dr is not None and compute_dx,
+           COMPUTE_DRB=compute_drb, num_warps=num_warps)
     if part is not None:
         block_c, block_p = _sum_params(n_cols, x2.device)
         launch(_sum_partials_kernel, (cdiv(n_cols, block_c),),
-               dw_part, db_part, dw if compute_dw else dummy, db if compute_db else dummy, programs, n_cols,
-               BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, num_warps=4)
-    return dx2, dw, db
+               dw_part, db_part, drb_part, dw if compute_dw else dummy, db if compute_db else dummy,
+               drb if compute_drb else dummy, programs, n_cols,
+               BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+               COMPUTE_DRB=compute_drb, num_warps=4)
+    return (dx2, dw, db, drb) if compute_drb else (dx2, dw, db)
 
 
 # ---------------------------------------------------------------- autograd and the public function
@@ -577,19 +607,19 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
 # ---------------------------------------------------------------- residual add fused in
 
 
-def _add_layer_norm_forward(x, r, n_rows: int, n_cols: int, w, b, eps: float, out_dtype, store_stats: bool):
-    """(y2, h2, mean, rstd): h = x + r in the promoted dtype, and its layer norm, as (rows, N) tensors.
+def _add_layer_norm_forward(x, r, rb, n_rows: int, n_cols: int, w, b, eps: float, out_dtype, store_stats: bool):
+    """(y2, h2, mean, rstd): h = x + r (+ rb) in the promoted dtype, and its layer norm, as (rows, N) tensors.
 
-    `w` and `b` are the flattened weight and bias (`_flat_params`)."""
+    `w` and `b` are the flattened weight and bias (`_flat_params`), `rb` the residual's bias or None."""
     h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
     y2, mean, rstd = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, eps,
                                         store_stats=store_stats, out_dtype=out_dtype,
-                                        residual=_as_rows(r, n_rows, n_cols), h=h2)
+                                        residual=_as_rows(r, n_rows, n_cols), h=h2, residual_bias=rb)
     return y2, h2, mean, rstd
 
 
 class AddLayerNormFunction(torch.autograd.Function):
-    """(y, h) with h = x + r and y = layer_norm(h). Saves h, weight and the fp32 mean and rstd.
+    """(y, h) with h = x + r (+ rb) and y = layer_norm(h). Saves h, weight and the fp32 mean and rstd.
 
     A pre-norm transformer adds each sublayer's output to the residual stream and
     normalizes the sum for the next sublayer: two kernels going forward (the add, the
@@ -597,37 +627,47 @@ class AddLayerNormFunction(torch.autograd.Function):
     that arrives through the stream). Fused, the forward writes h while normalizing it,
     and the backward adds the stream's gradient dh in the pass that computes dx and
     writes the sum in both x's dtype (the stream) and r's (the sublayer's output).
+
+    The bias of the projection that produced r can ride along too (rb, the "bias-add" of
+    Megatron's bias-dropout-add): added here instead of in the projection's epilogue, its
+    gradient is the column sums of the gradient this backward writes anyway, and the
+    projection's dW GEMM no longer sums the rows of its input for it.
     """
 
     @staticmethod
-    def forward(ctx, x, r, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype):
+    def forward(ctx, x, r, rb, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype):
         w, b = _flat_params(weight, bias)
-        y2, h2, mean, rstd = _add_layer_norm_forward(x, r, n_rows, n_cols, w, b, eps, out_dtype, True)
+        y2, h2, mean, rstd = _add_layer_norm_forward(x, r, _flat_params(rb, None)[0], n_rows, n_cols, w, b, eps,
+                                                     out_dtype, True)
         ctx.save_for_backward(h2, w, mean, rstd)
         ctx.set_materialize_grads(False)  # the last h of a model has no later use: no gradient reaches it
         ctx.eps, ctx.shape, ctx.x_dtype, ctx.r_dtype = eps, x.shape, x.dtype, r.dtype
         ctx.w_shape = weight.shape if weight is not None else None
         ctx.b_shape, ctx.b_dtype = (bias.shape, bias.dtype) if bias is not None else (None, None)
+        ctx.rb_dtype, ctx.rb_shape = (rb.dtype, rb.shape) if rb is not None else (None, None)
         return y2.view(x.shape), h2.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, dh):
         h2, w, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = h2.shape
-        need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x, need_r, need_rb, need_w, need_b = ctx.needs_input_grad[:5]
         dy2 = _as_rows(dy, n_rows, n_cols) if dy is not None else h2.new_zeros(h2.shape)
         dh2 = _as_rows(dh, n_rows, n_cols) if dh is not None else None
         dr2 = torch.empty((n_rows, n_cols), dtype=ctx.r_dtype, device=h2.device) if need_r else None
-        dx2, dw, db = layer_norm_backward(dy2, h2, w, mean, rstd, ctx.eps, compute_dw=need_w, compute_db=need_b,
-                                          bias_dtype=ctx.b_dtype, dh=dh2, dr=dr2)
+        dx2, dw, db, *drb = layer_norm_backward(dy2, h2, w, mean, rstd, ctx.eps, compute_dw=need_w,
+                                                compute_db=need_b, bias_dtype=ctx.b_dtype, dh=dh2, dr=dr2,
+                                                residual_bias_dtype=ctx.rb_dtype if need_rb else None)
         dx = dx2.to(ctx.x_dtype).view(ctx.shape) if need_x else None  # dx2 has h's dtype: x's, unless r's is wider
-        return (dx, dr2.view(ctx.shape) if need_r else None, dw.view(ctx.w_shape) if dw is not None else None,
+        return (dx, dr2.view(ctx.shape) if need_r else None, drb[0].view(ctx.rb_shape) if drb else None,
+                dw.view(ctx.w_shape) if dw is not None else None,
                 db.view(ctx.b_shape) if db is not None else None, None, None, None, None)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_shape,
                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5, *,
-                   out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   out_dtype: torch.dtype | None = None,
+                   residual_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual`` and ``layer_norm(h, ...)`` in one pass, forward and backward; returns (y, h).
 
     The residual-stream update of a pre-norm transformer block and the norm that
@@ -635,15 +675,28 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
     sublayer output stays fp32) and is rounded to it before being normalized, exactly
     as ``layer_norm(x + residual)``; y is in `out_dtype` (default h's). With
     ``residual=None`` this is `layer_norm`, returning (y, x).
+
+    ``residual_bias`` (shape `normalized_shape`) is added to the residual in fp32 before the sum,
+    ``h = x + (residual + residual_bias)``: the bias of the projection that produced the residual,
+    moved here from that projection's epilogue. Its gradient is the column sums of the residual's.
     """
     if residual is None:
+        if residual_bias is not None:
+            raise ValueError("add_layer_norm: residual_bias needs a residual to add it to")
         return layer_norm(x, normalized_shape, weight, bias, eps, out_dtype=out_dtype), x
     n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
     check_tensor("add_layer_norm residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
     if residual.shape != x.shape:
         raise ValueError(f"add_layer_norm: residual has shape {list(residual.shape)} but x has {list(x.shape)}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-        return AddLayerNormFunction.apply(x, residual, weight, bias, n_rows, n_cols, float(eps), out_dtype)
-    y2, h2, _, _ = _add_layer_norm_forward(x, residual, n_rows, n_cols, *_flat_params(weight, bias), float(eps),
-                                           out_dtype, False)
+    if residual_bias is not None:
+        check_tensor("add_layer_norm residual_bias", residual_bias, dtypes=FLOAT_DTYPES, device=x.device)
+        if tuple(residual_bias.shape) != _normalized(normalized_shape):
+            raise ValueError(f"add_layer_norm: residual_bias has shape {list(residual_bias.shape)} but "
+                             f"normalized_shape is {list(_normalized(normalized_shape))}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, residual, residual_bias, weight, bias)):
+        return AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),
+                                          out_dtype)
+    y2, h2, _, _ = _add_layer_norm_forward(x, residual, _flat_params(residual_bias, None)[0], n_rows, n_cols,
+                                           *_flat_params(weight, bias), float(eps), out_dtype, False)
     return y2.view(x.shape), h2.view(x.shape)

@@ -8,8 +8,8 @@
 
 Each residual add is fused into the layer norm that follows it (`add_norm`: a block
 receives the stream h and the previous sublayer's output r, and normalizes h + r in
-the same pass that forms it); the PyTorch path computes the same sum and norm
-separately.
+the same pass that forms it), and so is the bias of the projection that produced r
+(`project`); the PyTorch path computes the same sum and norm separately.
 
 One set of parameters, two ways to run it. ``use_triton=True`` sends every
 operation through the package's kernels (layer norm, linear with its fused
@@ -102,14 +102,15 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
 
 
 @torch.compiler.disable
-def _triton_add_norm(h, r, weight, bias, eps):
+def _triton_add_norm(h, r, r_bias, weight, bias, eps):
     # Autocast runs layer norm in fp32 and the next projection casts its output to bf16. The
     # kernel computes in fp32 whatever it reads and writes the bf16 itself: the same rounding,
-    # one kernel instead of two, and half the bytes written. The residual add rides along.
+    # one kernel instead of two, and half the bytes written. The residual add rides along, and
+    # with it the bias of the projection that produced r (see `project`).
     dt = _autocast_dtype(h)
     if dt is not None:
         h, weight, bias = h.float(), weight.float(), bias.float()
-    return tt_add_layer_norm(h, r, (h.shape[-1],), weight, bias, eps, out_dtype=dt)
+    return tt_add_layer_norm(h, r, (h.shape[-1],), weight, bias, eps, out_dtype=dt, residual_bias=r_bias)
 
 
 @torch.compiler.disable
@@ -124,13 +125,13 @@ def _triton_linear(x, weight, bias, activation):
 
 
 @torch.compiler.disable
-def _triton_feed_forward(x, proj_in, proj_out, activation):
+def _triton_feed_forward(x, w1, b1, w2, b2, activation):
     # Both projections in one autograd node: its backward multiplies by act' inside the GEMM that
     # forms the hidden layer's gradient (see `matmul.FeedForwardFunction`). Parameters as in _triton_linear.
     dt = _autocast_dtype(x)
     if dt is not None:
         x = x.to(dt)
-    return tt_feed_forward(x, proj_in.weight, proj_in.bias, proj_out.weight, proj_out.bias, activation)
+    return tt_feed_forward(x, w1, b1, w2, b2, activation)
 
 
 @torch.compiler.disable
@@ -162,10 +163,14 @@ def _triton_cross_entropy(logits, target, ignore_index):
 
 
 def add_norm(h, r, ln: nn.LayerNorm, use_triton: bool):
-    """The residual update h + r and the layer norm of the result: (normalized, new h). r None: no add."""
+    """The residual update h + r and the layer norm of the result: (normalized, new h).
+
+    r is a sublayer's output as `project` returns it, (output, bias still to add or None); None: no add.
+    """
+    r, r_bias = r if r is not None else (None, None)
     if use_triton:
-        return _triton_add_norm(h, r, ln.weight, ln.bias, ln.eps)
-    h = h if r is None else h + r
+        return _triton_add_norm(h, r, r_bias, ln.weight, ln.bias, ln.eps)
+    h = h if r is None else h + (r if r_bias is None else r + r_bias)
     return F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps), h
 
 
@@ -178,6 +183,19 @@ def linear(x, lin: nn.Linear, use_triton: bool, activation: str | None = None):
     elif activation is not None:
         raise ValueError(f"unknown activation {activation!r}")
     return y
+
+
+def project(x, lin: nn.Linear, use_triton: bool):
+    """A projection into the residual stream, as (output, bias still to add): what `add_norm` takes.
+
+    The Triton path leaves the bias out of the matmul and hands it on: the next `add_norm`
+    adds it in the pass that adds the residual (Megatron's fused "bias-dropout-add", without
+    the dropout) and sums its gradient there, from the gradient it writes anyway. The dW
+    GEMM then has no bias gradient to add up from the rows of dz.
+    """
+    if use_triton:
+        return _triton_linear(x, lin.weight, None, None), lin.bias
+    return linear(x, lin, use_triton), None
 
 
 def attention(q, k, v, mask, causal: bool, dropout_p: float, use_triton: bool):
@@ -241,7 +259,8 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, cfg.dim)
 
     def forward(self, x, mask, use_triton: bool, cache: KVCache | None = None):
-        """x: the normalized residual stream (Block applies self.norm, fused with the residual add)."""
+        """x: the normalized residual stream (Block applies self.norm, fused with the residual add).
+        Returns the output projection's result as `project` does: (output, bias still to add)."""
         b, n, _ = x.shape
         qkv = linear(x, self.to_qkv, use_triton)
         p = self.dropout if self.training else 0.0
@@ -249,7 +268,7 @@ class Attention(nn.Module):
             # the kernels read q, k, v out of the packed projection and write the output with the heads
             # side by side: neither direction copies (attention.attention_qkv)
             out = _triton_attention_qkv(qkv, self.heads, mask, self.causal, p)
-            return linear(out, self.to_out, use_triton)
+            return project(out, self.to_out, use_triton)
         q, k, v = split_heads(qkv, self.heads)  # three (b, heads, n, dim_head) views, no copy
         if cache is None or cache.length == 0:
             if cache is not None:  # prefill: cache the prompt's keys and values, attend as usual
@@ -267,7 +286,7 @@ class Attention(nn.Module):
                 seen = torch.arange(start + n, device=x.device)[None, :] <= start + i
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, dropout_p=p)
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
-        return linear(out, self.to_out, use_triton)
+        return project(out, self.to_out, use_triton)
 
 
 class FeedForward(nn.Module):
@@ -280,13 +299,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x, use_triton: bool):
         """x: the normalized residual stream (Block applies self.norm). Squared ReLU (So et al., Primer)
-        is fused into the first projection's epilogue, and its derivative into the backward's GEMMs."""
+        is fused into the first projection's epilogue, and its derivative into the backward's GEMMs.
+        Returns (output, bias still to add), as `project`."""
         p = self.dropout if self.training else 0.0
-        if use_triton and p == 0.0 and FUSED_FEED_FORWARD:
-            return _triton_feed_forward(x, self.proj_in, self.proj_out, "relu_squared")
+        if use_triton and p == 0.0 and FUSED_FEED_FORWARD:  # the output's bias goes on, as in `project`
+            return _triton_feed_forward(x, self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, None,
+                                        "relu_squared"), self.proj_out.bias
         h = linear(x, self.proj_in, use_triton, activation="relu_squared")
         h = dropout(h, self.dropout, self.training, use_triton)
-        return linear(h, self.proj_out, use_triton)
+        return project(h, self.proj_out, use_triton)
 
 
 class Block(nn.Module):
@@ -298,8 +319,8 @@ class Block(nn.Module):
     def forward(self, h, r, mask, use_triton: bool, cache: KVCache | None = None):
         """x = x + attn(norm(x)); x = x + ff(norm(x)), with each add fused into the norm that follows it.
 
-        h is the residual stream and r the previous sublayer's output, not yet added to it. Returns the
-        same pair for the next block: (h, this block's feed-forward output).
+        h is the residual stream and r the previous sublayer's output, not yet added to it (as `project`
+        returns it). Returns the same pair for the next block: (h, this block's feed-forward output).
         """
         y, h = add_norm(h, r, self.attn.norm, use_triton)
         r = self.attn(y, mask, use_triton, cache)
