@@ -20,6 +20,7 @@ dwir     dW at split 1 (pointer and TMA kernel) against cuBLAS and the forward, 
 ff       a GPT's feed-forward forward+backward: feed_forward (act' in the dh GEMM) against two linears and torch
 ffstep   the GPT-2-small training step (CUDA graph, as benchmarked) with the feed-forward fused or as two linears
 dwsplit  dW = dz^T x (fp32 out, as the model) of every projection of both models, split-K forced 1 to 12 (GPU time)
+dwdb     the same dW with and without the bias's row sums (db in the dW kernel), GPU time
 """
 import cProfile
 import pstats
@@ -616,6 +617,25 @@ def dwsplit():
         print(f"dW [{n_out}x{k_in}] auto={auto} best=s{best} ({flops / min(times[best]) / 1e6:.0f} TF, auto "
               f"{flops / min(times[None]) / 1e6:.0f}) cublas {1e3 * sum(_kernel_times(lambda: dz.t() @ x).values()):.1f} | "
               + " | ".join(cells), flush=True)
+
+
+
+def dwdb():
+    """What the bias's row sums cost the dW GEMM: dW of every split projection with and without them
+    (GPU time of all kernels of the call, profiler, two rounds). Behind `transformer.project`."""
+    MM = importlib.import_module("triton_transformer.matmul")
+    rows = 16384
+    for n_out, k_in in ((512, 512), (512, 2048), (768, 768), (3072, 768), (768, 3072)):
+        x = torch.randn(rows, k_in, device=dev, dtype=bf16)
+        dz = torch.randn(rows, n_out, device=dev, dtype=bf16)
+        db = torch.empty(n_out, device=dev)
+        cells = []
+        for label, fn in (("dW", lambda: MM.matmul(dz.t(), x, out_dtype=torch.float32)),
+                          ("dW+db", lambda: MM.matmul(dz.t(), x, out_dtype=torch.float32, row_sum=db))):
+            t = [1e3 * sum(_kernel_times(fn, reps=30).values()) for _ in range(2)]
+            cells.append(f"{label} {min(t):.1f}/{max(t):.1f} us")
+        print(f"[{n_out}x{k_in}] split {MM._split_k(n_out, k_in, rows, torch.device(dev))}: " + " | ".join(cells),
+              flush=True)
 
 
 if __name__ == "__main__":
