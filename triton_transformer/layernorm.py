@@ -513,10 +513,10 @@ def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t if t.shape == shape else t.view(shape)
 
 
-def _flat_params(weight: torch.Tensor | None, bias: torch.Tensor | None):
-    """weight and bias as the contiguous 1-D vectors the kernels read (None stays None)."""
+def _flat_params(*params: torch.Tensor | None):
+    """weight, bias (and the residual's bias) as the contiguous 1-D vectors the kernels read (None stays None)."""
     return tuple(t if t is None or (t.dim() == 1 and t.is_contiguous()) else t.reshape(-1).contiguous()
-                 for t in (weight, bias))
+                 for t in params)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -610,7 +610,7 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
 def _add_layer_norm_forward(x, r, rb, n_rows: int, n_cols: int, w, b, eps: float, out_dtype, store_stats: bool):
     """(y2, h2, mean, rstd): h = x + r (+ rb) in the promoted dtype, and its layer norm, as (rows, N) tensors.
 
-    `w` and `b` are the flattened weight and bias (`_flat_params`), `rb` the residual's bias or None."""
+    `w`, `b` and `rb` (the residual's bias or None) are flattened (`_flat_params`)."""
     h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
     y2, mean, rstd = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, eps,
                                         store_stats=store_stats, out_dtype=out_dtype,
@@ -636,9 +636,8 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, r, rb, weight, bias, n_rows: int, n_cols: int, eps: float, out_dtype):
-        w, b = _flat_params(weight, bias)
-        y2, h2, mean, rstd = _add_layer_norm_forward(x, r, _flat_params(rb, None)[0], n_rows, n_cols, w, b, eps,
-                                                     out_dtype, True)
+        w, b, rb_flat = _flat_params(weight, bias, rb)
+        y2, h2, mean, rstd = _add_layer_norm_forward(x, r, rb_flat, n_rows, n_cols, w, b, eps, out_dtype, True)
         ctx.save_for_backward(h2, w, mean, rstd)
         ctx.set_materialize_grads(False)  # the last h of a model has no later use: no gradient reaches it
         ctx.eps, ctx.shape, ctx.x_dtype, ctx.r_dtype = eps, x.shape, x.dtype, r.dtype
@@ -697,6 +696,6 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
                                        for t in (x, residual, residual_bias, weight, bias)):
         return AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),
                                           out_dtype)
-    y2, h2, _, _ = _add_layer_norm_forward(x, residual, _flat_params(residual_bias, None)[0], n_rows, n_cols,
-                                           *_flat_params(weight, bias), float(eps), out_dtype, False)
+    w, b, rb = _flat_params(weight, bias, residual_bias)
+    y2, h2, _, _ = _add_layer_norm_forward(x, residual, rb, n_rows, n_cols, w, b, float(eps), out_dtype, False)
     return y2.view(x.shape), h2.view(x.shape)
