@@ -435,14 +435,14 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
                         bias_dtype: torch.dtype | None = None, num_programs: int | None = None,
                         dh: torch.Tensor | None = None, dr: torch.Tensor | None = None,
                         residual_bias_dtype: torch.dtype | None = None):
-    """(dx (rows, N) or None, dweight (N,) or None, dbias (N,) or None[, d residual bias (N,)]).
+    """(dx (rows, N), dweight (N,), dbias (N,), d residual bias (N,)), each None when not computed.
 
     `mean`/`rstd` None means: recompute them from x (the chapter times this against
     storing them). `num_programs` overrides the row split (the chapter sweeps it).
     For a fused residual add, x is the normalized sum h: `dh` (rows, N) is added to dx,
     and `dr` (rows, N, allocated by the caller) receives the same gradient in its own dtype. With
     `residual_bias_dtype` (a bias was added to the residual too) its gradient, the column sums of
-    dx, is returned as a fourth value.
+    dx, is the fourth value.
     """
     n_rows, n_cols = x2.shape
     compute_dw = compute_dw and weight is not None
@@ -457,7 +457,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     db = alloc_sum(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
     drb = alloc_sum(n_cols, dtype=residual_bias_dtype, device=x2.device) if compute_drb else None
     if x2.numel() == 0:
-        return (dx2, dw, db, drb) if compute_drb else (dx2, dw, db)
+        return dx2, dw, db, drb
 
     rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device, x2.element_size())
     programs = max(1, min(num_programs or programs, cdiv(n_rows, rows)))
@@ -494,7 +494,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
                drb if compute_drb else dummy, programs, n_cols,
                BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                COMPUTE_DRB=compute_drb, num_warps=4)
-    return (dx2, dw, db, drb) if compute_drb else (dx2, dw, db)
+    return dx2, dw, db, drb
 
 
 # ---------------------------------------------------------------- autograd and the public function
@@ -539,9 +539,9 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, w, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx2, dw, db = layer_norm_backward(_as_rows(dy, *x2.shape), x2, w, mean, rstd, ctx.eps,
-                                          compute_dx=need_dx, compute_dw=need_dw, compute_db=need_db,
-                                          bias_dtype=ctx.b_dtype)
+        dx2, dw, db, _ = layer_norm_backward(_as_rows(dy, *x2.shape), x2, w, mean, rstd, ctx.eps,
+                                             compute_dx=need_dx, compute_dw=need_dw, compute_db=need_db,
+                                             bias_dtype=ctx.b_dtype)
         dx = _shaped(dx2, ctx.x_shape) if dx2 is not None else None
         dw = _shaped(dw, ctx.w_shape) if dw is not None else None
         db = _shaped(db, ctx.b_shape) if db is not None else None
@@ -654,11 +654,11 @@ class AddLayerNormFunction(torch.autograd.Function):
         dy2 = _as_rows(dy, n_rows, n_cols) if dy is not None else h2.new_zeros(h2.shape)
         dh2 = _as_rows(dh, n_rows, n_cols) if dh is not None else None
         dr2 = torch.empty((n_rows, n_cols), dtype=ctx.r_dtype, device=h2.device) if need_r else None
-        dx2, dw, db, *drb = layer_norm_backward(dy2, h2, w, mean, rstd, ctx.eps, compute_dw=need_w,
-                                                compute_db=need_b, bias_dtype=ctx.b_dtype, dh=dh2, dr=dr2,
-                                                residual_bias_dtype=ctx.rb_dtype if need_rb else None)
+        dx2, dw, db, drb = layer_norm_backward(dy2, h2, w, mean, rstd, ctx.eps, compute_dw=need_w,
+                                               compute_db=need_b, bias_dtype=ctx.b_dtype, dh=dh2, dr=dr2,
+                                               residual_bias_dtype=ctx.rb_dtype if need_rb else None)
         dx = dx2.to(ctx.x_dtype).view(ctx.shape) if need_x else None  # dx2 has h's dtype: x's, unless r's is wider
-        return (dx, dr2.view(ctx.shape) if need_r else None, drb[0].view(ctx.rb_shape) if drb else None,
+        return (dx, dr2.view(ctx.shape) if need_r else None, drb.view(ctx.rb_shape) if drb is not None else None,
                 dw.view(ctx.w_shape) if dw is not None else None,
                 db.view(ctx.b_shape) if db is not None else None, None, None, None, None)
 
