@@ -38,8 +38,8 @@ def main() -> None:
     from triton_transformer import bench
 
     rows = bench.load()
-    table = ["| kernel (pass) | shape | Triton ms | vs eager | vs compile | vs cuBLAS, SDPA |",
-             "|---|---|---:|---:|---:|---:|"]
+    table = ["| kernel (pass) | shape | Triton ms | vs eager | vs compile | vs cuBLAS, SDPA | % of copy speed |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     bars = []
     for kernel, pass_, shape in HEADLINES:
         by = {r["provider"]: r for r in rows if r["kernel"] == kernel and r["pass"] == pass_ and r["shape"] == shape}
@@ -50,11 +50,14 @@ def main() -> None:
         library = ratio.get("cublas", ratio.get("sdpa"))
         cells = [f"{ratio[b]:.2f}x" if b in ratio else "" for b in ("torch", "torch.compile")]
         cells.append(f"{library:.2f}x" if library else "")
+        # memory-bound rows: Triton's speed as a share of a copy of the same bytes (`copy`, the floor)
+        cells.append(f"{by['copy']['ms'] / t:.0%}" if "copy" in by else "")
         table.append(f"| {kernel} ({pass_}) | {'×'.join(map(str, shape))} | {t:.3g} | " + " | ".join(cells) + " |")
         bars.append((f"{kernel} {pass_}\n{'x'.join(map(str, shape))}", ratio))
     r0 = next(r for r in rows if r["provider"] == "triton")
     print(f"Measured on {r0['gpu']}, torch {r0['torch']}, triton {r0['triton']}, bf16. "
-          "Speed-up = the provider's time / Triton's time (above 1: Triton is faster).\n")
+          "Speed-up = the provider's time / Triton's time (above 1: Triton is faster). % of copy speed = "
+          "the time of `x.clone()` of the same bytes / Triton's time: 100% would be a kernel as fast as a copy.\n")
     print("\n".join(table))
 
     import matplotlib

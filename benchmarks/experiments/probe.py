@@ -21,6 +21,10 @@ ff       a GPT's feed-forward forward+backward: feed_forward (act' in the dh GEM
 ffstep   the GPT-2-small training step (CUDA graph, as benchmarked) with the feed-forward fused or as two linears
 dwsplit  dW = dz^T x (fp32 out, as the model) of every projection of both models, split-K forced 1 to 12 (GPU time)
 dwdb     the same dW with and without the bias's row sums (db in the dW kernel), GPU time
+smhint   softmax's two-pass online path at (8192, 50304) with L2 eviction hints (first read kept, second
+         read and the writes evicted first), per block / warps / programs per SM / stages
+roof     the memory-bound forwards (softmax 4096^2, layer norm 16384x768, dropout 16M) against a copy of the
+         same bytes (torch and a Triton load/store kernel), wall and GPU time; dropout variants
 """
 import cProfile
 import pstats
@@ -30,6 +34,7 @@ import time
 import torch
 import triton
 import triton.testing
+import triton.language as tl
 
 import triton_transformer as tt
 import importlib
@@ -636,6 +641,139 @@ def dwdb():
             cells.append(f"{label} {min(t):.1f}/{max(t):.1f} us")
         print(f"[{n_out}x{k_in}] split {MM._split_k(n_out, k_in, rows, torch.device(dev))}: " + " | ".join(cells),
               flush=True)
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    m = offs < n - start
+    tl.store(y_ptr + start + offs, tl.load(x_ptr + start + offs, mask=m), mask=m)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout16_kernel(x_ptr, y_ptr, n_elements, p16, scale, seed, BLOCK: tl.constexpr, HINTS: tl.constexpr):
+    """Dropout with 16-bit uniforms: one Philox call per 8 elements (each 32-bit word serves two)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements - start
+    if HINTS:
+        x = tl.load(x_ptr + start + offs, mask=in_bounds, other=0.0, eviction_policy="evict_first")
+    else:
+        x = tl.load(x_ptr + start + offs, mask=in_bounds, other=0.0)
+    counter = (start >> 3) + tl.arange(0, BLOCK // 8)
+    lo = counter.to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK // 2])
+    halves = tl.reshape(tl.join(r & 0xFFFF, r >> 16), [BLOCK])
+    keep = halves >= p16
+    y = x.to(tl.float32) * tl.where(keep, scale, 0.0)
+    if HINTS:
+        tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds, cache_modifier=".cs")
+    else:
+        tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def roof():
+    import triton.language as tl  # noqa: F401  (the kernels above)
+    D = importlib.import_module("triton_transformer.dropout")
+    L = importlib.import_module("triton_transformer.layernorm")
+
+    def row(label, fn, moved):
+        ms = bench(fn) / 1e3
+        g = measure_gpu_ms(fn)
+        print(f"  {label:34s} wall {1e3 * ms:7.2f} us {moved / ms / 1e9:6.0f} GB/s | gpu {1e3 * g:7.2f} us "
+              f"{moved / g / 1e9:6.0f} GB/s", flush=True)
+
+    for name, shape in (("softmax", (4096, 4096)), ("layer_norm", (16384, 768)), ("dropout", (16777216,))):
+        x = torch.randn(*shape, device=dev, dtype=bf16)
+        y = torch.empty_like(x)
+        n = x.numel()
+        moved = 2 * x.numel() * 2
+        print(f"{name} {list(shape)}", flush=True)
+        row("torch copy_", lambda: y.copy_(x), moved)
+        for block, warps in ((1024, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16)):
+            row(f"triton copy {block}/{warps}", lambda: _copy_kernel[(triton.cdiv(n, block),)](
+                x, y, n, BLOCK=block, num_warps=warps), moved)
+        if name == "softmax":
+            row("tt.softmax", lambda: tt.softmax(x), moved)
+        elif name == "layer_norm":
+            w = torch.randn(768, device=dev, dtype=bf16)
+            b = torch.randn(768, device=dev, dtype=bf16)
+            row("tt.layer_norm (no grad)", lambda: tt.layer_norm(x, (768,), w, b), moved)
+            row("torch layer_norm", lambda: torch.nn.functional.layer_norm(x, (768,), w, b), moved)
+        else:
+            row("tt.dropout", lambda: tt.dropout(x, 0.1, seed=1), moved)
+            row("torch dropout", lambda: torch.nn.functional.dropout(x, 0.1), moved)
+            p16 = int(0.1 * 65536)
+            for hints in (False, True):
+                for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16)):
+                    row(f"dropout16 {block}/{warps} hints={hints}", lambda: _dropout16_kernel[(triton.cdiv(n, block),)](
+                        x, y, n, p16, 1 / 0.9, 1, BLOCK=block, HINTS=hints, num_warps=warps), moved)
+            keep = (_dropout16_kernel[(triton.cdiv(n, 4096),)](torch.ones_like(x), y, n, p16, 1.0, 1, BLOCK=4096,
+                                                                  HINTS=False, num_warps=4), y)[1]
+            print(f"  dropout16 kept fraction {keep.float().mean().item():.5f} (expect {1 - p16 / 65536:.5f})")
+
+
+@triton.jit
+def _sm_online_hint_kernel(x_ptr, y_ptr, stride, n_rows, n_cols, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+                           HINTS: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        xr = x_ptr + row * stride
+        yr = y_ptr + row * stride
+        m = tl.full([BLOCK], -float("inf"), tl.float32)
+        d = tl.zeros([BLOCK], tl.float32)
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            if HINTS:
+                x = tl.load(xr + start + cols, mask=start + cols < n_cols, other=-float("inf"),
+                            eviction_policy="evict_last").to(tl.float32)
+            else:
+                x = tl.load(xr + start + cols, mask=start + cols < n_cols, other=-float("inf")).to(tl.float32)
+            m, d = sm_mod.online_update(m, d, x)
+        m_row, d_row = sm_mod.online_combine(m, d)
+        inv = 1.0 / d_row
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+            if HINTS:
+                x = tl.load(xr + start + cols, mask=start + cols < n_cols, other=-float("inf"),
+                            eviction_policy="evict_first").to(tl.float32)
+                y = tl.exp2((x - m_row) * 1.4426950408889634) * inv
+                tl.store(yr + start + cols, y.to(y_ptr.dtype.element_ty), mask=start + cols < n_cols,
+                         cache_modifier=".cs")
+            else:
+                x = tl.load(xr + start + cols, mask=start + cols < n_cols, other=-float("inf")).to(tl.float32)
+                y = tl.exp2((x - m_row) * 1.4426950408889634) * inv
+                tl.store(yr + start + cols, y.to(y_ptr.dtype.element_ty), mask=start + cols < n_cols)
+
+
+def smhint():
+    M, N = 8192, 50304
+    x = torch.randn(M, N, device=dev, dtype=bf16) * 3
+    y = torch.empty_like(x)
+    ref = torch.softmax(x.float(), -1)
+    moved = 2 * x.numel() * 2
+    sms = runtime.num_sms(x.device)
+    base = bench(lambda: tt.softmax(x))
+    print(f"tt.softmax: {base:.1f} us {moved / base / 1e3:.0f} GB/s; copy: "
+          f"{bench(lambda: y.copy_(x)):.1f} us", flush=True)
+    for hints in (True, False):
+        for block, warps in ((4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)):
+            for per_sm in (1, 2, 4, 8):
+                for stages in (2, 3):
+                    if not hints and stages == 2:
+                        continue
+                    fn = lambda: _sm_online_hint_kernel[(per_sm * sms,)](x, y, N, M, N, BLOCK=block, STAGES=stages,
+                                                                         HINTS=hints, num_warps=warps)
+                    try:
+                        fn()
+                        err = (y.float() - ref).abs().max().item()
+                        us = bench(fn)
+                        print(f"hints={hints} block {block} w{warps} {per_sm}/SM stages {stages}: {us:.1f} us "
+                              f"{moved / us / 1e3:.0f} GB/s (err {err:.2g})", flush=True)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"hints={hints} {block} w{warps} {per_sm}: {type(e).__name__} {str(e)[:100]}")
 
 
 if __name__ == "__main__":

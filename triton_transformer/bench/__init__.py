@@ -36,6 +36,9 @@ PROVIDER_COLORS = {
     "sdpa": "#c44e52",
     "naive": "#8c8c8c",
     "liger": "#937860",
+    # Not a competitor but the floor of a memory-bound operation: `x.clone()`, which reads and writes
+    # the same bytes as the kernel must, timed the same way (launch and L2 flush included).
+    "copy": "#b0b0b0",
 }
 PROVIDER_ORDER = list(PROVIDER_COLORS)
 

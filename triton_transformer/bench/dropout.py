@@ -23,6 +23,7 @@ def cases(quick: bool = False):
             "triton": lambda: dropout(x, P),
             "torch": lambda: F.dropout(x, P, training=True),
             "torch.compile": lambda: compiled(x),
+            "copy": lambda: x.clone(),  # the same bytes read and written: the floor
         })
         # forward + backward: read x, write y; read dy, write dx (ours regenerates the mask, torch reads it)
         xg = x.clone().requires_grad_()
