@@ -561,8 +561,8 @@ def _normalized(normalized_shape) -> tuple[int, ...]:
     return shape
 
 
-def _check_args(x, normalized_shape, weight, bias, out_dtype) -> tuple[int, int]:
-    """Validate layer_norm's arguments; return (rows, N) of the normalized view."""
+def _check_args(x, normalized_shape, weight, bias, out_dtype, residual_bias=None) -> tuple[int, int]:
+    """Validate layer_norm's arguments (and add_layer_norm's residual bias); return (rows, N) of the normalized view."""
     check_tensor("layer_norm input", x, dtypes=FLOAT_DTYPES)
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
@@ -570,7 +570,7 @@ def _check_args(x, normalized_shape, weight, bias, out_dtype) -> tuple[int, int]
     if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ValueError(f"layer_norm: normalized_shape {list(shape)} must match the last dimensions of the "
                          f"input, got input of shape {list(x.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
+    for name, p in (("weight", weight), ("bias", bias), ("residual_bias", residual_bias)):
         if p is None:
             continue
         check_tensor(f"layer_norm {name}", p, dtypes=FLOAT_DTYPES, device=x.device)
@@ -683,15 +683,10 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
         if residual_bias is not None:
             raise ValueError("add_layer_norm: residual_bias needs a residual to add it to")
         return layer_norm(x, normalized_shape, weight, bias, eps, out_dtype=out_dtype), x
-    n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
+    n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype, residual_bias)
     check_tensor("add_layer_norm residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
     if residual.shape != x.shape:
         raise ValueError(f"add_layer_norm: residual has shape {list(residual.shape)} but x has {list(x.shape)}")
-    if residual_bias is not None:
-        check_tensor("add_layer_norm residual_bias", residual_bias, dtypes=FLOAT_DTYPES, device=x.device)
-        if tuple(residual_bias.shape) != _normalized(normalized_shape):
-            raise ValueError(f"add_layer_norm: residual_bias has shape {list(residual_bias.shape)} but "
-                             f"normalized_shape is {list(_normalized(normalized_shape))}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, residual, residual_bias, weight, bias)):
         return AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),

@@ -62,13 +62,8 @@ def in_kernel(extra_path=None):
     if extra_path:
         env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3")
-    client.km = client.create_kernel_manager()
-    client.start_new_kernel(env=env)
-    client.start_new_kernel_client()
-    try:
+    with client.setup_kernel(env=env):  # starts the kernel with this environment, shuts it down after
         client.execute_cell(nb.cells[0], 0)
-    finally:
-        client._cleanup_kernel() if hasattr(client, "_cleanup_kernel") else None
     return "".join(o.get("text", "") for o in nb.cells[0].outputs if "text" in o) or str(nb.cells[0].outputs)[:2000]
 
 
