@@ -225,6 +225,8 @@ def test_bad_input_raises_clear_errors(device):
     with pytest.raises(ValueError, match="outside"):  # also without autograd, and for "none"
         with torch.no_grad():
             cross_entropy(logits, torch.tensor([0, 1, 99], device=device), reduction="none")
+    with pytest.raises(ValueError, match="outside"):  # with autograd, checked once the main kernel is queued
+        cross_entropy(torch.randn(3, 10, device=device, requires_grad=True), torch.tensor([0, 1, 10], device=device))
     with pytest.raises(TypeError, match="dtype float32"):
         cross_entropy(logits, torch.zeros(3, device=device))  # probabilities are not supported
     with pytest.raises(TypeError, match="dtype int64"):

@@ -31,7 +31,10 @@ Differences from F.cross_entropy, on purpose:
   fp32; F.cross_entropy returns the logits' dtype, so a bf16 loss would be rounded
   to 3 significant digits);
 * a target outside [0, V) that is not ignore_index raises ValueError. Checking it
-  reads one int32 flag back from the GPU: the only host-device synchronisation.
+  reads one int32 count back from the GPU, the only host-device synchronisation. The
+  host waits for the small pre-pass only, with the main kernel already queued behind
+  it, so the GPU does not idle for the check (with ``inplace=True`` the check comes
+  before the main kernel is queued, so that an error leaves the logits untouched).
 * backward can run once per forward (the gradient buffer is scaled in place and
   released); ``retain_graph=True`` with a second backward raises.
 * no class weights, label smoothing or probability targets.
@@ -222,22 +225,40 @@ def _row_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
     return max(t.shape[1], 1), t.stride(0), t.stride(1), t.stride(2)
 
 
-def _raise_if_bad_targets(stats: torch.Tensor, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
-    """Raise ValueError if the pre-pass found targets outside [0, V) (reads one int back from the device).
+class _BadTargetCount:
+    """The pre-pass's count of bad targets, on its way to the host.
 
-    Not while a CUDA graph is being recorded: reading back is forbidden there. A replayed graph
-    cannot raise; the kernel makes a bad target's loss NaN instead.
+    The copy to pinned host memory is queued right behind the pre-pass, and an event marks its end:
+    `check` waits for that event only, not for whatever the GPU was given after it (the main kernel),
+    so the host does not hold the GPU up. Nothing is read back while a CUDA graph is being
+    recorded (reading back is forbidden there); a replayed graph cannot raise, and the kernel makes
+    a bad target's loss NaN instead.
     """
-    if stats.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    n_bad = int(stats[1].item())
-    if n_bad:
-        flat = target.reshape(-1)
-        bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_cols))
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"cross_entropy: {n_bad} target(s) outside [0, {n_cols}) that are not ignore_index={ignore_index}, "
-            f"e.g. target {int(flat[row])} at row {row} (of the flattened targets)")
+
+    def __init__(self, stats: torch.Tensor):
+        self.stats, self.on_host, self.copied = stats, None, None
+        if stats.is_cuda and not torch.cuda.is_current_stream_capturing():
+            self.on_host = torch.empty(2, dtype=stats.dtype, pin_memory=True)
+            self.on_host.copy_(stats, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def check(self, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+        """Raise ValueError if the pre-pass found targets outside [0, V)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            n_bad = int(self.on_host[1])
+        elif self.stats.is_cuda:
+            return  # recorded into a CUDA graph
+        else:
+            n_bad = int(self.stats[1])
+        if n_bad:
+            flat = target.reshape(-1)
+            bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_cols))
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"cross_entropy: {n_bad} target(s) outside [0, {n_cols}) that are not ignore_index={ignore_index}, "
+                f"e.g. target {int(flat[row])} at row {row} (of the flattened targets)")
 
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
@@ -256,10 +277,10 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     stats = torch.zeros(2, dtype=torch.int32, device=device)
     launch(_target_stats_kernel, (cdiv(n_rows, STATS_BLOCK),), flat_target, stats, n_rows, n_cols,
            ignore_index, BLOCK=STATS_BLOCK, num_warps=4)
-    # Check the targets before the main kernel: an error then leaves logits written in place untouched, and
-    # the host waits for the small pre-pass only. Waiting after the main kernel instead left the GPU idle
-    # while the host went on to the backward.
-    _raise_if_bad_targets(stats, target, n_cols, ignore_index)
+    bad_targets = _BadTargetCount(stats)
+    if inplace and with_grad:
+        # The main kernel would overwrite the logits: a call that raises must leave them as they were.
+        bad_targets.check(target, n_cols, ignore_index)
 
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     grad = None
@@ -280,6 +301,11 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
         loss = loss_rows.sum()
     else:
         loss = loss_rows.view(target.shape)
+    # Otherwise the check comes now, when the main kernel is queued: the host waits for the pre-pass only
+    # and the GPU keeps busy meanwhile. Checking before queueing the main kernel left the GPU idle while
+    # the host queued it.
+    if not (inplace and with_grad):
+        bad_targets.check(target, n_cols, ignore_index)
     return loss, grad
 
 

@@ -23,6 +23,7 @@ dwsplit  dW = dz^T x (fp32 out, as the model) of every projection of both models
 dwdb     the same dW with and without the bias's row sums (db in the dW kernel), GPU time
 smhint   softmax's two-pass online path at (8192, 50304) with L2 eviction hints (first read kept, second
          read and the writes evicted first), per block / warps / programs per SM / stages
+cesync   cross-entropy fwd+bwd with and without the bad-target readback (do_bench), its GPU time and kernels
 roof     the memory-bound forwards (softmax 4096^2, layer norm 16384x768, dropout 16M) against a copy of the
          same bytes (torch and a Triton load/store kernel), wall and GPU time; dropout variants
 """
@@ -774,6 +775,24 @@ def smhint():
                               f"{moved / us / 1e3:.0f} GB/s (err {err:.2g})", flush=True)
                     except Exception as e:  # noqa: BLE001
                         print(f"hints={hints} {block} w{warps} {per_sm}: {type(e).__name__} {str(e)[:100]}")
+
+
+def cesync():
+    """Cross-entropy fwd+bwd: what the bad-target readback costs in wall time, against GPU time."""
+    check = ce_mod._BadTargetCount.check
+    for V in (50304, 256):
+        logits = torch.randn(8192, V, device=dev, dtype=bf16, requires_grad=True)
+        target = torch.randint(0, V, (8192,), device=dev)
+        for name, fn in (("package", lambda: tt.cross_entropy(logits, target).backward()),
+                         ("package inplace", lambda: tt.cross_entropy(logits * 1, target, inplace=True).backward())):
+            for how, patched in (("with its readback", check), ("no readback", lambda *a, **k: None)):
+                ce_mod._BadTargetCount.check = patched
+                ms = [triton.testing.do_bench(fn, grad_to_none=[logits], return_mode="median") for _ in range(3)]
+                print(f"ce fwd+bwd [8192, {V}] {name}, {how}: do_bench "
+                      + " / ".join(f"{1e3 * m:.1f}" for m in ms) + " us", flush=True)
+            ce_mod._BadTargetCount.check = check
+        fn = lambda: tt.cross_entropy(logits, target).backward()
+        print(f"ce fwd+bwd [8192, {V}] GPU (graph) {1e3 * measure_gpu_ms(fn, [logits]):.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -428,9 +428,14 @@ def plot(rows: list[dict], metric: str = "GBps", passes: list[str] | None = None
             if hline_label:
                 a.text(a.get_xlim()[0], hline, " " + hline_label, va="bottom", fontsize=8)
         a.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # One legend for every panel, in a row under them: inside a panel it hid the bars behind it.
+    entries = {}
+    for a in axes:
+        for handle, label in zip(*a.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="lower center", ncol=len(entries), fontsize=8, frameon=False)
     r0 = rows[0]
     fig.suptitle(title or f"{r0['gpu']} · {r0['dtype']} · torch {r0['torch']} · triton {r0['triton']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend
     return fig
 
