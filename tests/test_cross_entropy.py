@@ -180,7 +180,7 @@ def test_inplace_writes_the_gradient_into_the_logits(device):
     assert logits.data_ptr() == ptr  # no new buffer: the gradient went where the logits were
 
 
-def test_inplace_refuses_what_it_would_corrupt(device):
+def test_inplace_refuses_what_it_would_corrupt(device, monkeypatch):
     target = make_target((3,), 20, device)
     leaf = torch.randn(3, 20, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="leaf"):
@@ -192,12 +192,54 @@ def test_inplace_refuses_what_it_would_corrupt(device):
     loss = cross_entropy(logits, target, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
-    # out-of-range targets are caught before the logits are overwritten
-    logits = leaf * 1
-    before = logits.detach().clone()
-    with pytest.raises(ValueError, match="outside"):
-        cross_entropy(logits, torch.tensor([0, 20, 1], device=device), inplace=True)
-    assert torch.equal(logits.detach(), before)
+    # a call that raises on an out-of-range target leaves the logits as they were: the main kernel,
+    # queued before the host reads the pre-pass's count, writes no gradient then (row held whole, and
+    # the online path's blocks)
+    for fused_block in (C.MAX_FUSED_BLOCK, 8):
+        monkeypatch.setattr(C, "MAX_FUSED_BLOCK", fused_block)
+        monkeypatch.setattr(C, "ONLINE_BLOCK", min(C.ONLINE_BLOCK, fused_block))
+        logits = leaf * 1
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match="outside"):
+            cross_entropy(logits, torch.tensor([0, 20, 1], device=device), inplace=True)
+        assert torch.equal(logits.detach(), before)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fp16_gradient_survives_a_loss_scale(reduction, device):
+    # Mixed-precision training scales the loss (GradScaler: up to 2**16) so that small fp16 gradients
+    # survive. PyTorch's fp32 loss scales the gradient before it is rounded to fp16; a loss that stored
+    # p / N in fp16 would already have flushed every p below N * 6e-8 to zero (here about half the
+    # entries). Storing p (fp16's subnormals reach 6e-8) loses only the few entries below that.
+    torch.manual_seed(0)
+    x = (torch.randn(512, 256, device=device) * 3).half().requires_grad_()
+    target = make_target((512,), 256, device)
+    scale = 2.0**16
+    (cross_entropy(x, target, reduction=reduction) * scale).backward()
+    xf = x.detach().float().requires_grad_()
+    (F.cross_entropy(xf, target, reduction=reduction) * scale).backward()
+    ref = xf.grad.half()
+    lost = ((ref != 0) & (x.grad == 0)).float().mean().item()
+    assert lost < 0.05, f"{lost:.1%} of the entries PyTorch keeps came out 0"
+    per_row = 512 if reduction == "mean" else 1
+    normal = ref.float().abs() >= 2.0**-14 * scale / per_row  # p itself a normal fp16 number
+    torch.testing.assert_close(x.grad.float()[normal], ref.float()[normal], rtol=2e-3, atol=0)
+
+
+def test_bad_target_inside_a_cuda_graph_spares_the_good_rows(device, monkeypatch):
+    # While a CUDA graph is recorded nothing can be read back, so nothing raises: a bad target's loss is
+    # NaN, and every other row's gradient must still be right (the main kernel writes them all).
+    monkeypatch.setattr(C._BadTargetCount, "will_check", property(lambda self: False))
+    monkeypatch.setattr(C._BadTargetCount, "check", lambda self, *a: None)
+    logits = torch.randn(4, 30, device=device, requires_grad=True)
+    target = torch.tensor([3, 30, 7, 1], device=device)  # row 1 is out of range
+    loss = cross_entropy(logits, target, reduction="none")
+    assert torch.isnan(loss[1]) and not torch.isnan(loss[[0, 2, 3]]).any()
+    loss[[0, 2, 3]].sum().backward()
+    good = torch.tensor([0, 2, 3], device=device)
+    ref = logits.detach().clone().requires_grad_()
+    F.cross_entropy(ref[good], target[good], reduction="sum").backward()
+    torch.testing.assert_close(logits.grad[good], ref.grad[good], rtol=1e-4, atol=1e-5)
 
 
 def test_backward_twice_raises(device):
@@ -265,7 +307,8 @@ def test_cuda_both_paths_at_gpt2_vocab(single_block, device):
     logits = torch.randn(256, 50304, device=device, dtype=torch.bfloat16) * 3
     target = make_target((256,), 50304, device, ignore_every=11)
     ref = reference(logits, target)
-    loss, grad = C.cross_entropy_forward(logits, target, with_grad=True, single_block=single_block)
+    loss, grad, grad_scale = C.cross_entropy_forward(logits, target, with_grad=True, single_block=single_block)
+    assert grad_scale is None  # bf16 folds the mean's 1/N into the stored gradient
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
     x64 = logits.double().requires_grad_()
     reference(x64, target).backward()

@@ -33,8 +33,8 @@ Differences from F.cross_entropy, on purpose:
 * a target outside [0, V) that is not ignore_index raises ValueError. Checking it
   reads one int32 count back from the GPU, the only host-device synchronisation. The
   host waits for the small pre-pass only, with the main kernel already queued behind
-  it, so the GPU does not idle for the check (with ``inplace=True`` the check comes
-  before the main kernel is queued, so that an error leaves the logits untouched).
+  it, so the GPU does not idle for the check. On a bad target the main kernel writes
+  no gradient, so logits given with ``inplace=True`` are untouched by the failed call.
 * backward can run once per forward (the gradient buffer is scaled in place and
   released); ``retain_graph=True`` with a second backward raises.
 * no class weights, label smoothing or probability targets.
@@ -93,11 +93,15 @@ def _offsets(cols, stride, UNIT_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, rows_per_batch,
+def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, write_grad, rows_per_batch,
                        x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index,
                        BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
                        UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr):
-    """Loss and gradient of one row (int64 `row`: 8192 rows x 50304 columns is already 412M elements)."""
+    """Loss and gradient of one row (int64 `row`: 8192 rows x 50304 columns is already 412M elements).
+
+    No gradient is written unless `write_grad` (False when the pre-pass counted a bad target: the wrapper
+    then raises, and logits given with inplace=True must come out of the failed call as they went in).
+    """
     b = row // rows_per_batch
     t = row - b * rows_per_batch
     x_row = logits_ptr + b * x_stride_b + t * x_stride_t
@@ -129,8 +133,9 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         if HAS_GRAD:
             p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
             grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
-            tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
-                     mask=cols < n_cols)
+            if write_grad:
+                tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
+                         mask=cols < n_cols)
     else:
         # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
         # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
@@ -145,15 +150,16 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         lse = m_row + tl.log(d_row)
         tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
         if HAS_GRAD:
-            # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                mask = start + cols < n_cols
-                x = tl.load(x_row + _offsets(start + cols, x_stride_v, UNIT_STRIDE), mask=mask,
-                            other=-float("inf")).to(tl.float32)
-                p = tl.exp2((x - lse) * LOG2E)
-                grad = (p - tl.where(start + cols == target_col, 1.0, 0.0)) * scale
-                tl.store(g_row + _offsets(start + cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
-                         mask=mask)
+            if write_grad:
+                # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
+                for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                    mask = start + cols < n_cols
+                    x = tl.load(x_row + _offsets(start + cols, x_stride_v, UNIT_STRIDE), mask=mask,
+                                other=-float("inf")).to(tl.float32)
+                    p = tl.exp2((x - lse) * LOG2E)
+                    grad = (p - tl.where(start + cols == target_col, 1.0, 0.0)) * scale
+                    tl.store(g_row + _offsets(start + cols, g_stride_v, UNIT_STRIDE),
+                             grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -164,20 +170,27 @@ def _cross_entropy_fwd_kernel(
     g_stride_b, g_stride_t, g_stride_v,      # strides of the gradient buffer
     n_cols, ignore_index,
     BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
+    STOP_ON_BAD: tl.constexpr,
     UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # Gradient scale of counted rows: 1 for "sum"/"none", 1/(counted rows) for "mean".
+    # Gradient scale of counted rows: 1 for "sum"/"none" (and an fp16 "mean", see cross_entropy_forward),
+    # 1/(counted rows) for "mean".
     # (With every row ignored the count is 0; the maximum keeps inf out of the gradient.)
     mean_scale = 1.0
     if MEAN:
         mean_scale = 1.0 / tl.maximum(tl.load(stats_ptr), 1).to(tl.float32)
+    # STOP_ON_BAD: the host reads the count back and raises (see _cross_entropy_row). In a CUDA graph it
+    # cannot: every gradient is written, the good rows' right and the bad rows' loss NaN.
+    write_grad = True
+    if STOP_ON_BAD:
+        write_grad = tl.load(stats_ptr + 1) == 0
     if SINGLE_BLOCK:  # a program per row
         _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
-                           rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
+                           write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
                            n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
     else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-            _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale,
+            _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, write_grad,
                                rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
                                n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
 
@@ -243,6 +256,11 @@ class _BadTargetCount:
             self.copied = torch.cuda.Event()
             self.copied.record()
 
+    @property
+    def will_check(self) -> bool:
+        """Whether `check` reads the count (not in a CUDA graph being recorded)."""
+        return self.copied is not None or not self.stats.is_cuda
+
     def check(self, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
         """Raise ValueError if the pre-pass found targets outside [0, V)."""
         if self.copied is not None:
@@ -263,11 +281,20 @@ class _BadTargetCount:
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                           reduction: str = "mean", with_grad: bool = False, inplace: bool = False,
-                          single_block: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The loss and, when `with_grad`, the gradient d(loss)/d(logits) for an incoming gradient of 1.
+                          single_block: bool | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss, gradient, gradient scale): the gradient, when `with_grad`, is d(loss)/d(logits) for an
+    incoming gradient of 1, times the scale when that is not None.
 
     The gradient lands in a new tensor shaped like the logits (in their dtype), or, with
     `inplace`, in the logits' own storage. Inputs are assumed validated (see `cross_entropy`).
+
+    The scale is a 0-dim tensor, 1 / (counted rows), for a "mean" over fp16 logits, and None
+    otherwise. fp16 holds nothing below 6e-8, so a stored p / N would lose the small probabilities
+    before the backward multiplies in the incoming gradient, which mixed-precision training scales
+    up (GradScaler: by up to 2**16) precisely so that they survive. In fp16 the gradient is stored
+    without the mean's 1/N and the backward applies it with the incoming gradient, as PyTorch's
+    fp32 loss does; bf16 and fp32 have fp32's range and fold it in.
     """
     n_cols = logits.shape[-1]
     n_rows = target.numel()
@@ -278,9 +305,6 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     launch(_target_stats_kernel, (cdiv(n_rows, STATS_BLOCK),), flat_target, stats, n_rows, n_cols,
            ignore_index, BLOCK=STATS_BLOCK, num_warps=4)
     bad_targets = _BadTargetCount(stats)
-    if inplace and with_grad:
-        # The main kernel would overwrite the logits: a call that raises must leave them as they were.
-        bad_targets.check(target, n_cols, ignore_index)
 
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
     grad = None
@@ -289,11 +313,16 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     rows_per_batch, xsb, xst, xsv = _row_layout(logits)
     _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
     block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
+    fold_mean = reduction == "mean" and logits.dtype != torch.float16
     launch(_cross_entropy_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
-           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=reduction == "mean",
-           UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES, num_warps=num_warps)
+           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
+           STOP_ON_BAD=bad_targets.will_check, UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES,
+           num_warps=num_warps)
+    grad_scale = None
+    if with_grad and reduction == "mean" and not fold_mean:
+        grad_scale = 1.0 / stats[0].clamp(min=1).float()
 
     if reduction == "mean":
         loss = loss_rows.sum() / stats[0]  # 0 / 0 = NaN when every row is ignored, as in PyTorch
@@ -301,12 +330,12 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
         loss = loss_rows.sum()
     else:
         loss = loss_rows.view(target.shape)
-    # Otherwise the check comes now, when the main kernel is queued: the host waits for the pre-pass only
-    # and the GPU keeps busy meanwhile. Checking before queueing the main kernel left the GPU idle while
-    # the host queued it.
-    if not (inplace and with_grad):
-        bad_targets.check(target, n_cols, ignore_index)
-    return loss, grad
+    # The check comes now, when the main kernel is queued: the host waits for the pre-pass only and the
+    # GPU keeps busy meanwhile. (Checking before queueing the main kernel left the GPU idle while the host
+    # queued it.) The main kernel wrote no gradient if a target was bad, so logits given with inplace=True
+    # come out of a call that raises as they went in.
+    bad_targets.check(target, n_cols, ignore_index)
+    return loss, grad, grad_scale
 
 
 def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
@@ -323,7 +352,8 @@ def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """The forward writes d(loss)/d(logits) for an incoming gradient of 1; the backward scales it.
+    """The forward writes d(loss)/d(logits) for an incoming gradient of 1; the backward scales it
+    (by the incoming gradient, times 1/N for an fp16 "mean": see `cross_entropy_forward`).
 
     The buffer is kept on ctx (it is neither an input nor an output of the forward, except
     with `inplace`, where it is the logits' storage) and released by the backward.
@@ -331,7 +361,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, ignore_index, reduction, inplace):
-        loss, grad = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=True, inplace=inplace)
+        loss, grad, ctx.grad_scale = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=True,
+                                                           inplace=inplace)
         if inplace:
             # The logits now hold the gradient. Bumping their version makes autograd raise, instead of
             # silently using the gradient, if some other operation saved the logits for its backward.
@@ -350,6 +381,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 "gradient during the forward and the backward scales that buffer in place and releases "
                 "it, so retain_graph=True with a second backward is not supported.")
         ctx.grad = None
+        if ctx.grad_scale is not None:
+            dloss = dloss * ctx.grad_scale
         return scale_rows_(grad, dloss), None, None, None, None
 
 
@@ -365,7 +398,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     divides by the number of the other rows (NaN when there are none, as PyTorch).
 
     When gradients are needed, the forward writes the gradient into one buffer shaped like the
-    logits, in their dtype; under ``torch.no_grad()`` (or logits that do not require grad) no
+    logits, in their dtype, and the backward is free when the incoming gradient is 1 (for fp16
+    logits with "mean" it is one pass over that buffer: see `cross_entropy_forward`); under ``torch.no_grad()`` (or logits that do not require grad) no
     buffer is allocated. ``inplace=True`` writes it into the logits' own storage instead, saving
     that buffer: the logits then hold the gradient after the call, so use it only when nothing
     else reads them (e.g. the output of the LM head, straight into the loss). It needs
@@ -395,5 +429,5 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
             reduction=reduction).view(target.shape if reduction == "none" else ())
     if needs_grad:
         return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, inplace)
-    loss, _ = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=False)
+    loss, _, _ = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=False)
     return loss

@@ -1024,7 +1024,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                 do_log = do_eval or do_sample or step % cfg.log_every == 0 or step == cfg.stop_at
                 row = None
                 if do_log:
-                    # .item() waits for the GPU: the only synchronisation in a logged step
+                    # .item() waits for the GPU: the only synchronisation in a logged step replayed as a CUDA
+                    # graph (an eager step also waits in tt.cross_entropy for its bad-target count)
                     train_loss = _all_reduce(loss_sum, d).item() / (step - last["step"])
                     loss_sum.zero_()
                     now = time.perf_counter()
