@@ -95,6 +95,40 @@ def test_resume_equals_uninterrupted(corpus_file, tmp_path):
     assert resumed.samples[-1]["text"] == full.samples[-1]["text"]
 
 
+def test_resume_is_exact_whatever_the_sampling_options_and_a_torn_log(corpus_file, tmp_path):
+    # Sampling draws random numbers as dropout does; the sample options may change on resume, and must
+    # not change the training's random numbers. A crash mid-write leaves a torn last log line behind.
+    kw = dict(steps=8, dropout=0.1, eval_every=4)
+    full = training.train(cfg(corpus_file, tmp_path / "full", sample_every=3, **kw))
+    part = training.train(cfg(corpus_file, tmp_path / "part", sample_every=3, stop_at=4, **kw))
+    with open(part.log_path, "a") as f:
+        f.write('{"step": 5, "loss": 3.')
+    resumed = training.train(cfg(corpus_file, tmp_path / "part", sample_every=0, **kw), resume=True)
+    assert resumed.step == 8
+    assert losses(resumed.log_path) == losses(full.log_path)
+
+
+def test_a_save_interrupted_between_its_renames_keeps_a_checkpoint(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt.pt"
+    training.save_checkpoint({"step": 1}, ckpt)
+    real = os.replace
+
+    def crash_before_the_last_rename(src, dst):
+        if Path(dst) == ckpt:
+            raise KeyboardInterrupt  # a second Ctrl-C, say, just before the new checkpoint takes its name
+        real(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", crash_before_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_checkpoint({"step": 2}, ckpt)
+    monkeypatch.setattr(training.os, "replace", real)
+    assert torch.load(ckpt, weights_only=True)["step"] == 1  # ckpt.pt was there all along
+    assert torch.load(training.previous_checkpoint(ckpt), weights_only=True)["step"] == 1
+    training.save_checkpoint({"step": 2}, ckpt)
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    assert torch.load(training.previous_checkpoint(ckpt), weights_only=True)["step"] == 1
+
+
 def test_ctrl_c_saves_a_checkpoint_at_a_step_boundary(corpus_file, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = training.get_batch

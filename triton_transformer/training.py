@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -461,6 +462,14 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
+def _log_step(line: str) -> float:
+    """The step of a log.jsonl row; infinity (dropped on resume) for a blank or torn one, as a crash mid-write leaves."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def previous_checkpoint(path: str | os.PathLike) -> Path:
     """Where the checkpoint before `path` is kept: ckpt.pt -> ckpt.prev.pt."""
     p = Path(path)
@@ -470,10 +479,12 @@ def previous_checkpoint(path: str | os.PathLike) -> Path:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """Write `state` so that a crash at any moment leaves a loadable checkpoint.
 
-    torch.save goes to ``ckpt.pt.tmp`` in the same directory (so the rename below
-    stays on one file system), is flushed to disk, and only then replaces
-    ``ckpt.pt`` with one atomic ``os.replace``; the checkpoint it replaces is kept
-    as ``ckpt.prev.pt``. A failed or interrupted write leaves ckpt.pt untouched.
+    torch.save goes to ``ckpt.pt.tmp`` in the same directory (so the renames below
+    stay on one file system), is flushed to disk, and only then replaces
+    ``ckpt.pt`` with one atomic ``os.replace``. The checkpoint it replaces is kept
+    as ``ckpt.prev.pt``: a second name for it (a hard link, or a copy where the file
+    system has none) is put in place first, with its own atomic rename, so that
+    ``ckpt.pt`` exists at every moment. A failed or interrupted write leaves ckpt.pt untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -487,9 +498,31 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     if path.exists():
-        os.replace(path, previous_checkpoint(path))
+        prev = previous_checkpoint(path)
+        prev_tmp = prev.with_name(prev.name + ".tmp")
+        prev_tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, prev_tmp)
+        except OSError:
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, prev)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (the renames above) to disk where the OS allows it (not on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 CHECKPOINT_KEYS = ("step", "config", "model", "optimizer", "scheduler", "scaler", "rng")
@@ -627,7 +660,9 @@ def generate_text(model, prompt: bytes, n: int, cfg: TrainConfig, device: torch.
     was_training = model.training
     model.eval()
     x = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
-    with amp():
+    # Sampling draws from torch's generators, as dropout does: forked, so that whether and how a run
+    # samples (options a resume may change) leaves the training's random numbers as they were.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp():
         out = model.generate(x, n, temperature=cfg.temperature, top_k=cfg.top_k)
     model.train(was_training)
     out = out[0].tolist()
@@ -962,7 +997,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             out.mkdir(parents=True, exist_ok=True)
             kept = []
             if step > 0 and log_path.exists():  # drop rows a crashed run wrote after its last checkpoint
-                kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+                kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= step]
             elif (out / "ckpt.pt").exists() and step == 0:
                 say(f"note: {out} holds a checkpoint; starting afresh and overwriting it (--resume continues it)")
             log_path.write_text("".join(k + "\n" for k in kept))
