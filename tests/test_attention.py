@@ -466,3 +466,22 @@ def test_inputs_on_another_device_raise(device):
         attention(q, torch.empty_like(q, device="meta"), q)
     with pytest.raises(ValueError, match="mask is on meta"):
         attention(q, q, q, mask=torch.ones(1, 4, dtype=torch.bool, device="meta"))
+
+
+def test_offsets_within_a_head_stay_within_32_bits():
+    # The kernels add offsets within one (batch, head) in 32 bits. A head sliced out of a wide tensor can
+    # spread its rows further apart than that: it is copied first; one too long even when contiguous is
+    # a clear error. (Meta tensors: shapes and strides without the gigabytes.)
+    spread = torch.empty_strided((1, 1, 3, 16), (0, 0, 2**30 + 16, 1), device="meta", dtype=torch.float16)
+    assert A._fit_offsets("q", spread).stride() == (48, 48, 16, 1)
+    near = torch.empty((1, 1, 2**27 - 1, 16), device="meta", dtype=torch.float16)
+    assert A._fit_offsets("q", near) is near
+    with pytest.raises(ValueError, match="32-bit offsets within a head"):
+        A._fit_offsets("k", torch.empty((1, 1, 2**27 + 1, 16), device="meta", dtype=torch.float16))
+    assert A._fit_out(spread) is None and A._fit_out(near) is near
+
+
+def test_more_batches_or_heads_than_a_grid_axis_holds_is_a_clear_error():
+    q = torch.empty(70000, 1, 4, 16, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="at most 65535"):
+        attention(q, q, q)

@@ -267,3 +267,10 @@ def test_bf16_matches_torch_formula():
     ref = torch.where(keep, (x.float() * (1 / 0.9)).to(torch.bfloat16), torch.zeros_like(x))
     assert torch.equal(y, ref)
     assert abs(float(keep.float().mean()) - 0.9) < 5 * math.sqrt(0.09 / x.numel())
+
+
+def test_p_may_be_a_numpy_or_tensor_scalar(device):
+    np = pytest.importorskip("numpy")
+    x = torch.randn(1000, device=device)
+    for p in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25).item()):
+        assert torch.equal(dropout(x, p, seed=3), dropout(x, 0.25, seed=3))

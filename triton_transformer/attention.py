@@ -67,6 +67,8 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's nati
 
 #: Largest head dimension the kernels accept (the fp32 accumulators live in registers).
 MAX_HEAD_DIM = 128
+#: Heads and batches run along a CUDA grid's second and third axes, which hold at most 65535 programs.
+MAX_GRID_YZ = 65535
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -511,6 +513,33 @@ def _launch(kernel, grid, args, consts, config, macs):
                   num_stages=config.num_stages)
 
 
+#: The kernels add a 64-bit base per (batch, head) and offsets within that head in 32 bits, which keeps the
+#: loops' address arithmetic cheap: one head's rows must span fewer than 2**31 elements.
+_MAX_HEAD_SPAN = 2**31
+
+
+def _head_span(t: torch.Tensor) -> int:
+    """Elements from the first to the last of one (batch, head) slice of a (B, H, N, D) view, unit stride on D."""
+    return (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+
+
+def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy when its rows are spread too far apart for 32-bit offsets within a head
+    (a head sliced out of a wide packed tensor at a long length); an error when even that is too long."""
+    if _head_span(t) < _MAX_HEAD_SPAN:
+        return t
+    t = t.contiguous()
+    if _head_span(t) >= _MAX_HEAD_SPAN:
+        raise ValueError(f"attention: {name} has {t.shape[2]} rows of {t.shape[3]} per head: one head spans "
+                         f"2**31 elements or more, beyond the kernels' 32-bit offsets within a head")
+    return t
+
+
+def _fit_out(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An output view the kernels can address, or None (write a new tensor, copied into the view after)."""
+    return t if t is None or _head_span(t) < _MAX_HEAD_SPAN else None
+
+
 def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0, need_lse=True,
                       config=None, out=None):
     """O (B, H, N_q, D) and, when `need_lse`, the base-2 log-sum-exp L (B*H, N_q) fp32 of every row.
@@ -520,7 +549,9 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype) if out is None else out
+    q, k, v = (_fit_offsets(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+    o = _fit_out(out)
+    o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype) if o is None else o
     lse = torch.empty((B * H, N_Q), device=q.device, dtype=torch.float32) if need_lse else o
     km, smb, smn = _mask_args(mask, q)
     grid = lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
@@ -531,6 +562,8 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0, STORE_L=need_lse,
                   BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION=dot_precision(q.dtype))
     _launch(_attn_fwd, grid, args, consts, config, B * H * N_Q * N_K * D)
+    if out is not None and o is not out:
+        o = out.copy_(o)
     return o, (lse if need_lse else None)
 
 
@@ -546,9 +579,14 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if do.stride(-1) != 1:
         do = do.contiguous()
+    q, k, v, o, do = (_fit_offsets(name, t) for name, t in (("q", q), ("k", k), ("v", v), ("o", o), ("dO", do)))
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     even_d = block_d == D
     delta = torch.empty_like(lse)
+    if grads is not None and any(_fit_out(g) is None for g in grads):
+        views, grads = grads, None  # computed apart, copied into the views at the end
+    else:
+        views = None
     if grads is None:
         dq = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
         dk = torch.empty((B, H, N_K, D), device=k.device, dtype=k.dtype)
@@ -570,6 +608,8 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     _launch(_attn_bwd_dkdv, lambda meta: (cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
             consts, configs[0], macs)
+    if views is not None:
+        dq, dk, dv = (view.copy_(g) for view, g in zip(views, (dq, dk, dv)))
     return dq, dk, dv
 
 
@@ -610,6 +650,9 @@ def _check_inputs(q, k, v, mask, dropout_p):
         raise ValueError(f"attention: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
     if D > MAX_HEAD_DIM or D < 1:
         raise ValueError(f"attention: head dimension {D} is not supported (1 to {MAX_HEAD_DIM})")
+    if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
+        raise ValueError(f"attention: {B} batches x {H} heads; the kernels' grid takes at most {MAX_GRID_YZ} of "
+                         f"each (fold batches into fewer, longer ones, or split the call)")
     if mask is not None:
         check_tensor("attention: mask", mask, ndim=2, device=q.device)
         if mask.dtype != torch.bool:

@@ -25,6 +25,7 @@ indices are unique up to 2**66: no wrap-around at 2**32 elements.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -192,8 +193,9 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | 
     makes the result reproducible. ``training=False`` or ``p == 0`` returns ``x``
     itself; ``p == 1`` returns zeros (and zero gradients).
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 <= p <= 1.0:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r}")
+    p = float(p)  # a numpy or 0-dim value, as F.dropout accepts
     check_tensor("dropout input", x, dtypes=FLOAT_DTYPES)
     if not training or p == 0:
         return x

@@ -414,7 +414,7 @@ class Transformer(nn.Module):
                              f"{self.config.max_seq_len} (the model has that many position embeddings)")
         # Token ids outside the table crash CUDA with a device-side assert that kills the
         # process, so look once (a GPU sync) on the first forward, and on every CPU forward.
-        if not torch.compiler.is_compiling() and (x.device.type == "cpu" or not self._ids_checked):
+        if not torch.compiler.is_compiling() and x.numel() and (x.device.type == "cpu" or not self._ids_checked):
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi >= self.config.num_tokens:
                 raise ValueError(f"token ids must lie in [0, {self.config.num_tokens}), got [{lo}, {hi}]")
