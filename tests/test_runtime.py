@@ -1,5 +1,7 @@
 """runtime's host-side helpers: the plain-Python cdiv and next_power_of_2 agree with Triton's."""
 
+import pytest
+import torch
 import triton
 
 from triton_transformer import runtime
@@ -48,3 +50,30 @@ def test_exact_fp32_tries_a_short_list_of_configs():
     # the winner of a short list must not serve TF32 calls of the same shape (nor the reverse)
     for kernel in (attention._attn_fwd, attention._attn_bwd_dkdv, attention._attn_bwd_dq, matmul._matmul_kernel):
         assert "PRECISION" in kernel.keys, kernel.fn.__name__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_run_on_the_gpu_their_tensors_are_on():
+    # Triton launches on the current device; the package's ops follow their tensors, as PyTorch's do.
+    import torch.nn.functional as F
+    import triton_transformer as tt
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    x = torch.randn(64, 300, device=dev, requires_grad=True)
+    w = torch.randn(300, device=dev, requires_grad=True)
+    torch.testing.assert_close(tt.softmax(x), torch.softmax(x, -1))
+    torch.testing.assert_close(tt.layer_norm(x, (300,), w), F.layer_norm(x, (300,), w), rtol=1e-4, atol=1e-4)
+    target = torch.randint(0, 300, (64,), device=dev)
+    loss = tt.cross_entropy(x, target)
+    loss.backward()
+    xr = x.detach().clone().requires_grad_()
+    F.cross_entropy(xr, target).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-6)
+    q = torch.randn(2, 3, 70, 64, device=dev, dtype=torch.bfloat16)
+    ref = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.testing.assert_close(tt.attention(q, q, q, causal=True), ref, rtol=2e-2, atol=2e-2)
+    a = torch.randn(100, 64, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(96, 64, device=dev, dtype=torch.bfloat16)
+    torch.testing.assert_close(tt.linear(a, b), F.linear(a, b), rtol=2e-2, atol=2e-1)
+    assert torch.cuda.current_device() == 0

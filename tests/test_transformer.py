@@ -379,3 +379,10 @@ def test_clear_errors(device, use_triton):
         model(torch.empty(2, 4, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="labels is on meta but the model is on"):
         model(ids(device, n=4), labels=torch.empty(2, 4, dtype=torch.long, device="meta"))
+
+
+def test_an_empty_batch_gives_empty_logits(device):
+    model = tiny(device)
+    for use_triton in (False, True):
+        logits = model(torch.zeros(2, 0, dtype=torch.long, device=device), use_triton=use_triton)
+        assert logits.shape == (2, 0, TINY["num_tokens"])

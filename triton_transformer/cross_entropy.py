@@ -254,7 +254,7 @@ class _BadTargetCount:
             self.on_host = torch.empty(2, dtype=stats.dtype, pin_memory=True)
             self.on_host.copy_(stats, non_blocking=True)
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(stats.device))  # the stream the copy went to
 
     @property
     def will_check(self) -> bool:

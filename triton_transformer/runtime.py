@@ -310,8 +310,18 @@ _launchers: dict = {}
 
 
 def launch(kernel, grid, *args, **meta):
-    """``kernel[grid](*args, **meta)``, with the per-call Python cost cut down after the first call."""
-    if INTERPRET or not FAST_LAUNCH:
+    """``kernel[grid](*args, **meta)``, with the per-call Python cost cut down after the first call.
+
+    Triton launches on the current CUDA device; PyTorch ops run wherever their tensors are. So a
+    kernel whose first tensor argument lives on another GPU is launched with that GPU made current.
+    """
+    if INTERPRET:
+        return kernel[grid](*args, **meta)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if first.device.index != torch.cuda.current_device():
+        with torch.cuda.device(first.device):
+            return launch(kernel, grid, *args, **meta)
+    if not FAST_LAUNCH:
         return kernel[grid](*args, **meta)
     launcher = _launchers.get(id(kernel))
     if launcher is None:
