@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -147,7 +148,10 @@ def _reads_back(fn: Callable[[], object]) -> bool:
     a recording that fails midway leaves damage behind (see `_clear_rng_capture_mark`).
     """
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    with warnings.catch_warnings():
+        # PyTorch warns, every time, that its sync debug mode is a prototype: noise in every chapter's output.
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype")
+        torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
     except Exception:  # noqa: BLE001  (the sync check's error, or any other: either way, not recordable)
