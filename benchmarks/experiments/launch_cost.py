@@ -9,13 +9,13 @@ now / before): linear 16384x768x3072 700/707, 712/461, 499/356; layer norm 16384
 The host of that machine moved by up to 2x between rounds of the same call: no difference the check
 could explain shows through (it is three Python operations a launch).
 """
-import time
-
 import torch
 
 import triton_transformer as tt
 from triton_transformer import runtime
 import importlib
+
+from probe import host_us  # benchmarks/experiments/probe.py, beside this file
 
 modules = [importlib.import_module(f"triton_transformer.{m}")
            for m in ("softmax", "layernorm", "dropout", "matmul", "attention", "cross_entropy")]
@@ -34,22 +34,6 @@ def use(fn):
     for m in modules:
         if hasattr(m, "launch"):
             m.launch = fn
-
-
-def host_us(fn, grads, n=200):
-    for _ in range(10):
-        fn()
-        for t in grads:
-            t.grad = None
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-        for t in grads:
-            t.grad = None
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return 1e6 * (t1 - t0) / n, 1e6 * (time.perf_counter() - t0) / n
 
 
 def main():

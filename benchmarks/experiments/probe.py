@@ -48,6 +48,23 @@ dev = runtime.DEVICE
 bf16 = torch.bfloat16
 
 
+def host_us(fn, grads, n=200, warmup=10):
+    """(host us per call, us per call once the GPU has drained) of `fn` in a loop, gradients dropped each time."""
+    for _ in range(warmup):
+        fn()
+        for t in grads:
+            t.grad = None
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+        for t in grads:
+            t.grad = None
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (t1 - t0) / n, 1e6 * (time.perf_counter() - t0) / n
+
+
 def host():
     torch.autograd.set_multithreading_enabled(False)
     x = torch.randn(16384, 768, device=dev, dtype=bf16, requires_grad=True)
@@ -77,21 +94,8 @@ def host():
         "sdpa": (lambda: sdpa(q, k, v, is_causal=True).backward(dya), [q, k, v]),
     }
     for name, (fn, grads) in cases.items():
-        for _ in range(20):
-            fn()
-            for t in grads:
-                t.grad = None
-        torch.cuda.synchronize()
-        n = 300
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-            for t in grads:
-                t.grad = None
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        print(f"{name}: host {1e6 * (t1 - t0) / n:.1f} us/call, with drain {1e6 * (t2 - t0) / n:.1f} us/call, "
+        host, drained = host_us(fn, grads, n=300, warmup=20)
+        print(f"{name}: host {host:.1f} us/call, with drain {drained:.1f} us/call, "
               f"do_bench {1e3 * triton.testing.do_bench(fn, grad_to_none=grads, return_mode='median'):.1f} us, "
               f"gpu {1e3 * (measure_gpu_ms(fn, grads) or float('nan')):.1f} us")
         if name in ("layer_norm", "linear", "attention"):

@@ -56,14 +56,8 @@ def _exchange(m, d, stats_ptr, count_ptr, row, part, SPLIT: tl.constexpr, SPLIT_
 
 
 @triton.jit
-def _split_softmax_kernel(x_ptr, y_ptr, stats_ptr, count_ptr, stride, n_cols, chunk,
-                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // SPLIT).to(tl.int64)
-    part = pid % SPLIT
-    lanes = tl.arange(0, BLOCK)
-    cols = part * chunk + lanes
-    mask = (lanes < chunk) & (cols < n_cols)
+def _split_softmax_row(x_ptr, y_ptr, stats_ptr, count_ptr, row, part, cols, mask, stride, SPLIT: tl.constexpr):
+    """This program's chunk of softmax(row): chunk statistics, the exchange, the scaled write."""
     x = tl.load(x_ptr + row * stride + cols, mask=mask, other=-float("inf"))
     m = tl.max(x, axis=0).to(tl.float32)
     m_safe = tl.where(m == -float("inf"), 0.0, m)  # an all -inf chunk: e = 0, not NaN
@@ -73,6 +67,17 @@ def _split_softmax_kernel(x_ptr, y_ptr, stats_ptr, count_ptr, stride, n_cols, ch
     m_row, d_row = _exchange(m, d, stats_ptr, count_ptr, row, part, SPLIT, triton.next_power_of_2(SPLIT))
     scale = tl.exp2((m_safe - m_row) * LOG2E) / d_row
     tl.store(y_ptr + row * stride + cols, (e.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_softmax_kernel(x_ptr, y_ptr, stats_ptr, count_ptr, stride, n_cols, chunk,
+                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    part = pid % SPLIT
+    lanes = tl.arange(0, BLOCK)
+    cols = part * chunk + lanes
+    _split_softmax_row(x_ptr, y_ptr, stats_ptr, count_ptr, (pid // SPLIT).to(tl.int64), part, cols,
+                       (lanes < chunk) & (cols < n_cols), stride, SPLIT)
 
 
 def _chunk(n_cols, split):
@@ -87,30 +92,24 @@ def _split_softmax_persistent_kernel(x_ptr, y_ptr, stats_ptr, count_ptr, stride,
     programs does rows g, g + G, g + 2G, ..."""
     pid = tl.program_id(0)
     part = pid % SPLIT
-    n_groups = tl.num_programs(0) // SPLIT
     lanes = tl.arange(0, BLOCK)
     cols = part * chunk + lanes
     mask = (lanes < chunk) & (cols < n_cols)
-    for row in range(pid // SPLIT, n_rows, n_groups):
-        row = row.to(tl.int64)
-        x = tl.load(x_ptr + row * stride + cols, mask=mask, other=-float("inf"))
-        m = tl.max(x, axis=0).to(tl.float32)
-        m_safe = tl.where(m == -float("inf"), 0.0, m)
-        e = tl.exp2((x.to(tl.float32) - m_safe) * LOG2E)
-        d = tl.sum(e, axis=0)
-        e = e.to(x.dtype)
-        m_row, d_row = _exchange(m, d, stats_ptr, count_ptr, row, part, SPLIT, triton.next_power_of_2(SPLIT))
-        scale = tl.exp2((m_safe - m_row) * LOG2E) / d_row
-        tl.store(y_ptr + row * stride + cols, (e.to(tl.float32) * scale).to(y_ptr.dtype.element_ty), mask=mask)
+    for row in range(pid // SPLIT, n_rows, tl.num_programs(0) // SPLIT):
+        _split_softmax_row(x_ptr, y_ptr, stats_ptr, count_ptr, row.to(tl.int64), part, cols, mask, stride, SPLIT)
+
+
+def _buffers(x, split):
+    """(output shaped like x, chunk statistics, per-row counters (zeroed), columns per program, block) of a split row."""
+    n_rows, n_cols = x.shape
+    chunk = _chunk(n_cols, split)
+    return (torch.empty_like(x), torch.empty(n_rows * split * 2, device=x.device, dtype=torch.float32),
+            torch.zeros(n_rows, device=x.device, dtype=torch.int32), chunk, triton.next_power_of_2(chunk))
 
 
 def split_softmax_persistent(x, split, num_warps, per_sm):
     n_rows, n_cols = x.shape
-    chunk = _chunk(n_cols, split)
-    block = triton.next_power_of_2(chunk)
-    y = torch.empty_like(x)
-    stats = torch.empty(n_rows * split * 2, device=x.device, dtype=torch.float32)
-    count = torch.zeros(n_rows, device=x.device, dtype=torch.int32)
+    y, stats, count, chunk, block = _buffers(x, split)
     groups = min(n_rows, per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count // split)
     _split_softmax_persistent_kernel[(groups * split,)](x, y, stats, count, x.stride(0), n_rows, n_cols, chunk,
                                                         SPLIT=split, BLOCK=block, num_warps=num_warps,
@@ -120,11 +119,7 @@ def split_softmax_persistent(x, split, num_warps, per_sm):
 
 def split_softmax(x, split, num_warps, maxnreg=None):
     n_rows, n_cols = x.shape
-    chunk = _chunk(n_cols, split)
-    block = triton.next_power_of_2(chunk)
-    y = torch.empty_like(x)
-    stats = torch.empty(n_rows * split * 2, device=x.device, dtype=torch.float32)
-    count = torch.zeros(n_rows, device=x.device, dtype=torch.int32)
+    y, stats, count, chunk, block = _buffers(x, split)
     _split_softmax_kernel[(n_rows * split,)](x, y, stats, count, x.stride(0), n_cols, chunk,
                                              SPLIT=split, BLOCK=block, num_warps=num_warps,
                                              **({"maxnreg": maxnreg} if maxnreg else {}))
@@ -168,12 +163,8 @@ def split_ce(logits, target, split, num_warps, maxnreg=None):
     tstats = torch.zeros(2, dtype=torch.int32, device=logits.device)
     ce_mod._target_stats_kernel[(triton.cdiv(n_rows, 1024),)](target, tstats, n_rows, n_cols, -100, BLOCK=1024)
     ce_mod._BadTargetCount(tstats).check(target, n_cols, -100)
-    chunk = _chunk(n_cols, split)
-    block = triton.next_power_of_2(chunk)
+    grad, stats, count, chunk, block = _buffers(logits, split)
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-    grad = torch.empty_like(logits)
-    stats = torch.empty(n_rows * split * 2, device=logits.device, dtype=torch.float32)
-    count = torch.zeros(n_rows, device=logits.device, dtype=torch.int32)
     _split_ce_kernel[(n_rows * split,)](logits, target, loss, grad, stats, count, tstats, logits.stride(0), n_cols,
                                         chunk, -100, SPLIT=split, BLOCK=block, num_warps=num_warps,
                                         **({"maxnreg": maxnreg} if maxnreg else {}))
@@ -184,60 +175,50 @@ def ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def _report(label, run, check, t_copy, gb=None):
+    """Run once, check (an error text), time, print one line; a probe reports a failure and goes on."""
+    try:
+        out = run()
+        torch.cuda.synchronize()
+        err = check(out)
+        t = ms(run)
+        speed = f"{gb / t * 1e3:.0f} GB/s, " if gb else ""
+        print(f"  {label}: {t * 1e3:7.1f} us ({speed}{t_copy / t:.0%} of copy) {err}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  {label}: {type(exc).__name__}: {exc}"[:300], flush=True)
+
+
 def main():
-    dev = "cuda"
-    for n_rows, n_cols in [(8192, 50304)]:
-        x = torch.randn(n_rows, n_cols, device=dev, dtype=torch.bfloat16) * 3
-        gb = 2 * x.numel() * 2 / 1e9
-        ref = torch.softmax(x.float(), -1)
-        t_copy = ms(lambda: x.clone())
-        t_ours = ms(lambda: tt.softmax(x))
-        print(f"softmax ({n_rows}, {n_cols}): copy {t_copy*1e3:.1f} us ({gb/t_copy*1e3:.0f} GB/s), "
-              f"package {t_ours*1e3:.1f} us ({gb/t_ours*1e3:.0f} GB/s)", flush=True)
-        for split, warps, maxnreg in [(7, 4, None), (8, 8, None), (13, 4, None)]:
-            chunk = _chunk(n_cols, split)
-            try:
-                y = split_softmax(x, split, warps, maxnreg)
-                torch.cuda.synchronize()
-                err = (y.float() - ref).abs().max().item()
-                t = ms(lambda: split_softmax(x, split, warps, maxnreg))
-                print(f"  split {split:2d} chunk {chunk:5d} warps {warps:2d} maxnreg {maxnreg}: {t*1e3:7.1f} us "
-                      f"({gb/t*1e3:.0f} GB/s, {t_copy/t:.0%} of copy) err {err:.1e}", flush=True)
-            except Exception as exc:  # noqa: BLE001 - a probe reports and goes on
-                print(f"  split {split} warps {warps}: {type(exc).__name__}: {exc}"[:300], flush=True)
-        for split, warps, per_sm in [(7, 4, 1), (7, 4, 2), (7, 4, 3), (8, 8, 1), (8, 8, 2), (13, 4, 2),
-                                     (13, 4, 3), (13, 4, 4), (7, 8, 1), (7, 8, 2)]:
-            try:
-                y = split_softmax_persistent(x, split, warps, per_sm)
-                torch.cuda.synchronize()
-                err = (y.float() - ref).abs().max().item()
-                t = ms(lambda: split_softmax_persistent(x, split, warps, per_sm))
-                print(f"  persistent split {split:2d} warps {warps} {per_sm}/SM: {t*1e3:7.1f} us "
-                      f"({gb/t*1e3:.0f} GB/s, {t_copy/t:.0%} of copy) err {err:.1e}", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"  persistent split {split} warps {warps} {per_sm}/SM: {type(exc).__name__}: {exc}"[:300],
-                      flush=True)
-        if n_cols != 50304:
-            continue
-        tgt = torch.randint(0, n_cols, (n_rows,), device=dev)
-        tgt[::7] = -100
-        ref_loss = torch.nn.functional.cross_entropy(x.float(), tgt)
-        t_ce = ms(lambda: ce_mod.cross_entropy_forward(x, tgt, with_grad=True))
-        print(f"cross_entropy fwd (loss+grad) ({n_rows}, {n_cols}): package {t_ce*1e3:.1f} us "
-              f"({t_copy/t_ce:.0%} of copy)", flush=True)
-        _, g_ref, _ = ce_mod.cross_entropy_forward(x, tgt, with_grad=True)
-        for split, warps, maxnreg in [(7, 4, None), (8, 8, 128), (13, 2, None), (13, 4, None), (25, 2, None),
-                                      (25, 4, None)]:
-            try:
-                loss, g = split_ce(x, tgt, split, warps, maxnreg)
-                torch.cuda.synchronize()
-                err = (loss - ref_loss).abs().item()
-                gerr = (g.float() - g_ref.float()).abs().max().item()
-                t = ms(lambda: split_ce(x, tgt, split, warps, maxnreg))
-                print(f"  split {split:2d} warps {warps:2d} maxnreg {maxnreg}: {t*1e3:7.1f} us "
-                      f"({t_copy/t:.0%} of copy) loss err {err:.1e} grad err {gerr:.1e}", flush=True)
-            except Exception as exc:  # noqa: BLE001
-                print(f"  split {split} warps {warps}: {type(exc).__name__}: {exc}"[:300], flush=True)
+    n_rows, n_cols = 8192, 50304
+    x = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16) * 3
+    gb = 2 * x.numel() * 2 / 1e9
+    ref = torch.softmax(x.float(), -1)
+    t_copy = ms(lambda: x.clone())
+    t_ours = ms(lambda: tt.softmax(x))
+    print(f"softmax ({n_rows}, {n_cols}): copy {t_copy*1e3:.1f} us ({gb/t_copy*1e3:.0f} GB/s), "
+          f"package {t_ours*1e3:.1f} us ({gb/t_ours*1e3:.0f} GB/s)", flush=True)
+    softmax_err = lambda y: f"err {(y.float() - ref).abs().max().item():.1e}"  # noqa: E731
+    for split, warps in [(7, 4), (8, 8), (13, 4)]:
+        _report(f"split {split:2d} chunk {_chunk(n_cols, split):5d} warps {warps:2d}",
+                lambda: split_softmax(x, split, warps), softmax_err, t_copy, gb)
+    for split, warps, per_sm in [(7, 4, 1), (7, 4, 2), (7, 4, 3), (8, 8, 1), (8, 8, 2), (13, 4, 2),
+                                 (13, 4, 3), (13, 4, 4), (7, 8, 1), (7, 8, 2)]:
+        _report(f"persistent split {split:2d} warps {warps} {per_sm}/SM",
+                lambda: split_softmax_persistent(x, split, warps, per_sm), softmax_err, t_copy, gb)
+
+    tgt = torch.randint(0, n_cols, (n_rows,), device="cuda")
+    tgt[::7] = -100
+    ref_loss = torch.nn.functional.cross_entropy(x.float(), tgt)
+    t_ce = ms(lambda: ce_mod.cross_entropy_forward(x, tgt, with_grad=True))
+    print(f"cross_entropy fwd (loss+grad) ({n_rows}, {n_cols}): package {t_ce*1e3:.1f} us "
+          f"({t_copy/t_ce:.0%} of copy)", flush=True)
+    _, g_ref, _ = ce_mod.cross_entropy_forward(x, tgt, with_grad=True)
+    ce_err = lambda out: (f"loss err {(out[0] - ref_loss).abs().item():.1e} "  # noqa: E731
+                          f"grad err {(out[1].float() - g_ref.float()).abs().max().item():.1e}")
+    for split, warps, maxnreg in [(7, 4, None), (8, 8, 128), (13, 2, None), (13, 4, None), (25, 2, None),
+                                  (25, 4, None)]:
+        _report(f"split {split:2d} warps {warps:2d} maxnreg {maxnreg}",
+                lambda: split_ce(x, tgt, split, warps, maxnreg), ce_err, t_copy)
 
 
 if __name__ == "__main__":
