@@ -180,13 +180,14 @@ def _cross_entropy_fwd_kernel(
     if MEAN:
         mean_scale = 1.0 / tl.maximum(tl.load(stats_ptr), 1).to(tl.float32)
     # STOP_ON_BAD: the host reads the count back and raises (see _cross_entropy_row). In a CUDA graph it
-    # cannot: every gradient is written, the good rows' right and the bad rows' loss NaN.
+    # cannot, so every row's gradient is written: the good rows' are right, and a bad row's loss is NaN.
     write_grad = True
     if STOP_ON_BAD:
         write_grad = tl.load(stats_ptr + 1) == 0
     if SINGLE_BLOCK:  # a program per row
         _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
-                           write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
+                           write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
+                           g_stride_b, g_stride_t, g_stride_v,
                            n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
     else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
@@ -399,8 +400,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 
     When gradients are needed, the forward writes the gradient into one buffer shaped like the
     logits, in their dtype, and the backward is free when the incoming gradient is 1 (for fp16
-    logits with "mean" it is one pass over that buffer: see `cross_entropy_forward`); under ``torch.no_grad()`` (or logits that do not require grad) no
-    buffer is allocated. ``inplace=True`` writes it into the logits' own storage instead, saving
+    logits with "mean" it is one pass over that buffer: see `cross_entropy_forward`); under
+    ``torch.no_grad()`` (or logits that do not require grad) no buffer is allocated. ``inplace=True`` writes it into the logits' own storage instead, saving
     that buffer: the logits then hold the gradient after the call, so use it only when nothing
     else reads them (e.g. the output of the LM head, straight into the loss). It needs
     contiguous, non-leaf logits.

@@ -318,7 +318,7 @@ def launch(kernel, grid, *args, **meta):
     if INTERPRET:
         return kernel[grid](*args, **meta)
     first = next(a for a in args if isinstance(a, torch.Tensor))
-    if first.device.index != torch.cuda.current_device():
+    if first.is_cuda and first.device.index != torch.cuda.current_device():
         with torch.cuda.device(first.device):
             return launch(kernel, grid, *args, **meta)
     if not FAST_LAUNCH:

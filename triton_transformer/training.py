@@ -463,7 +463,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _log_step(line: str) -> float:
-    """The step of a log.jsonl row; infinity (dropped on resume) for a blank or torn one, as a crash mid-write leaves."""
+    """The step of a log.jsonl row; infinity (dropped on resume) for a blank or torn one (a crash mid-write)."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
