@@ -17,7 +17,8 @@ cooperatively (every program resident, so none can wait for one that never start
 SPLIT programs loops over rows) 795-1783 us. (4096, 16384): the package 95.6 us, a copy 93-94, the
 best split 104. (8192, 32000): the package 395 us, split 4 x 8 warps 389-390. Cross-entropy's
 forward (loss and gradient, with its pre-pass) at (8192, 50304): the package 827-894 us across
-runs, split 13 x 4 warps 805-870, within that noise. Not adopted: 10% at one softmax shape, for a
+runs, split 13 x 4 warps 805-870, within that noise; once the package's read-back waited behind its
+main kernel (this session's change), the package 778 us against the split's best 869. Not adopted: 10% at one softmax shape, for a
 kernel whose programs wait for one another. The interpreter runs programs one at a time, so there
 it would never finish; on the GPU it relies on the programs of a row being started in index order
 (what the hardware does, not what CUDA promises) or on a cooperative launch, which was slow.
