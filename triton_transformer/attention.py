@@ -518,18 +518,19 @@ def _launch(kernel, grid, args, consts, config, macs):
 _MAX_HEAD_SPAN = 2**31
 
 
-def _head_span(t: torch.Tensor) -> int:
-    """Elements from the first to the last of one (batch, head) slice of a (B, H, N, D) view, unit stride on D."""
-    return (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+def _head_fits(t: torch.Tensor) -> bool:
+    """Whether one (batch, head) slice of a (B, H, N, D) view (unit stride on D), from its first element to
+    its last, spans fewer than _MAX_HEAD_SPAN elements."""
+    return (t.shape[2] - 1) * t.stride(2) + t.shape[3] < _MAX_HEAD_SPAN
 
 
 def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
     """`t`, or a contiguous copy when its rows are spread too far apart for 32-bit offsets within a head
     (a head sliced out of a wide packed tensor at a long length); an error when even that is too long."""
-    if _head_span(t) < _MAX_HEAD_SPAN:
+    if _head_fits(t):
         return t
     t = t.contiguous()
-    if _head_span(t) >= _MAX_HEAD_SPAN:
+    if not _head_fits(t):
         raise ValueError(f"attention: {name} has {t.shape[2]} rows of {t.shape[3]} per head: one head spans "
                          f"2**31 elements or more, beyond the kernels' 32-bit offsets within a head")
     return t
@@ -537,7 +538,7 @@ def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def _fit_out(t: torch.Tensor | None) -> torch.Tensor | None:
     """An output view the kernels can address, or None (write a new tensor, copied into the view after)."""
-    return t if t is None or _head_span(t) < _MAX_HEAD_SPAN else None
+    return t if t is None or _head_fits(t) else None
 
 
 def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0, need_lse=True,

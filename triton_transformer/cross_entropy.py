@@ -264,13 +264,13 @@ class _BadTargetCount:
 
     def check(self, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
         """Raise ValueError if the pre-pass found targets outside [0, V)."""
+        if not self.will_check:
+            return  # recorded into a CUDA graph
+        counts = self.stats  # on the CPU: read directly
         if self.copied is not None:
             self.copied.synchronize()
-            n_bad = int(self.on_host[1])
-        elif self.stats.is_cuda:
-            return  # recorded into a CUDA graph
-        else:
-            n_bad = int(self.stats[1])
+            counts = self.on_host
+        n_bad = int(counts[1])
         if n_bad:
             flat = target.reshape(-1)
             bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_cols))

@@ -208,7 +208,7 @@ def ce():
     ref_loss.backward()
     nbytes = 2 * x.numel() * x.element_size()
     import triton_transformer.cross_entropy as C
-    C._raise_if_bad_targets = lambda *a, **k: None
+    C._BadTargetCount.check = lambda *a, **k: None  # the read-back, out of the timing
     print(f"ce [{m}, {n}] package fwd: {bench(lambda: cross_entropy_forward(x, t, with_grad=True)):.1f} us, "
           f"forced online {bench(lambda: cross_entropy_forward(x, t, with_grad=True, single_block=False)):.1f} us")
     blk = triton.next_power_of_2(n)

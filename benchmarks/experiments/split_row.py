@@ -52,8 +52,7 @@ def _exchange(m, d, stats_ptr, count_ptr, row, part, SPLIT: tl.constexpr, SPLIT_
     parts = tl.arange(0, SPLIT_P2)
     ms = tl.load(base + parts * 2, mask=parts < SPLIT, other=-float("inf"), volatile=True)
     ds = tl.load(base + parts * 2 + 1, mask=parts < SPLIT, other=0.0, volatile=True)
-    m_row = tl.max(ms, axis=0)
-    return m_row, tl.sum(ds * tl.exp2((ms - m_row) * LOG2E), axis=0)
+    return sm_mod.online_combine(ms, ds)  # the chunks' (max, sum) combined as the online softmax's lanes
 
 
 @triton.jit
