@@ -32,7 +32,7 @@ def profile(step, steps: int = 5, top: int = 15) -> None:
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps * 1e3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()

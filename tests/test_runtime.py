@@ -52,6 +52,31 @@ def test_exact_fp32_tries_a_short_list_of_configs():
         assert "PRECISION" in kernel.keys, kernel.fn.__name__
 
 
+def test_launch_key_separates_what_triton_specialises_on():
+    """The cached launch path reuses a compiled kernel only for calls Triton would compile the same way."""
+    base = torch.empty(64, dtype=torch.float32)
+    tune = (("n", 2), ("BLOCK", 9))  # an autotuner key: the third argument, and a keyword argument
+
+    def key(*args, **meta):
+        types = tuple(map(type, args))
+        return types, runtime._key_function(types, tune)(args, meta)
+
+    reference = key(base, base, 768, 1e-5, True)
+    assert reference[1][0] == base.get_device()  # first: the device of the first tensor (-1 on the CPU)
+    assert key(base[4:], base, 768, 2e-5, True) == reference  # 16 bytes in: aligned; floats: only their type
+    differ = [key(base[1:], base, 768, 1e-5, True),  # 4 bytes in: not 16-byte aligned
+              key(base, base.half(), 768, 1e-5, True),  # another dtype
+              key(base, base, 1, 1e-5, True), key(base, base, 770, 1e-5, True),  # == 1; not a multiple of 16
+              key(base, base, 2**31 + 16, 1e-5, True),  # no longer 32 bits
+              key(base, base, 784, 1e-5, True),  # the autotuner's key value
+              key(base, base, 768, 1e-5, False),  # a bool's value
+              key(base, base, 768, 1, True),  # an int where a float was
+              key(base, base, 768, 1e-5, True, BLOCK=64)]  # a keyword the autotuner keys on
+    for other in differ:
+        assert other != reference
+    assert len(set(differ)) == len(differ)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_kernels_run_on_the_gpu_their_tensors_are_on():
     # Triton launches on the current device; the package's ops follow their tensors, as PyTorch's do.

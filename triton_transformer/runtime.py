@@ -224,26 +224,50 @@ except ImportError:  # an older Triton: no host-side TMA descriptors, none to la
     _TensorDescriptor = None
 
 
-def _spec(arg) -> object:
-    """What Triton specialises a compiled kernel on, for one argument.
+def _spec_source(i: int, kind: type) -> list[str]:
+    """Python expressions for what Triton specialises a compiled kernel on, for argument ``a[i]`` of type `kind`.
 
-    Tensors: dtype and 16-byte alignment. Integers: whether they are 1, divisible
-    by 16, and fit in 32 bits. This is at least as fine as Triton's own
+    Tensors: dtype and 16-byte alignment. Integers: whether they are 1, divisible by 16, and fit in
+    32 bits. Floats: nothing beyond their type. This is at least as fine as Triton's own
     specialisation, so two calls with the same key can share one compiled kernel.
     """
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if _TensorDescriptor is not None and isinstance(arg, _TensorDescriptor):
+    a = f"a[{i}]"
+    if issubclass(kind, torch.Tensor):
+        return [f"{a}.dtype", f"not {a}.data_ptr() & 15"]
+    if _TensorDescriptor is not None and issubclass(kind, _TensorDescriptor):
         # A TMA descriptor: Triton compiles for its dtype and rank (and its block shape, which the
         # autotuned config sets, already in the key); shape and strides are runtime values.
-        return ("desc", arg.base.dtype, len(arg.shape))
-    if isinstance(arg, bool):
-        return ("b", arg)
-    if isinstance(arg, int):
-        return ("i", arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31)
-    if isinstance(arg, float):
-        return "f"
-    return ("v", arg)
+        return [f"{a}.base.dtype", f"len({a}.shape)"]
+    if kind is int:
+        return [f"{a} == 1", f"not {a} & 15", f"-2147483648 <= {a} < 2147483648"]
+    if kind is float:
+        return []
+    return [a]  # a bool, or anything else: its value
+
+
+def _key_function(types: tuple, tune_positions: tuple):
+    """A function (args, meta) -> the cache key of a call whose arguments have these `types`.
+
+    Written out as one expression per argument and compiled once per argument-type pattern,
+    as Triton's own binder is: a loop that inspects each argument's type at every call cost
+    microseconds per launch. The key's first value is the CUDA device of the first tensor
+    (-1 without one); the autotuner's key values (the sizes it tunes for) end it, since they
+    pick the config.
+    """
+    first = next((i for i, t in enumerate(types) if issubclass(t, torch.Tensor)
+                  or (_TensorDescriptor is not None and issubclass(t, _TensorDescriptor))), None)
+    exprs = ["-1" if first is None else
+             f"a[{first}].get_device()" if issubclass(types[first], torch.Tensor) else f"a[{first}].base.get_device()"]
+    for i, kind in enumerate(types):
+        exprs += _spec_source(i, kind)
+    exprs += [f"a[{i}]" if i < len(types) else f"m.get({name!r})" for name, i in tune_positions]
+    namespace: dict = {}
+    exec(f"def key(a, m):\n    return ({', '.join(exprs)},)\n", namespace)  # noqa: S102  (our own source)
+    return namespace["key"]
+
+
+#: The current CUDA device's index: torch's own query, without `torch.cuda.current_device`'s Python wrapper.
+_current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
 
 class _Launcher:
@@ -254,9 +278,8 @@ class _Launcher:
     kernel itself runs. Training a GPT launches hundreds of kernels per step, so
     we keep, per specialisation key, the compiled kernel and the tail of its
     argument list that is the same at every call (constexprs, the tuned config,
-    defaults), and call its launcher directly. Under the interpreter there is
-    nothing to cache. A callable `grid` is given the kernel's meta-parameters
-    (constexprs and the tuned config), and its runtime arguments only if it asks for them.
+    defaults), and call its launcher directly. A callable `grid` is given the kernel's
+    meta-parameters (constexprs and the tuned config), and its runtime arguments only if it asks for them.
     """
 
     def __init__(self, kernel):
@@ -269,13 +292,23 @@ class _Launcher:
         # where the autotuner's key arguments sit in a call (len(names): passed by keyword, if at all)
         self.tune_positions = tuple((k, self.names.index(k) if k in self.names else len(self.names))
                                     for k in getattr(kernel, "keys", []))
+        self.key_functions: dict = {}
         self.cache: dict = {}
 
-    def __call__(self, grid, *args, **meta):
-        device = torch.cuda.current_device()
-        # The autotuner's key values (sizes it tunes for) pick the config, so they are part of the key.
-        tuned_on = tuple(args[i] if i < len(args) else meta.get(k) for k, i in self.tune_positions)
-        key = (device, tuple(map(_spec, args)), tuple(meta.items()), tuned_on)
+    def __call__(self, grid, args: tuple, meta: dict):
+        types = tuple(map(type, args))
+        key_of = self.key_functions.get(types)
+        if key_of is None:
+            key_of = self.key_functions[types] = _key_function(types, self.tune_positions)
+        spec = key_of(args, meta)
+        device = _current_device()
+        if spec[0] != device:
+            if spec[0] < 0:  # no CUDA tensor among the arguments: Triton's own path says what is wrong
+                return self.kernel[grid](*args, **meta)
+            # Triton launches on the current device, PyTorch ops run where their tensors are: follow the tensors.
+            with torch.cuda.device(spec[0]):
+                return self(grid, args, meta)
+        key = (types, spec, tuple(meta.items()))
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **meta)
@@ -317,13 +350,13 @@ def launch(kernel, grid, *args, **meta):
     """
     if INTERPRET:
         return kernel[grid](*args, **meta)
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    if first.is_cuda and first.device.index != torch.cuda.current_device():
-        with torch.cuda.device(first.device):
-            return launch(kernel, grid, *args, **meta)
     if not FAST_LAUNCH:
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return kernel[grid](*args, **meta)
         return kernel[grid](*args, **meta)
     launcher = _launchers.get(id(kernel))
     if launcher is None:
         launcher = _launchers[id(kernel)] = _Launcher(kernel)
-    return launcher(grid, *args, **meta)
+    return launcher(grid, args, meta)

@@ -26,7 +26,7 @@ def old_launch(kernel, grid, *args, **meta):
     launcher = runtime._launchers.get(id(kernel))
     if launcher is None:
         launcher = runtime._launchers[id(kernel)] = runtime._Launcher(kernel)
-    return launcher(grid, *args, **meta)
+    return launcher(grid, args, meta)
 
 
 def use(fn):

@@ -24,6 +24,8 @@ dwdb     the same dW with and without the bias's row sums (db in the dW kernel),
 smhint   softmax's two-pass online path at (8192, 50304) with L2 eviction hints (first read kept, second
          read and the writes evicted first), per block / warps / programs per SM / stages
 cesync   cross-entropy fwd+bwd with and without the bad-target readback (do_bench), its GPU time and kernels
+hostparts where the host time of small forward+backward calls goes: allocation, autograd, launch() against
+         Triton's own launch and the compiled launcher, at tiny shapes (GPU time negligible), with a profile
 roof     the memory-bound forwards (softmax 4096^2, layer norm 16384x768, dropout 16M) against a copy of the
          same bytes (torch and a Triton load/store kernel), wall and GPU time; dropout variants
 """
@@ -797,6 +799,80 @@ def cesync():
             ce_mod._BadTargetCount.check = check
         fn = lambda: tt.cross_entropy(logits, target).backward()
         print(f"ce fwd+bwd [8192, {V}] GPU (graph) {1e3 * measure_gpu_ms(fn, [logits]):.1f} us", flush=True)
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
+def hostparts():
+    """Host microseconds per call of each piece of a small fwd+bwd, at shapes whose GPU time is negligible."""
+    torch.autograd.set_multithreading_enabled(False)
+    ln = importlib.import_module("triton_transformer.layernorm")
+    F = torch.nn.functional
+    x = torch.randn(64, 768, device=dev, dtype=bf16, requires_grad=True)
+    w = torch.ones(768, device=dev, dtype=bf16, requires_grad=True)
+    b = torch.zeros(768, device=dev, dtype=bf16, requires_grad=True)
+    dy = torch.randn_like(x)
+    xd, dyd = x.detach(), dy.detach()
+    y2, mean, rstd = ln.layer_norm_forward(xd, w.detach(), b.detach(), 1e-5, store_stats=True)
+    kernel = ln._fwd_kernel_for(1024, True)
+    ln_args = (xd, y2, w, b, mean, rstd, xd, xd, xd, 768, 768, 0, 0, 64, 768, 1e-5)
+    ln_meta = dict(BLOCK_N=1024, SINGLE_BLOCK=True, HAS_W=True, HAS_B=True, STORE_STATS=True,
+                   HAS_RESIDUAL=False, HAS_RBIAS=False)
+    grid = lambda meta: (runtime.cdiv(64, meta["ROWS"]),)  # noqa: E731
+    compiled = runtime.launch(kernel, grid, *ln_args, **ln_meta)
+    launcher = runtime._launchers[id(kernel)]
+    _, consts, tail = list(launcher.cache.values())[-1]
+    stream = torch._C._cuda_getCurrentRawStream(0)
+    g0 = runtime.cdiv(64, consts["ROWS"])
+    xs = torch.randn(64, 1024, device=dev, dtype=bf16, requires_grad=True)
+    dys = torch.randn_like(xs)
+    xdr = torch.randn(65536, device=dev, dtype=bf16, requires_grad=True)
+    dydr = torch.randn_like(xdr)
+    cases = {
+        "loop (nothing)": (lambda: None, []),
+        "torch.empty": (lambda: torch.empty((64, 768), dtype=bf16, device=dev), []),
+        "autograd identity fwd+bwd": (lambda: _Identity.apply(x).backward(dy), [x]),
+        "compiled.run (ln fwd kernel)": (lambda: compiled.run(g0, 1, 1, stream, compiled.function,
+                                                              compiled.packed_metadata, None, None, None,
+                                                              *ln_args, *tail), []),
+        "launch() (ln fwd kernel)": (lambda: runtime.launch(kernel, grid, *ln_args, **ln_meta), []),
+        "kernel[grid] (ln fwd kernel)": (lambda: kernel[grid](*ln_args, **ln_meta), []),
+        "ln checks only": (lambda: ln._check_args(x, (768,), w, b, None), []),
+        "layer_norm_forward": (lambda: ln.layer_norm_forward(xd, w, b, 1e-5, store_stats=True), []),
+        "layer_norm_backward": (lambda: ln.layer_norm_backward(dyd, xd, w, mean, rstd, 1e-5), []),
+        "tt.layer_norm nograd": (lambda: tt.layer_norm(xd, (768,), w.detach(), b.detach()), []),
+        "tt.layer_norm fwd": (lambda: tt.layer_norm(x, (768,), w, b), [x, w, b]),
+        "tt.layer_norm fwd+bwd": (lambda: tt.layer_norm(x, (768,), w, b).backward(dy), [x, w, b]),
+        "F.layer_norm fwd+bwd": (lambda: F.layer_norm(x, (768,), w, b).backward(dy), [x, w, b]),
+        "tt.softmax fwd+bwd": (lambda: tt.softmax(xs).backward(dys), [xs]),
+        "torch.softmax fwd+bwd": (lambda: torch.softmax(xs, -1).backward(dys), [xs]),
+        "tt.dropout fwd+bwd": (lambda: tt.dropout(xdr, 0.5).backward(dydr), [xdr]),
+        "F.dropout fwd+bwd": (lambda: F.dropout(xdr, 0.5).backward(dydr), [xdr]),
+    }
+    for name, (fn, grads) in cases.items():
+        runs = [host_us(fn, grads, n=400, warmup=20)[0] for _ in range(3)]
+        print(f"{name:32s} host {min(runs):7.1f} us/call (runs " + " ".join(f"{r:.1f}" for r in runs) + ")",
+              flush=True)
+    for name in ("tt.layer_norm fwd+bwd", "tt.dropout fwd+bwd"):
+        fn, grads = cases[name]
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(300):
+            fn()
+            for t in grads:
+                t.grad = None
+        pr.disable()
+        torch.cuda.synchronize()
+        print(f"---- profile of {name}, 300 calls")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
 
 
 if __name__ == "__main__":
