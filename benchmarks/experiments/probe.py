@@ -845,6 +845,13 @@ def hostparts():
                                                               *ln_args, *tail), []),
         "launch() (ln fwd kernel)": (lambda: runtime.launch(kernel, grid, *ln_args, **ln_meta), []),
         "kernel[grid] (ln fwd kernel)": (lambda: kernel[grid](*ln_args, **ln_meta), []),
+    }
+    try:  # the launcher of an older tree, saved beside this file (git show REV:triton_transformer/runtime.py)
+        old = importlib.import_module("_old_runtime")._Launcher(kernel)
+        cases["older launcher (ln fwd kernel)"] = (lambda: old(grid, *ln_args, **ln_meta), [])
+    except ImportError:
+        pass
+    cases |= {
         "ln checks only": (lambda: ln._check_args(x, (768,), w, b, None), []),
         "layer_norm_forward": (lambda: ln.layer_norm_forward(xd, w, b, 1e-5, store_stats=True), []),
         "layer_norm_backward": (lambda: ln.layer_norm_backward(dyd, xd, w, mean, rstd, 1e-5), []),
