@@ -67,6 +67,19 @@ def host_us(fn, grads, n=200, warmup=10):
     return 1e6 * (t1 - t0) / n, 1e6 * (time.perf_counter() - t0) / n
 
 
+def _print_profile(fn, grads, calls: int, top: int):
+    """cProfile of `calls` calls of `fn` (gradients dropped each time), the `top` functions by own time."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+        for t in grads:
+            t.grad = None
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(top)
+
+
 def host():
     torch.autograd.set_multithreading_enabled(False)
     x = torch.randn(16384, 768, device=dev, dtype=bf16, requires_grad=True)
@@ -101,15 +114,7 @@ def host():
               f"do_bench {1e3 * triton.testing.do_bench(fn, grad_to_none=grads, return_mode='median'):.1f} us, "
               f"gpu {1e3 * (measure_gpu_ms(fn, grads) or float('nan')):.1f} us")
         if name in ("layer_norm", "linear", "attention"):
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(200):
-                fn()
-                for t in grads:
-                    t.grad = None
-            pr.disable()
-            torch.cuda.synchronize()
-            pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+            _print_profile(fn, grads, calls=200, top=14)
 
 
 def bench(fn):
@@ -869,17 +874,8 @@ def hostparts():
         print(f"{name:32s} host {min(runs):7.1f} us/call (runs " + " ".join(f"{r:.1f}" for r in runs) + ")",
               flush=True)
     for name in ("tt.layer_norm fwd+bwd", "tt.dropout fwd+bwd"):
-        fn, grads = cases[name]
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(300):
-            fn()
-            for t in grads:
-                t.grad = None
-        pr.disable()
-        torch.cuda.synchronize()
         print(f"---- profile of {name}, 300 calls")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+        _print_profile(*cases[name], calls=300, top=22)
 
 
 if __name__ == "__main__":
