@@ -26,6 +26,9 @@ smhint   softmax's two-pass online path at (8192, 50304) with L2 eviction hints 
 cesync   cross-entropy fwd+bwd with and without the bad-target readback (do_bench), its GPU time and kernels
 hostparts where the host time of small forward+backward calls goes: allocation, autograd, launch() against
          Triton's own launch and the compiled launcher, at tiny shapes (GPU time negligible), with a profile
+cehost   cross-entropy fwd+bwd at (8192, 50304) timed as do_bench does (L2 flush, then the call): host time from
+         the call to the main kernel's launch, against the flush's GPU time, and the call's wall time
+ceparts  where cross-entropy's host time goes, at (8192, 256) (GPU time negligible): its pieces, with a profile
 roof     the memory-bound forwards (softmax 4096^2, layer norm 16384x768, dropout 16M) against a copy of the
          same bytes (torch and a Triton load/store kernel), wall and GPU time; dropout variants
 """
@@ -804,6 +807,94 @@ def cesync():
             ce_mod._BadTargetCount.check = check
         fn = lambda: tt.cross_entropy(logits, target).backward()
         print(f"ce fwd+bwd [8192, {V}] GPU (graph) {1e3 * measure_gpu_ms(fn, [logits]):.1f} us", flush=True)
+
+
+def cehost():
+    """Whether the host launches cross-entropy's main kernel before the GPU runs out of work (the flush).
+
+    Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0; two processes, 50 calls each): 186-194 us
+    of host time from the call to the main kernel's launch (109-283), 454-499 us for the whole call, against
+    93-123 us for the flush; do_bench 782-785 us against 775.5 us of GPU time. do_bench's loop does not
+    wait for each call, so the host runs up to one call ahead (the bad-target check waits for the current
+    call's pre-pass only): the wall time is the GPU's until the host's ~0.45 ms a call passes the GPU's ~0.78.
+    """
+    torch.autograd.set_multithreading_enabled(False)
+    logits = torch.randn(8192, 50304, device=dev, dtype=bf16, requires_grad=True)
+    target = torch.randint(0, 50304, (8192,), device=dev)
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device=dev)
+    launched = []
+    plain = ce_mod.launch
+
+    def timed(kernel, grid, *args, **meta):
+        if kernel is ce_mod._cross_entropy_fwd_kernel:
+            launched.append(time.perf_counter())
+        return plain(kernel, grid, *args, **meta)
+
+    ce_mod.launch = timed
+    try:
+        rows = []
+        for i in range(60):
+            logits.grad = None
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            e[0].record()
+            cache.zero_()
+            e[1].record()
+            t0 = time.perf_counter()
+            tt.cross_entropy(logits, target).backward()
+            t1 = time.perf_counter()
+            e[2].record()
+            torch.cuda.synchronize()
+            if i >= 10:
+                rows.append((1e6 * (launched[-1] - t0), 1e6 * (t1 - t0), 1e3 * e[0].elapsed_time(e[1]),
+                             1e3 * e[1].elapsed_time(e[2])))
+    finally:
+        ce_mod.launch = plain
+    for i, label in enumerate(("host us to the main launch", "host us of the whole call", "flush GPU us",
+                               "call us (flush end to call end)")):
+        vals = sorted(r[i] for r in rows)
+        print(f"{label:34s} median {vals[len(vals) // 2]:8.1f}  min {vals[0]:8.1f}  max {vals[-1]:8.1f}")
+    def call():
+        tt.cross_entropy(logits, target).backward()
+
+    wall = triton.testing.do_bench(call, grad_to_none=[logits], return_mode="median")
+    print(f"do_bench {1e3 * wall:.1f} us, GPU (graph) {1e3 * measure_gpu_ms(call, [logits]):.1f} us")
+
+
+def ceparts():
+    """Host microseconds per call of the pieces of a cross-entropy forward+backward.
+
+    Measured (same machine and versions as cehost): torch.zeros(2) 11.9 us, a pinned empty(2) 2.2,
+    _BadTargetCount(stats) 25.6 (with its check 32.1), a new Event recorded 11.9, the loss's
+    sum / count 24.2, cross_entropy_forward with the gradient 158.5, tt.cross_entropy forward 194.5,
+    forward+backward 332.2 against F.cross_entropy's 97.5.
+    """
+    torch.autograd.set_multithreading_enabled(False)
+    F = torch.nn.functional
+    logits = torch.randn(8192, 256, device=dev, dtype=bf16, requires_grad=True)
+    target = torch.randint(0, 256, (8192,), device=dev)
+    ld = logits.detach()
+    stats = torch.zeros(2, dtype=torch.int32, device=dev)
+    loss_rows = torch.randn(8192, device=dev)
+    cases = {
+        "torch.zeros(2)": (lambda: torch.zeros(2, dtype=torch.int32, device=dev), []),
+        "pinned empty(2)": (lambda: torch.empty(2, dtype=torch.int32, pin_memory=True), []),
+        "_BadTargetCount(stats)": (lambda: ce_mod._BadTargetCount(stats), []),
+        "_BadTargetCount + check": (lambda: ce_mod._BadTargetCount(stats).check(target, 256, -100), []),
+        "Event() + record": (lambda: torch.cuda.Event().record(), []),
+        "loss_rows.sum() / stats[0]": (lambda: loss_rows.sum() / stats[0], []),
+        "cross_entropy_forward no grad": (lambda: ce_mod.cross_entropy_forward(ld, target), []),
+        "cross_entropy_forward with grad": (lambda: ce_mod.cross_entropy_forward(ld, target, with_grad=True), []),
+        "tt.cross_entropy no grad": (lambda: tt.cross_entropy(ld, target), []),
+        "tt.cross_entropy fwd": (lambda: tt.cross_entropy(logits, target), [logits]),
+        "tt.cross_entropy fwd+bwd": (lambda: tt.cross_entropy(logits, target).backward(), [logits]),
+        "F.cross_entropy fwd+bwd": (lambda: F.cross_entropy(logits, target).backward(), [logits]),
+    }
+    for name, (fn, grads) in cases.items():
+        runs = [host_us(fn, grads, n=300, warmup=20)[0] for _ in range(3)]
+        print(f"{name:34s} host {min(runs):7.1f} us/call (runs " + " ".join(f"{r:.1f}" for r in runs) + ")",
+              flush=True)
+    print("---- profile of tt.cross_entropy fwd+bwd, 300 calls")
+    _print_profile(*cases["tt.cross_entropy fwd+bwd"], calls=300, top=30)
 
 
 class _Identity(torch.autograd.Function):
