@@ -908,7 +908,14 @@ class _Identity(torch.autograd.Function):
 
 
 def hostparts():
-    """Host microseconds per call of each piece of a small fwd+bwd, at shapes whose GPU time is negligible."""
+    """Host microseconds per call of each piece of a small fwd+bwd, at shapes whose GPU time is negligible.
+
+    Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, layer norm's 16-argument forward kernel):
+    14.7 us per launch through runtime.launch, 17.7 through the launcher before its key was generated code,
+    37.8 through kernel[grid], 6.5 for the compiled launcher alone. (An earlier probe, launch_cost.py, found
+    no cost from launch() following its tensors' device, within the host's 2x noise; that check now sits in
+    the key, so there is no "before" left to compare it with, and the probe was removed.)
+    """
     torch.autograd.set_multithreading_enabled(False)
     ln = importlib.import_module("triton_transformer.layernorm")
     F = torch.nn.functional
