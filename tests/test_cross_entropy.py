@@ -115,6 +115,23 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
     check(torch.randn(37, 300, device=device) * 4, make_target((37,), 300, device, ignore_every=3))
 
 
+def test_rows_held_as_pieces(monkeypatch, device):
+    """A long row that a power-of-two block pads heavily is held as pieces (chapter 1's `row_pieces`):
+    targets in every piece and in the padding's neighbourhood, ignored rows, strided logits."""
+    S = importlib.import_module("triton_transformer.softmax")
+    monkeypatch.setattr(S, "PIECES_FROM", 64)
+    monkeypatch.setattr(S, "MIN_PIECE", 4)
+    assert S.row_pieces(100, 128) == (64, 32, 4)
+    for n_cols in (100, 80):
+        logits = torch.randn(6, n_cols, device=device) * 4
+        target = make_target((6,), n_cols, device, ignore_every=4)
+        target[0], target[1], target[2] = 0, 70, n_cols - 1  # first piece, second, the last column
+        for reduction in REDUCTIONS:
+            check(logits, target, reduction=reduction)
+    wide = torch.randn(2, 3, 200, device=device)[:, :, ::2]  # (B, T, V) with column stride 2
+    check(wide, make_target((2, 3), 100, device, ignore_every=4), reduction="none")
+
+
 def test_warps_per_row_held_whole():
     """The warp counts measured on the H100: 32 for a row of 32 768 lanes held whole, 16 for 65 536 (which
     spills at 32), one per 1024 lanes from 4 below that; the online path's blocks keep 8."""

@@ -468,6 +468,23 @@ def test_cuda_fp32_follows_torch_matmul_precision(device):
 def test_double_backward_is_refused(device):
     x, w, b = inputs((4, 16), 8, torch.float32, device)
     x.requires_grad_()
-    (gx,) = torch.autograd.grad(linear(x, w, b, "gelu").sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match="LinearFunction: double backward"):
+        torch.autograd.grad(linear(x, w, b, "gelu").sum(), x, create_graph=True)
+
+
+@cuda_only
+def test_transposed_gradient_past_2_to_the_31_elements():
+    """The activation's backward reads dy through its strides: a transposed dy of (65536, 32800) puts its
+    last columns more than 2**31 elements from its first, past what 32-bit column offsets reach."""
+    M, N = 65536, 32800
+    try:
+        dy = torch.randn(N, M, device="cuda", dtype=torch.bfloat16).t()  # (M, N), column stride M
+        s = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        dz, db = MM.activation_backward(dy, s, MM.ACTIVATIONS["relu"], bias_grad=True, bias_dtype=torch.float32)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    for cols in (slice(0, 64), slice(N - 64, N)):  # below and past 2**31 / M = 32768
+        ref = dy[:, cols].float() * (s[:, cols] > 0)
+        assert torch.equal(dz[:, cols], ref.to(torch.bfloat16))
+        torch.testing.assert_close(db[cols], ref.sum(0), rtol=1e-4, atol=1e-2)
+

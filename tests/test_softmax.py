@@ -74,6 +74,27 @@ def test_long_rows_take_the_online_path(monkeypatch, device):
     check_fwd_bwd(torch.randn(2, 30, 300, device=device), causal=True)
 
 
+def test_rows_held_as_pieces(monkeypatch, device):
+    """A long row whose power-of-two block pads it heavily is held as two or three power-of-two pieces."""
+    assert S.row_pieces(50304, 65536) == (32768, 16384, 2048)
+    assert S.row_pieces(32000, 32768) == (32768, 0, 0)   # little padding: one block
+    assert S.row_pieces(20000, 32768) == (16384, 4096, 0)  # two equal last pieces merged
+    assert S.row_pieces(12000, 16384) == (16384, 0, 0)   # a short row keeps one block
+    x = torch.randn(2, 24577, device=device) * 4         # the real sizes: 16384 + 8192 + 1024
+    assert S.row_pieces(24577, S._launch_params(24577, x.element_size())[0]) == (16384, 8192, 1024)
+    check_fwd_bwd(x)
+    # CPU-sized rows with the thresholds lowered: every piece boundary, masked tails, the causal mask
+    monkeypatch.setattr(S, "PIECES_FROM", 64)
+    monkeypatch.setattr(S, "MIN_PIECE", 4)
+    assert S.row_pieces(100, 128) == (64, 32, 4) and S.row_pieces(80, 128) == (64, 16, 0)
+    for n in (100, 80, 97):
+        check_fwd_bwd(torch.randn(5, n, device=device) * 3)
+    check_fwd_bwd(torch.randn(2, 120, 100, device=device), causal=True)
+    x = torch.randn(3, 100, device=device)
+    x[1] = float("-inf")  # a row of -inf is NaN, as in PyTorch
+    assert torch.isnan(softmax(x)[1]).all()
+
+
 def test_non_contiguous(device):
     base = torch.randn(40, 781, device=device)
     check_fwd_bwd(base[::3, :500])   # strided rows: handled without a copy

@@ -61,7 +61,8 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_mask, keep_mask_2d
-from .runtime import FLOAT_DTYPES, autotune, cdiv, check_tensor, dot_precision, launch, pow2_at_least_16
+from .runtime import (FLOAT_DTYPES, autotune, cdiv, check_tensor, dot_precision, launch, no_double_backward,
+                      pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -203,7 +204,7 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
         pid_m = tl.num_programs(0) - 1 - pid_m  # causal work grows with the row: start the longest programs first
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * H + h
+    bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     # int64 bases: B*H*N*D passes 2**31 elements for long sequences
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
@@ -221,7 +222,7 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
     km_ptrs = KM  # the loops add (start_n + offs_n) * stride_mn
 
-    row_base = bh.to(tl.int64) * N_Q  # dropout: P's row index in a contiguous (B*H*N_q, N_k) tensor
+    row_base = bh * N_Q  # dropout: P's row index in a contiguous (B*H*N_q, N_k) tensor
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -254,7 +255,7 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
         lse = m_i + tl.math.log2(l_safe)
         if HAS_MASK:
             lse = tl.where(empty, float("inf"), lse)  # exp2(s - inf) = 0: the backward sees P = 0 in this row
-        tl.store(L + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+        tl.store(L + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
 _FWD_EXACT_FP32 = _exact_fp32((32, 32, 4, 2), (128, 64, 8, 3))
@@ -325,7 +326,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
     pid_n = tl.program_id(0)  # causal: low key blocks have the most work and already come first
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * H + h
+    bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
     K += b64 * stride_kb + h64 * stride_kh
@@ -333,8 +334,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
     DO += b64 * stride_dob + h64 * stride_doh
     DK += b64 * stride_dkb + h64 * stride_dkh  # dK and dV are allocated with one layout
     DV += b64 * stride_dkb + h64 * stride_dkh
-    L += bh.to(tl.int64) * N_Q
-    DELTA += bh.to(tl.int64) * N_Q
+    L += bh * N_Q
+    DELTA += bh * N_Q
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -345,7 +346,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
     v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N_K, offs_d, D, True, not EVEN_D)
     q_ptrs = Q + offs_m0[:, None] * stride_qn + offs_d[None, :]
     do_ptrs = DO + offs_m0[:, None] * stride_don + offs_d[None, :]
-    row_base = bh.to(tl.int64) * N_Q
+    row_base = bh * N_Q
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -436,7 +437,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * H + h
+    bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
     K += b64 * stride_kb + h64 * stride_kh
@@ -452,16 +453,16 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
     do = _load_tile(DO + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
-    lse = tl.load(L + bh.to(tl.int64) * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    lse = tl.load(L + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij), the row term of dS = P * (dP - delta). This kernel
     # runs first and stores it for the dK/dV kernel: no separate pre-processing launch.
     o = _load_tile(O + offs_m[:, None] * stride_on + offs_d[None, :], offs_m, N_Q, offs_d, D, True, not EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+    tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
     k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
     km_ptrs = KM  # the loops add (start_n + offs_n) * stride_mn
-    row_base = bh.to(tl.int64) * N_Q
+    row_base = bh * N_Q
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
@@ -625,6 +626,7 @@ class AttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, do):
         q, k, v, o, lse, mask = ctx.saved_tensors
         dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
@@ -633,6 +635,8 @@ class AttentionFunction(torch.autograd.Function):
 
 def _philox_key(dropout_p: float, seed: int | None) -> int:
     """The dropout seed as the kernels' signed 64-bit Philox key (as dropout() normalises it)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"attention: seed must be an int or None, got {type(seed).__name__}")
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))  # CPU generator: no GPU sync
     return (int(seed or 0) + 2**63) % 2**64 - 2**63
@@ -661,6 +665,8 @@ def _check_inputs(q, k, v, mask, dropout_p):
         if tuple(mask.shape) != (B, k.shape[2]):
             raise ValueError(f"attention: mask has shape {tuple(mask.shape)}; a key padding mask must be "
                              f"(batch, keys) = ({B}, {k.shape[2]})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"attention: dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
 
@@ -736,6 +742,7 @@ class PackedAttentionFunction(torch.autograd.Function):
         return out.view(B, N, H * D)
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dout):
         qkv, out, lse, mask = ctx.saved_tensors
         B, N, H, D = out.shape
@@ -756,7 +763,7 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     split heads, without the copies that splitting and merging them cost.
     """
     check_tensor("attention_qkv: qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
-    if not isinstance(heads, int) or heads < 1 or qkv.shape[-1] % (3 * heads):
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or qkv.shape[-1] % (3 * heads):
         raise ValueError(f"attention_qkv: the last dimension of qkv ({qkv.shape[-1]}) must be 3 * heads * head_dim "
                          f"with heads a positive int, got heads={heads!r}")
     qkv = qkv.contiguous()  # (a no-op for a projection's output)

@@ -45,10 +45,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
-from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
+from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update, row_pieces
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -93,9 +92,46 @@ def _offsets(cols, stride, UNIT_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _load_lanes(x_row, start, n_cols, stride, B: tl.constexpr, UNIT_STRIDE: tl.constexpr):
+    """Logits of columns [start, start + B) of a row; columns past the row load as -inf (exp makes them 0)."""
+    cols = start + tl.arange(0, B)
+    return tl.load(x_row + _offsets(cols, stride, UNIT_STRIDE), mask=cols < n_cols, other=-float("inf"))
+
+
+@triton.jit
+def _sum_exp(x, m):
+    """sum_j exp(x_j - m) in fp32, for logits x held in their own dtype."""
+    return tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
+
+
+@triton.jit
+def _store_grad(g_row, start, n_cols, x, m, log2_d, target_col, scale, stride, B: tl.constexpr,
+                UNIT_STRIDE: tl.constexpr):
+    """The gradient (softmax - onehot) * scale of columns [start, start + B), from their logits x.
+
+    softmax = exp(x - m) / d, with m the row's max and log2_d = log2(d) (see `_row_loss`).
+    """
+    cols = start + tl.arange(0, B)
+    p = tl.exp2((x.to(tl.float32) - m) * LOG2E - log2_d)
+    grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
+    tl.store(g_row + _offsets(cols, stride, UNIT_STRIDE), grad.to(g_row.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
+def _row_loss(m, d, x_target, counted):
+    """A row's loss, logsumexp - x_target = (m - x_target) + log d (0 for an ignored row).
+
+    In that order, not as (m + log d) - x_target: with logits around -1e9 (a row masked by adding a large
+    negative number), m + log d rounds back to m in fp32 and the loss would come out 0 instead of log V.
+    """
+    return tl.where(counted, (m - x_target) + tl.log(d), 0.0)
+
+
+@triton.jit
 def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, write_grad, rows_per_batch,
                        x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index,
-                       BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
+                       BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
+                       SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
                        UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr):
     """Loss and gradient of one row (int64 `row`: 8192 rows x 50304 columns is already 412M elements).
 
@@ -106,7 +142,6 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
     t = row - b * rows_per_batch
     x_row = logits_ptr + b * x_stride_b + t * x_stride_t
     g_row = grad_ptr + b * g_stride_b + t * g_stride_t
-    cols = tl.arange(0, BLOCK)
 
     target = tl.load(target_ptr + row).to(tl.int64)
     counted = target != ignore_index
@@ -122,20 +157,38 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
     target_col = tl.where(in_range, target, -1).to(tl.int32)
 
     if SINGLE_BLOCK:
-        # The whole row on chip: read once, loss and gradient from the same values. x stays in its
-        # own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
-        # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
-        x = tl.load(x_row + _offsets(cols, x_stride_v, UNIT_STRIDE), mask=cols < n_cols, other=-float("inf"))
-        m = tl.max(x, axis=0).to(tl.float32)
-        d = tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)  # masked lanes: exp(-inf) = 0
-        lse = m + tl.log(d)
-        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+        # The whole row on chip: read once, loss and gradient from the same values. It is held as BLOCK
+        # lanes followed by PIECE1 and PIECE2 more (0: none), as chapter 1's softmax holds a long row
+        # (`row_pieces`). x stays in its own dtype (bf16: two values per register) so a 50K-wide row
+        # fits; the max is exact in any dtype, and each use converts to fp32 on the fly rather than
+        # keeping an fp32 copy live.
+        x = _load_lanes(x_row, 0, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
+        if PIECE1 > 0:
+            x1 = _load_lanes(x_row, BLOCK, n_cols, x_stride_v, PIECE1, UNIT_STRIDE)
+        if PIECE2 > 0:
+            x2 = _load_lanes(x_row, BLOCK + PIECE1, n_cols, x_stride_v, PIECE2, UNIT_STRIDE)
+        m = tl.max(x, axis=0)
+        if PIECE1 > 0:
+            m = tl.maximum(m, tl.max(x1, axis=0))
+        if PIECE2 > 0:
+            m = tl.maximum(m, tl.max(x2, axis=0))
+        m = m.to(tl.float32)
+        d = _sum_exp(x, m)  # masked lanes: exp(-inf) = 0
+        if PIECE1 > 0:
+            d += _sum_exp(x1, m)
+        if PIECE2 > 0:
+            d += _sum_exp(x2, m)
+        tl.store(loss_ptr + row, _row_loss(m, d, x_target, counted))
         if HAS_GRAD:
-            p = tl.exp2((x.to(tl.float32) - lse) * LOG2E)  # softmax = exp(x - logsumexp)
-            grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
             if write_grad:
-                tl.store(g_row + _offsets(cols, g_stride_v, UNIT_STRIDE), grad.to(grad_ptr.dtype.element_ty),
-                         mask=cols < n_cols)
+                log2_d = tl.log2(d)
+                _store_grad(g_row, 0, n_cols, x, m, log2_d, target_col, scale, g_stride_v, BLOCK, UNIT_STRIDE)
+                if PIECE1 > 0:
+                    _store_grad(g_row, BLOCK, n_cols, x1, m, log2_d, target_col, scale, g_stride_v, PIECE1,
+                                UNIT_STRIDE)
+                if PIECE2 > 0:
+                    _store_grad(g_row, BLOCK + PIECE1, n_cols, x2, m, log2_d, target_col, scale, g_stride_v,
+                                PIECE2, UNIT_STRIDE)
     else:
         # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
         # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
@@ -143,23 +196,18 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         m = tl.full([BLOCK], -float("inf"), tl.float32)
         d = tl.zeros([BLOCK], tl.float32)
         for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-            x = tl.load(x_row + _offsets(start + cols, x_stride_v, UNIT_STRIDE), mask=start + cols < n_cols,
-                        other=-float("inf")).to(tl.float32)
+            x = _load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE).to(tl.float32)
             m, d = online_update(m, d, x)
         m_row, d_row = online_combine(m, d)
-        lse = m_row + tl.log(d_row)
-        tl.store(loss_ptr + row, tl.where(counted, lse - x_target, 0.0))
+        tl.store(loss_ptr + row, _row_loss(m_row, d_row, x_target, counted))
         if HAS_GRAD:
             if write_grad:
                 # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
+                log2_d = tl.log2(d_row)
                 for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                    mask = start + cols < n_cols
-                    x = tl.load(x_row + _offsets(start + cols, x_stride_v, UNIT_STRIDE), mask=mask,
-                                other=-float("inf")).to(tl.float32)
-                    p = tl.exp2((x - lse) * LOG2E)
-                    grad = (p - tl.where(start + cols == target_col, 1.0, 0.0)) * scale
-                    tl.store(g_row + _offsets(start + cols, g_stride_v, UNIT_STRIDE),
-                             grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                    x = _load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
+                    _store_grad(g_row, start, n_cols, x, m_row, log2_d, target_col, scale, g_stride_v, BLOCK,
+                                UNIT_STRIDE)
 
 
 @triton.jit
@@ -169,8 +217,8 @@ def _cross_entropy_fwd_kernel(
     x_stride_b, x_stride_t, x_stride_v,      # strides of the logits (any layout, read in place)
     g_stride_b, g_stride_t, g_stride_v,      # strides of the gradient buffer
     n_cols, ignore_index,
-    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
-    STOP_ON_BAD: tl.constexpr,
+    BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, STOP_ON_BAD: tl.constexpr,
     UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Gradient scale of counted rows: 1 for "sum"/"none" (and an fp16 "mean", see cross_entropy_forward),
@@ -188,12 +236,13 @@ def _cross_entropy_fwd_kernel(
         _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
                            write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
                            g_stride_b, g_stride_t, g_stride_v,
-                           n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
+                           n_cols, ignore_index, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
     else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, write_grad,
                                rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
-                               n_cols, ignore_index, BLOCK, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
+                               n_cols, ignore_index, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE,
+                               STAGES)
 
 
 @triton.jit
@@ -314,11 +363,12 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     rows_per_batch, xsb, xst, xsv = _row_layout(logits)
     _, gsb, gst, gsv = _row_layout(grad) if grad is not None else (0, 0, 0, 0)
     block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
+    first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
     fold_mean = reduction == "mean" and logits.dtype != torch.float16
     launch(_cross_entropy_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
-           BLOCK=block, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
+           BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
            STOP_ON_BAD=bad_targets.will_check, UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES,
            num_warps=num_warps)
     grad_scale = None
@@ -373,7 +423,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @no_double_backward
     def backward(ctx, dloss):
         grad = ctx.grad
         if grad is None:
@@ -416,7 +466,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.shape[-1] == 0:
         raise ValueError("cross_entropy: logits have 0 classes")
-    ignore_index = int(ignore_index)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"cross_entropy: ignore_index {ignore_index} does not fit in 64 bits")
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace and needs_grad:
         if logits.is_leaf:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, autotune, cdiv, check_tensor, launch
+from .runtime import FLOAT_DTYPES, autotune, cdiv, check_tensor, launch, no_double_backward
 
 
 @triton.jit
@@ -180,6 +180,7 @@ class DropoutFunction(torch.autograd.Function):
         return dropout_forward(x, p, seed)
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dy: torch.Tensor):
         # d(x * m * s)/dx = m * s: the backward is dropout of dy with the same seed.
         return dropout_forward(dy, ctx.p, ctx.seed), None, None

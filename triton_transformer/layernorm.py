@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
 
 #: Longest row held in registers as one block; longer rows loop over LOOP_BLOCK-wide chunks.
 MAX_FUSED_BLOCK = 16384
@@ -509,7 +509,10 @@ def _as_rows(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
 
 
 def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """t viewed as `shape`, without a view op when it already has it."""
+    """t viewed as `shape`, without a view op when it already has it.
+
+    A Function's (rows, N) result is given its shape by the public function, outside the Function: autograd
+    forbids modifying in place a view that a Function created and returned, so `y += r` would raise."""
     return t if t.shape == shape else t.view(shape)
 
 
@@ -533,9 +536,10 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.w_shape = weight.shape if weight is not None else None
         ctx.b_shape = bias.shape if bias is not None else None
         ctx.b_dtype = bias.dtype if bias is not None else None
-        return _shaped(y2, x.shape)
+        return y2  # (rows, N): `layer_norm` gives it x's shape, outside the Function (see `_shaped`)
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dy):
         x2, w, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -597,7 +601,7 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        return LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype)
+        return _shaped(LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype), x.shape)
     # Inference: no autograd context and no statistics stored.
     y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), *_flat_params(weight, bias), float(eps),
                                   store_stats=False, out_dtype=out_dtype)
@@ -613,7 +617,7 @@ def _add_layer_norm_forward(x, r, rb, n_rows: int, n_cols: int, w, b, eps: float
     `w`, `b` and `rb` (the residual's bias or None) are flattened (`_flat_params`)."""
     h2 = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
     y2, mean, rstd = layer_norm_forward(_as_rows(x, n_rows, n_cols), w, b, eps,
-                                        store_stats=store_stats, out_dtype=out_dtype,
+                                        store_stats=store_stats, out_dtype=out_dtype or h2.dtype,
                                         residual=_as_rows(r, n_rows, n_cols), h=h2, residual_bias=rb)
     return y2, h2, mean, rstd
 
@@ -644,9 +648,10 @@ class AddLayerNormFunction(torch.autograd.Function):
         ctx.w_shape = weight.shape if weight is not None else None
         ctx.b_shape, ctx.b_dtype = (bias.shape, bias.dtype) if bias is not None else (None, None)
         ctx.rb_dtype, ctx.rb_shape = (rb.dtype, rb.shape) if rb is not None else (None, None)
-        return y2.view(x.shape), h2.view(x.shape)
+        return y2, h2  # (rows, N): `add_layer_norm` gives them x's shape (see `_shaped`)
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dy, dh):
         h2, w, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = h2.shape
@@ -689,8 +694,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
         raise ValueError(f"add_layer_norm: residual has shape {list(residual.shape)} but x has {list(x.shape)}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, residual, residual_bias, weight, bias)):
-        return AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),
-                                          out_dtype)
+        y2, h2 = AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),
+                                            out_dtype)
+        return _shaped(y2, x.shape), _shaped(h2, x.shape)
     w, b, rb = _flat_params(weight, bias, residual_bias)
     y2, h2, _, _ = _add_layer_norm_forward(x, residual, rb, n_rows, n_cols, w, b, float(eps), out_dtype, False)
-    return y2.view(x.shape), h2.view(x.shape)
+    return _shaped(y2, x.shape), _shaped(h2, x.shape)

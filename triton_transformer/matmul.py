@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, no_double_backward
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -178,10 +178,11 @@ def _activation(z, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr = F
     (LOW_PRECISION_OUT) a compiled kernel takes tanh.approx, one instruction where the sigmoid form
     needs an exponential and two divisions.
     """
+    # relu keeps a NaN, as torch.relu does (the GPU's max instruction alone would return the 0)
     if ACTIVATION == 1:
-        y = tl.maximum(z, 0.0)
+        y = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 2:
-        r = tl.maximum(z, 0.0)
+        r = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
         y = r * r
     elif ACTIVATION == 3:
         if LOW_PRECISION_OUT and FAST_TANH:
@@ -197,14 +198,15 @@ def _activation(z, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr = F
 def _activation_grad(s, ACTIVATION: tl.constexpr):
     """act'(z) from what the forward saved: the output y for relu and relu^2, the pre-activation z for gelu.
 
-    relu:   y > 0  <=>  z > 0, so act' = [y > 0]
-    relu^2: act'(z) = 2 relu(z) = 2 sqrt(y)
+    relu:   y > 0  <=>  z > 0, so act' = [y > 0]; written [not y <= 0] so that a NaN passes the gradient on
+            as torch's relu backward does
+    relu^2: act'(z) = 2 relu(z) = 2 sqrt(y), NaN where y is
     gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2)
     """
     if ACTIVATION == 1:
-        g = tl.where(s > 0.0, 1.0, 0.0)
+        g = tl.where(s <= 0.0, 0.0, 1.0)
     elif ACTIVATION == 2:
-        g = 2.0 * tl.sqrt(tl.maximum(s, 0.0))
+        g = 2.0 * tl.sqrt(tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL))
     elif ACTIVATION == 3:
         sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s * s))
         g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s * s)
@@ -637,6 +639,11 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
     M, N = dy.shape
     if activation == 0 and not bias_grad:
         return dy, None
+    if dy.stride(1) * (N - 1) >= 2**31:
+        # The kernel's column offsets are 32-bit (64-bit ones would cost its vectorised loads). A gradient
+        # whose columns lie 2**31 elements apart or more (one that arrives transposed, past 2**31 elements)
+        # is read from a contiguous copy instead.
+        dy = dy.contiguous()
     dz = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if activation else dy
     db = torch.zeros(N, dtype=bias_dtype or dy.dtype, device=dy.device) if bias_grad else None
     if M == 0 or N == 0:
@@ -660,6 +667,16 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
 
 
 # ---------------------------------------------------------------- autograd and the public function
+
+
+def _unflatten(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The (rows, out) result given x's leading dimensions.
+
+    Done here, outside the autograd.Function: autograd forbids modifying in place a view that a Function
+    created and returned (it would bypass the Function's backward), so `y += r` on a reshaped result
+    would raise, where it works on F.linear's.
+    """
+    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[-1])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -700,10 +717,10 @@ class LinearFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        return y2  # (rows, out): `linear` gives it x's leading dimensions (see `_unflatten`)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the backward's kernels are not themselves differentiable
+    @no_double_backward
     def backward(ctx, dy):
         x2, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -741,10 +758,10 @@ class FeedForwardFunction(torch.autograd.Function):
         ctx.activation = activation
         ctx.x_shape = x.shape
         ctx.dtypes = [t.dtype if t is not None else None for t in (w1, b1, w2, b2)]
-        return y2.view(*x.shape[:-1], w2.shape[0])
+        return y2  # (rows, out), as LinearFunction's
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @no_double_backward
     def backward(ctx, dy):
         x2, w1, h, w2, z = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
@@ -777,13 +794,14 @@ def _check_activation(fn: str, activation) -> int:
     return ACTIVATIONS[activation]
 
 
-def _check_layer(fn: str, x: torch.Tensor, features: int, what: str, weight: torch.Tensor,
+def _check_layer(fn: str, x: torch.Tensor, features: int | None, what: str, weight: torch.Tensor,
                  bias: torch.Tensor | None, w: str = "weight", b: str = "bias") -> None:
-    """Clear errors for one projection of `features` inputs (x's last dimension, or a hidden width)."""
+    """Clear errors for one projection of `features` inputs (None: x's last dimension; or a hidden width)."""
     check_tensor(f"{fn} input x", x, dtypes=FLOAT_DTYPES)
     check_tensor(f"{fn} {w}", weight, dtypes=FLOAT_DTYPES, device=x.device, ndim=2)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least 1 dimension (..., in_features), got a scalar")
+    features = x.shape[-1] if features is None else features
     if not _mixed_ok(weight, x):
         raise TypeError(f"{fn}: {w} has dtype {str(weight.dtype)[6:]} but x has dtype {str(x.dtype)[6:]}; "
                         "cast one of them (as with F.linear, both must match)")
@@ -815,13 +833,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     are not needed.
     """
     act = _check_activation("linear", activation)
-    _check_layer("linear", x, x.shape[-1], "x", weight, bias)
+    _check_layer("linear", x, None, "x", weight, bias)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return LinearFunction.apply(x, weight, bias, act)
+        return _unflatten(LinearFunction.apply(x, weight, bias, act), x)
     # no gradient wanted: nothing is saved, no pre-activation is stored
     y2, _ = matmul(_rows(x), _as_dtype_of(weight, x).t(), bias, act)
-    return y2.view(*x.shape[:-1], weight.shape[0])
+    return _unflatten(y2, x)
 
 
 def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -834,11 +852,11 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     `linear`).
     """
     act = _check_activation("feed_forward", activation)
-    _check_layer("feed_forward", x, x.shape[-1], "x", w1, b1, "w1", "b1")
+    _check_layer("feed_forward", x, None, "x", w1, b1, "w1", "b1")
     _check_layer("feed_forward", x, w1.shape[0], "the hidden layer (w1's out_features)", w2, b2, "w2", "b2")
     tensors = [t for t in (x, w1, b1, w2, b2) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return FeedForwardFunction.apply(x, w1, b1, w2, b2, act)
+        return _unflatten(FeedForwardFunction.apply(x, w1, b1, w2, b2, act), x)
     h, _ = matmul(_rows(x), _as_dtype_of(w1, x).t(), b1, act)
     y2, _ = matmul(h, _as_dtype_of(w2, x).t(), b2)
-    return y2.view(*x.shape[:-1], w2.shape[0])
+    return _unflatten(y2, x)

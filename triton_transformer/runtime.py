@@ -208,6 +208,25 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def no_double_backward(backward):
+    """Decorate an autograd.Function's backward whose kernels are not themselves differentiable.
+
+    Under ``torch.autograd.grad(..., create_graph=True)`` (a gradient penalty, a Hessian-vector product)
+    autograd runs the backward with gradients enabled and would record nothing of our kernels: the
+    second-order terms would be missing from the result without a word. This raises instead.
+    """
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{backward.__qualname__.split('.')[0]}: double backward (create_graph=True) is not supported: "
+                "the backward's Triton kernels are not differentiable. Use the torch.nn.functional op where a "
+                "second derivative is needed.")
+        return backward(ctx, *grads)
+
+    return checked
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot`'s input_precision for inputs of `dtype`: fp32 follows torch's setting, exact fp32
     ("highest", PyTorch's default) or TF32 ("high"/"medium"); 16-bit inputs ignore it."""

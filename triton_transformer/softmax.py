@@ -7,7 +7,8 @@ Softmax is memory bound: it reads x once and writes y once (backward reads y and
 dy, writes dx), so the goal is to touch each byte exactly once. When the row fits
 in one block (up to MAX_FUSED_BLOCK elements) a program owns one row, and the row
 stays in registers between the max, the sum and the division: one read, one
-write. Longer rows stream through blocks twice: the first pass keeps a running
+write (a long row that a power-of-two block would pad heavily is held as two or
+three power-of-two pieces instead, see `row_pieces`). Longer rows stream through blocks twice: the first pass keeps a running
 max and a running sum rescaled whenever the max grows (the "online softmax" of
 Milakov & Gimelshein), the second writes the result. For those the grid is a few
 programs per SM, each looping over rows, so that the rows in flight fit in L2 and
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, check_tensor, launch, next_power_of_2, num_sms
+from .runtime import FLOAT_DTYPES, check_tensor, launch, next_power_of_2, no_double_backward, num_sms
 
 #: Longest row kept whole in registers (elements; 64K bf16 = 128 KB per program, measured fastest with
 #: 16 warps on an H100). fp32 rows get half. Longer rows take the two-pass online path.
@@ -37,6 +38,11 @@ ONLINE_BLOCK = 8192
 #: The forward, which keeps one row in flight where the backward keeps two, was fastest at 4 per SM.
 ONLINE_PROGRAMS_PER_SM = (4, 1)
 ONLINE_STAGES = 3
+#: Rows held on chip whose power-of-two block is at least this wide may be held as pieces (`row_pieces`);
+#: at (8192, 12000), a block of 16 384 against pieces of 8192 + 4096, the two measured the same.
+PIECES_FROM = 32768
+#: The smallest piece: 2 lanes a thread at 16 warps.
+MIN_PIECE = 1024
 
 # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction. A constexpr, because compiled
 # kernels may only read globals that are compile-time constants.
@@ -51,7 +57,9 @@ def online_update(m, d, x):
     has seen only -inf keeps d = 0 (exp(-inf - -inf) would be NaN). Cross-entropy (chapter 6)
     streams its vocabulary rows through the same two functions.
     """
-    m_new = tl.maximum(m, x)
+    # propagate_nan: a NaN in x must make the row NaN, as in PyTorch; the GPU's max instruction would
+    # return the other operand, and a NaN in a lane's first block would vanish from the row.
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp2((m - m_new) * LOG2E))
     d = d * alpha + tl.where(m_new == -float("inf"), 0.0, tl.exp2((x - m_new) * LOG2E))
     return m_new, d
@@ -82,8 +90,23 @@ def exp_and_sum(x, m):
 
 
 @triton.jit
+def _load_lanes(row_ptr, start, n, B: tl.constexpr):
+    """Lanes [start, start + B) of a row; those past `n` load as -inf, which max ignores and exp makes 0."""
+    cols = start + tl.arange(0, B)
+    return tl.load(row_ptr + cols, mask=cols < n, other=-float("inf"))
+
+
+@triton.jit
+def _store_lanes(row_ptr, start, n, e, inv_sum, B: tl.constexpr):
+    """y = e / sum on lanes [start, start + B) of a row, the lanes below `n` only."""
+    cols = start + tl.arange(0, B)
+    tl.store(row_ptr + cols, (e.to(tl.float32) * inv_sum).to(row_ptr.dtype.element_ty), mask=cols < n)
+
+
+@triton.jit
 def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per_matrix,
-                 BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, STAGES: tl.constexpr):
+                 BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+                 CAUSAL: tl.constexpr, STAGES: tl.constexpr):
     """y = softmax(x) of one row (int64 `row`: row * stride can pass 2**31 elements)."""
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
@@ -94,13 +117,35 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
         n_seen = tl.minimum(row % rows_per_matrix + 1, n_cols)
 
     if SINGLE_BLOCK:
-        # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output.
-        # x stays in its own dtype (bf16: two values per register) so a 50K-wide row fits
-        # on chip; the max is exact in any dtype, and exp_and_sum keeps the exponentials in it too.
-        x = tl.load(x_row + cols, mask=cols < n_seen, other=-float("inf"))
-        m = tl.max(x, axis=0).to(tl.float32)
+        # The row on chip, as BLOCK lanes followed by PIECE1 and PIECE2 more (0: none; see `row_pieces`).
+        # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output. x stays in its
+        # own dtype (bf16: two values per register) so a 50K-wide row fits on chip; the max is exact in
+        # any dtype, and exp_and_sum keeps the exponentials in it too. Every load is issued before the
+        # first reduction waits on one.
+        x = _load_lanes(x_row, 0, n_seen, BLOCK)
+        if PIECE1 > 0:
+            x1 = _load_lanes(x_row, BLOCK, n_seen, PIECE1)
+        if PIECE2 > 0:
+            x2 = _load_lanes(x_row, BLOCK + PIECE1, n_seen, PIECE2)
+        m = tl.max(x, axis=0)
+        if PIECE1 > 0:
+            m = tl.maximum(m, tl.max(x1, axis=0))
+        if PIECE2 > 0:
+            m = tl.maximum(m, tl.max(x2, axis=0))
+        m = m.to(tl.float32)
         e, d = exp_and_sum(x, m)
-        tl.store(y_row + cols, (e.to(tl.float32) * (1.0 / d)).to(y_ptr.dtype.element_ty), mask=cols < n_cols)
+        if PIECE1 > 0:
+            e1, d1 = exp_and_sum(x1, m)
+            d += d1
+        if PIECE2 > 0:
+            e2, d2 = exp_and_sum(x2, m)
+            d += d2
+        inv_sum = 1.0 / d
+        _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK)
+        if PIECE1 > 0:
+            _store_lanes(y_row, BLOCK, n_cols, e1, inv_sum, PIECE1)
+        if PIECE2 > 0:
+            _store_lanes(y_row, BLOCK + PIECE1, n_cols, e2, inv_sum, PIECE2)
     else:
         # Pass 1: per-lane running max m and running sum d of exp(x - m). tl.range's stages let
         # the loads of the next blocks start while this one is reduced.
@@ -120,15 +165,15 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
 
 @triton.jit
 def _softmax_fwd_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_rows, n_cols, rows_per_matrix,
-                        BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
+                        SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, STAGES: tl.constexpr):
     if SINGLE_BLOCK:  # a program per row
         _softmax_row(x_ptr, y_ptr, tl.program_id(0).to(tl.int64), x_row_stride, y_row_stride, n_cols,
-                     rows_per_matrix, BLOCK, SINGLE_BLOCK, CAUSAL, STAGES)
+                     rows_per_matrix, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, CAUSAL, STAGES)
     else:  # a few programs per SM, program p doing rows p, p + P, p + 2P, ...
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols,
-                         rows_per_matrix, BLOCK, SINGLE_BLOCK, CAUSAL, STAGES)
+                         rows_per_matrix, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, CAUSAL, STAGES)
 
 
 @triton.jit
@@ -189,6 +234,37 @@ def _launch_params(n_cols: int, element_size: int = 2, rows_held: int = 1) -> tu
     return block, single, num_warps
 
 
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def row_pieces(n_cols: int, block: int) -> tuple[int, int, int]:
+    """The lanes that hold a row of `n_cols` on chip: (first piece, second, third), 0 for a piece not used.
+
+    `tl.arange` needs a power of two, so a row is one block of `block` = next_power_of_2(n_cols) lanes,
+    and at GPT-2's 50 304 columns 23% of the 65 536 lanes are padding: loaded (masked), exponentiated
+    and reduced like the rest. In a long row that is what bounds the kernel (one program per SM holds
+    the row; its arithmetic does not overlap its memory traffic), so a long row whose block pads it by
+    more than 1/8 is held instead as up to three power-of-two pieces: the largest power of two below
+    n_cols, the largest below the rest, and what remains rounded up (50 304 = 32 768 + 16 384 + 2 048,
+    2% padding). Measured on the H100 (bf16 forward, do_bench, `benchmarks/experiments/pieces.py`):
+    (8192, 50304) 655 us (2515 GB/s) against 733 us (2249 GB/s) for the padded block, a copy 548 us;
+    (8192, 40000) 550 against 643 us; (8192, 20000) 249 against 334 us. Rows with little padding keep one
+    block: three pieces of 16 384 + 8 192 + 8 192 for (8192, 32000) took 466 us against 397.
+    """
+    if block < PIECES_FROM or n_cols == block:
+        return block, 0, 0
+    first = _prev_power_of_2(n_cols)
+    rest = n_cols - first
+    second = max(MIN_PIECE, _prev_power_of_2(rest))
+    third = max(MIN_PIECE, next_power_of_2(rest - second)) if rest > second else 0
+    if third == second:  # two equal pieces make one
+        second, third = 2 * second, 0
+    if second == first or 8 * (first + second + third) > 7 * block:
+        return block, 0, 0
+    return first, second, third
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D (rows, cols) view with unit column stride, copying only when a view cannot do."""
     if t.dim() == 2 and t.stride(-1) == 1:  # already rows: no reshape op (each costs microseconds of host time)
@@ -206,9 +282,11 @@ def softmax_forward(x2: torch.Tensor, causal: bool = False, rows_per_matrix: int
     n_rows, n_cols = x2.shape
     y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     block, single, num_warps = _launch_params(n_cols, x2.element_size())
+    first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
     launch(_softmax_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM[0], x2.device),
            x2, y2, x2.stride(0), y2.stride(0), n_rows, n_cols, rows_per_matrix,
-           BLOCK=block, SINGLE_BLOCK=single, CAUSAL=causal, STAGES=ONLINE_STAGES, num_warps=num_warps)
+           BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, CAUSAL=causal, STAGES=ONLINE_STAGES,
+           num_warps=num_warps)
     return y2
 
 
@@ -234,6 +312,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return y2 if x.dim() == 2 else y2.view(shape)
 
     @staticmethod
+    @no_double_backward
     def backward(ctx, dy: torch.Tensor):
         (y2,) = ctx.saved_tensors
         dx2 = softmax_backward(y2, _as_rows(dy))
@@ -247,10 +326,12 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
     of each trailing (M, N) matrix whenever j > i, as attention scores need.
     """
     check_tensor("softmax input", x, dtypes=FLOAT_DTYPES)
-    if x.dim() == 0:
-        return softmax(x.reshape(1), 0).reshape(())
-    if not -x.dim() <= dim < x.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"softmax: dim must be an int, got {type(dim).__name__}")
+    if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):  # a 0-dim tensor takes dim 0 or -1, as in torch
         raise IndexError(f"softmax: dim {dim} is out of range for a tensor of {x.dim()} dimensions")
+    if x.dim() == 0:
+        return softmax(x.reshape(1), 0, causal).reshape(())
     dim = dim % x.dim()
     if causal and (dim != x.dim() - 1 or x.dim() < 2):
         raise ValueError("softmax: causal=True needs dim=-1 on a tensor of at least 2 dimensions (..., M, N)")

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
 from .attention import split_heads
+from .attention import MAX_HEAD_DIM
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
 from .layernorm import add_layer_norm as tt_add_layer_norm
@@ -79,6 +80,20 @@ class TransformerConfig:
     ff_dropout: float = 0.0
     use_triton: bool = True
     ignore_index: int = -100  # labels equal to this (and padded positions) do not count in the loss
+
+    def __post_init__(self):
+        # A clear error now, rather than a shape error from the first forward (or, for a dropout, the first
+        # training step).
+        for name in ("num_tokens", "max_seq_len", "dim", "depth", "heads", "dim_head", "ff_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
+        for name in ("attn_dropout", "ff_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TransformerConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.use_triton and self.dim_head > MAX_HEAD_DIM:
+            raise ValueError(f"TransformerConfig: dim_head={self.dim_head} is past the {MAX_HEAD_DIM} the Triton "
+                             "attention kernels hold in registers (use_triton=False runs any size)")
 
 
 # ---------------------------------------------------------------- the operations, two ways
@@ -402,8 +417,11 @@ class Transformer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"x must be a (batch, seq) tensor of token ids, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dtype.is_floating_point or x.dtype == torch.bool:
-            raise TypeError(f"x must hold integer token ids, got dtype {x.dtype}")
+        if x.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"x must hold token ids as int64 or int32 (what an embedding takes), got {x.dtype}")
+        for name, t in (("mask", mask), ("labels", labels)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor of the shape of x, got {type(t).__name__}")
         device = self.token_emb.weight.device
         for name, t in (("x", x), ("mask", mask), ("labels", labels)):
             if t is not None and t.device != device:
@@ -469,6 +487,12 @@ class Transformer(nn.Module):
         use_cache = self.config.causal if use_cache is None else use_cache
         if use_cache and not self.config.causal:
             raise ValueError("use_cache=True needs a causal model (causal=True)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (batch, n) token ids with n >= 1, got shape {tuple(prompt.shape)}")
         total = prompt.shape[1] + max_new_tokens
