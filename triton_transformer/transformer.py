@@ -418,7 +418,7 @@ class Transformer(nn.Module):
             raise ValueError(f"x must be a (batch, seq) tensor of token ids, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"x must hold token ids as int64 or int32 (what an embedding takes), got {x.dtype}")
+            raise TypeError(f"x must hold integer token ids, int64 or int32 (what an embedding takes), got {x.dtype}")
         for name, t in (("mask", mask), ("labels", labels)):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a tensor of the shape of x, got {type(t).__name__}")
