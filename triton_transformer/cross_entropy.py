@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
-from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update, row_pieces
+from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update, pieces_max, row_pieces
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -163,16 +163,13 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         # fits; the max is exact in any dtype, and each use converts to fp32 on the fly rather than
         # keeping an fp32 copy live.
         x = _load_lanes(x_row, 0, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
+        x1 = x  # stand-ins for pieces the row does not have (pieces_max reads them only if it does)
+        x2 = x
         if PIECE1 > 0:
             x1 = _load_lanes(x_row, BLOCK, n_cols, x_stride_v, PIECE1, UNIT_STRIDE)
         if PIECE2 > 0:
             x2 = _load_lanes(x_row, BLOCK + PIECE1, n_cols, x_stride_v, PIECE2, UNIT_STRIDE)
-        m = tl.max(x, axis=0)
-        if PIECE1 > 0:
-            m = tl.maximum(m, tl.max(x1, axis=0))
-        if PIECE2 > 0:
-            m = tl.maximum(m, tl.max(x2, axis=0))
-        m = m.to(tl.float32)
+        m = pieces_max(x, x1, x2, PIECE1, PIECE2)
         d = _sum_exp(x, m)  # masked lanes: exp(-inf) = 0
         if PIECE1 > 0:
             d += _sum_exp(x1, m)

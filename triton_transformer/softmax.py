@@ -97,6 +97,18 @@ def _load_lanes(row_ptr, start, n, B: tl.constexpr):
 
 
 @triton.jit
+def pieces_max(x, x1, x2, PIECE1: tl.constexpr, PIECE2: tl.constexpr):
+    """The max, in fp32, of a row held as pieces x, x1, x2 (see `row_pieces`); x1 and x2 are not read when
+    their PIECE is 0 (pass x for them). Cross-entropy's row kernel holds its rows the same way."""
+    m = tl.max(x, axis=0)
+    if PIECE1 > 0:
+        m = tl.maximum(m, tl.max(x1, axis=0))
+    if PIECE2 > 0:
+        m = tl.maximum(m, tl.max(x2, axis=0))
+    return m.to(tl.float32)
+
+
+@triton.jit
 def _store_lanes(row_ptr, start, n, e, inv_sum, B: tl.constexpr):
     """y = e / sum on lanes [start, start + B) of a row, the lanes below `n` only."""
     cols = start + tl.arange(0, B)
@@ -123,16 +135,13 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
         # any dtype, and exp_and_sum keeps the exponentials in it too. Every load is issued before the
         # first reduction waits on one.
         x = _load_lanes(x_row, 0, n_seen, BLOCK)
+        x1 = x  # stand-ins for pieces the row does not have (pieces_max reads them only if it does)
+        x2 = x
         if PIECE1 > 0:
             x1 = _load_lanes(x_row, BLOCK, n_seen, PIECE1)
         if PIECE2 > 0:
             x2 = _load_lanes(x_row, BLOCK + PIECE1, n_seen, PIECE2)
-        m = tl.max(x, axis=0)
-        if PIECE1 > 0:
-            m = tl.maximum(m, tl.max(x1, axis=0))
-        if PIECE2 > 0:
-            m = tl.maximum(m, tl.max(x2, axis=0))
-        m = m.to(tl.float32)
+        m = pieces_max(x, x1, x2, PIECE1, PIECE2)
         e, d = exp_and_sum(x, m)
         if PIECE1 > 0:
             e1, d1 = exp_and_sum(x1, m)
