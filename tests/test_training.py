@@ -108,6 +108,44 @@ def test_resume_is_exact_whatever_the_sampling_options_and_a_torn_log(corpus_fil
     assert losses(resumed.log_path) == losses(full.log_path)
 
 
+def test_a_stop_between_log_rows_resumes_to_the_same_rows(corpus_file, tmp_path):
+    """The loss summed since the last row travels in the checkpoint: stopped at step 4 of rows every 3 steps,
+    the resumed run's row at step 6 averages steps 4 to 6, as the uninterrupted run's does."""
+    kw = dict(steps=9, log_every=3)
+    full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
+    part = training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
+    assert part.step == 4 and list(losses(part.log_path)) == [3]
+    resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)
+    assert losses(resumed.log_path) == losses(full.log_path) and list(losses(full.log_path)) == [3, 6, 9]
+
+
+def test_the_command_line_keeps_runs_apart(corpus_file, tmp_path, capsys):
+    """A second fresh run into a run's directory is refused (--overwrite allows it); --resume PATH continues in
+    PATH's directory, not in the default one; settings that cannot train are refused before anything is written."""
+    def main(*args):
+        training.main(["--data", str(corpus_file), *TINY_ARGS, *args])
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    main("--steps", "4", "--out-dir", str(a), "--stop-at", "2")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main("--steps", "4", "--out-dir", str(a))
+    assert training.load_checkpoint(a / "ckpt.pt")["step"] == 2  # untouched
+    main("--steps", "3", "--out-dir", str(b))
+    main("--steps", "4", "--resume", str(a / "ckpt.pt"))  # no --out-dir: continues in a, not in runs/gpt
+    assert training.load_checkpoint(a / "ckpt.pt")["step"] == 4 and list(losses(a / "log.jsonl")) == [1, 2, 3, 4]
+    main("--steps", "4", "--resume", str(b))  # a run's directory names its checkpoint
+    assert training.load_checkpoint(b / "ckpt.pt")["step"] == 3  # finished at 3: the checkpoint's steps win
+    main("--steps", "2", "--out-dir", str(b), "--overwrite")
+    assert training.load_checkpoint(b / "ckpt.pt")["step"] == 2
+    for bad, message in ((["--top-k", "0"], "--top-k must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
+                         (["--heads", "0"], "--heads must be at least 1"), (["--steps", "0"], "--steps must be"),
+                         (["--dropout", "1.5"], "--dropout must be in")):
+        with pytest.raises(SystemExit, match=message):
+            main("--steps", "2", "--out-dir", str(tmp_path / "bad"), *bad)
+        assert not (tmp_path / "bad").exists()  # refused before anything was written
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_save_interrupted_between_its_renames_keeps_a_checkpoint(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt.pt"
     training.save_checkpoint({"step": 1}, ckpt)

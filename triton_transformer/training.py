@@ -887,6 +887,35 @@ def _progress_bar(**kwargs):
     return tqdm(**kwargs)
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """A clear TrainingError for settings that cannot train, before anything is read or written.
+
+    Without it they surfaced as tracebacks from deep inside (a learning rate the optimizer refuses, heads of
+    0 dividing by zero), as a run that "finished" with NaN losses (a batch of 0 sequences), or as a crash at
+    the first text sample, after the steps before it were trained and before they were saved (top_k 0).
+    """
+    def need(ok: bool, what: str):
+        if not ok:
+            raise TrainingError(what)
+
+    for name in ("dim", "depth", "heads", "dim_head", "seq_len", "ff_mult", "batch_size", "grad_accum", "steps",
+                 "eval_batches", "log_every"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_every", "sample_every", "sample_len", "prompt_len", "ckpt_every"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    need(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight-decay and --grad-clip must be 0 or more")
+    need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, f"--beta1 and --beta2 must be in [0, 1), got "
+                                                           f"{cfg.beta1}, {cfg.beta2}")
+    need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32), got {cfg.seed}")
+    need(cfg.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}")
+    need(cfg.top_k is None or cfg.top_k >= 1, f"--top-k must be at least 1, got {cfg.top_k}")
+    need(cfg.stop_at is None or cfg.stop_at >= 1, f"--stop-at must be at least 1, got {cfg.stop_at}")
+    need(cfg.val_fraction > 0, f"val_fraction must be positive, got {cfg.val_fraction}")
+
+
 def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> TrainResult:
     """Train (or resume) one run; see the module docstring. `resume`: True for out_dir/ckpt.pt, or a path."""
     d = setup_distributed(cfg)  # joins the process group under torchrun and stays in it (see shutdown_distributed)
@@ -901,8 +930,16 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         state = None
         if resume:
             ckpt_path = Path(cfg.out_dir) / "ckpt.pt" if resume is True else Path(resume)
+            if ckpt_path.is_dir():  # --resume RUN_DIR
+                ckpt_path = ckpt_path / "ckpt.pt"
+            explicit = getattr(cfg, "explicit", set())
             state = load_checkpoint(ckpt_path)
             cfg = _merge_resume_config(cfg, state["config"], say)
+            if resume is not True and "out_dir" not in explicit:
+                # --resume PATH continues the run where it was written, not in the default runs/gpt (whose own
+                # checkpoint and log it would otherwise replace)
+                cfg.out_dir = str(ckpt_path.parent)
+        check_config(cfg)
         if cfg.device == "auto" and d.device.type == "cpu" and cfg.use_triton and d.main:
             say("note: no GPU, so the Triton kernels run in Triton's CPU interpreter (slow; --no-triton is faster)")
 
@@ -931,6 +968,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             return torch.autocast(device_type=d.device.type, dtype=amp_dtype)
 
         step, elapsed_before, tokens_seen = 0, 0.0, 0
+        log_from, loss_since_log = 0, 0.0
         # dropout draws from here: seeded per rank so the processes do not share masks
         torch.manual_seed(cfg.seed + d.rank)
         random.seed(cfg.seed + d.rank)
@@ -941,6 +979,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+            # the training loss of the steps since the last log row: the first row after resuming averages
+            # the same steps, with the same values, as it would have without the stop
+            log_from, loss_since_log = int(state.get("log_from", step)), float(state.get("loss_since_log", 0.0))
             tokens_seen = int(state.get("tokens", 0))
             rngs = state["rng"]
             if len(rngs) == d.world:
@@ -1011,10 +1052,11 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                     "machine, seconds once Triton's cache (~/.triton) holds them")
 
         rows, samples = [], []
-        last = dict(step=step, time=time.perf_counter())
+        # the loss window starts at the last log row (before a stop, when resumed); the clock at this step
+        last = dict(step=log_from if step > 0 else step, clock_step=step, time=time.perf_counter())
         t_start = time.perf_counter()
         steady, intervals = dict(tokens=0, time=0.0), 0
-        loss_sum = torch.zeros((), device=d.device)
+        loss_sum = torch.full((), loss_since_log, device=d.device)
         train_loss = val_loss = tps = mfu = None
         interrupted = False
 
@@ -1025,7 +1067,10 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
 
                 rngs = [None] * d.world
                 dist.all_gather_object(rngs, _rng_state())
+            # the loss summed since the last log row (averaged over processes, as the log row will be)
+            since_log = _all_reduce(loss_sum.clone(), d).item()
             return {"format": "triton_transformer.training/1", "step": step, "config": dataclasses.asdict(cfg),
+                    "log_from": last["step"], "loss_since_log": since_log,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                     "tokens": tokens_seen, "elapsed": elapsed_before + time.perf_counter() - t_start,
@@ -1056,7 +1101,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                 final = step == cfg.steps
                 do_eval = final or bool(cfg.eval_every and step % cfg.eval_every == 0)
                 do_sample = sample_len > 0 and (final or bool(cfg.sample_every and step % cfg.sample_every == 0))
-                do_log = do_eval or do_sample or step % cfg.log_every == 0 or step == cfg.stop_at
+                # (a stop between log rows writes none: the checkpoint carries the loss since the last row, and
+                # the resumed run's next row is the one the uninterrupted run writes)
+                do_log = do_eval or do_sample or step % cfg.log_every == 0
                 row = None
                 if do_log:
                     # .item() waits for the GPU: the only synchronisation in a logged step replayed as a CUDA
@@ -1064,17 +1111,17 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                     train_loss = _all_reduce(loss_sum, d).item() / (step - last["step"])
                     loss_sum.zero_()
                     now = time.perf_counter()
-                    tps = (step - last["step"]) * tokens_per_step / (now - last["time"])
+                    tps = (step - last["clock_step"]) * tokens_per_step / (now - last["time"])
                     intervals += 1
                     if intervals > 1:  # the first interval holds compilation and warm-up: not steady state
-                        steady["tokens"] += (step - last["step"]) * tokens_per_step
+                        steady["tokens"] += (step - last["clock_step"]) * tokens_per_step
                         steady["time"] += now - last["time"]
                     mfu = fpt * tps / (peak * d.world) if peak else None
                     row = {"step": step, "loss": round(train_loss, 5), "val_loss": None, "val_bpb": None,
                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
                            "mfu": round(mfu, 4) if mfu is not None else None, "tokens": tokens_seen,
                            "time": round(elapsed_before + now - t_start, 3)}
-                    last.update(step=step, time=now)
+                    last.update(step=step, clock_step=step, time=now)
                     bar.set_postfix_str(f"loss {train_loss:.3f} · {tps:,.0f} tok/s"
                                         + (f" · MFU {mfu:.1%}" if mfu is not None else ""), refresh=False)
                 paused = None
@@ -1296,7 +1343,10 @@ def argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float)
     g.add_argument("--out-dir", help="log.jsonl and ckpt.pt go here (default runs/gpt)")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue exactly from OUT_DIR/ckpt.pt, or from CKPT")
+                   help="continue exactly from OUT_DIR/ckpt.pt, or from CKPT (a file, or a run's directory; the "
+                        "run continues there)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT_DIR that already holds a run (without it, train.py refuses)")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"])
     g.add_argument("--progress", action=B, help="show the progress bar")
     g = p.add_argument_group("benchmark")
@@ -1353,6 +1403,10 @@ def main(argv=None) -> int:
                                     "on the CPU anyway)")
             compare(cfg, providers=args.providers, record=not args.no_record, scaling=args.scaling)
         else:
+            existing = Path(cfg.out_dir) / "ckpt.pt"
+            if not args.resume and not args.overwrite and existing.exists():
+                raise TrainingError(f"{cfg.out_dir} already holds a run ({existing}): --resume continues it, "
+                                    "--out-dir DIR starts a new run elsewhere, --overwrite replaces it")
             result = train(cfg, resume=args.resume)
             if result.log_path is not None and result.val_bpb is not None and not result.interrupted:
                 print(f"done: step {result.step}, val {result.val_bpb:.4f} bits/byte; log {result.log_path}, "
