@@ -136,6 +136,8 @@ def test_bad_arguments_raise_clear_errors(device):
         tt.attention(q, q, q, dropout_p="0.1")
     with pytest.raises(ValueError, match="heads a positive int"):
         tt.attention_qkv(torch.randn(1, 4, 48, device=device), True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        tt.linear(x, torch.randn(3, 8, device=device), activation=["relu"])
     with pytest.raises(ValueError, match="x must have at least 1 dimension"):
         tt.linear(torch.tensor(1.0, device=device), torch.randn(3, 1, device=device))
     for bad in (dict(heads=0), dict(dim_head=200), dict(attn_dropout=1.5), dict(depth=-1)):

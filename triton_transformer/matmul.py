@@ -788,7 +788,7 @@ def _mixed_ok(param: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def _check_activation(fn: str, activation) -> int:
-    if activation not in ACTIVATIONS:
+    if not (activation is None or isinstance(activation, str)) or activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: unknown activation {activation!r}; choose one of "
                          f"{', '.join(repr(a) for a in ACTIVATIONS)}")
     return ACTIVATIONS[activation]
