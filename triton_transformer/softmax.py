@@ -8,8 +8,9 @@ dy, writes dx), so the goal is to touch each byte exactly once. When the row fit
 in one block (up to MAX_FUSED_BLOCK elements) a program owns one row, and the row
 stays in registers between the max, the sum and the division: one read, one
 write (a long row that a power-of-two block would pad heavily is held as two or
-three power-of-two pieces instead, see `row_pieces`). Longer rows stream through blocks twice: the first pass keeps a running
-max and a running sum rescaled whenever the max grows (the "online softmax" of
+three power-of-two pieces instead, see `row_pieces`). Longer rows stream through
+blocks twice: the first pass keeps a running max and a running sum rescaled
+whenever the max grows (the "online softmax" of
 Milakov & Gimelshein), the second writes the result. For those the grid is a few
 programs per SM, each looping over rows, so that the rows in flight fit in L2 and
 the second pass reads its row from there rather than from HBM.
