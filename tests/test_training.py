@@ -133,8 +133,10 @@ def test_the_command_line_keeps_runs_apart(corpus_file, tmp_path, capsys):
     main("--steps", "3", "--out-dir", str(b))
     main("--steps", "4", "--resume", str(a / "ckpt.pt"))  # no --out-dir: continues in a, not in runs/gpt
     assert training.load_checkpoint(a / "ckpt.pt")["step"] == 4 and list(losses(a / "log.jsonl")) == [1, 2, 3, 4]
+    capsys.readouterr()
     main("--steps", "4", "--resume", str(b))  # a run's directory names its checkpoint
     assert training.load_checkpoint(b / "ckpt.pt")["step"] == 3  # finished at 3: the checkpoint's steps win
+    assert "nothing left to train" in capsys.readouterr().out
     main("--steps", "2", "--out-dir", str(b), "--overwrite")
     assert training.load_checkpoint(b / "ckpt.pt")["step"] == 2
     for bad, message in ((["--top-k", "0"], "--top-k must be at least 1"), (["--lr", "-1"], "--lr must be positive"),

@@ -987,9 +987,15 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             if len(rngs) == d.world:
                 _set_rng_state(rngs[d.rank])
             else:
-                say(f"note: the checkpoint was written by {len(rngs)} processes, this run has {d.world}: "
-                    "random states are reseeded, so dropout masks differ from the original run")
+                per_process = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+                say(f"note: the checkpoint was written by {len(rngs)} processes, this run has {d.world}: each "
+                    f"step now trains on {per_process * d.world:,} tokens instead of {per_process * len(rngs):,} "
+                    "(the batch is per process), and random states are reseeded, so dropout masks differ "
+                    "from the original run")
             say(f"resumed from {ckpt_path} at step {step}")
+            if step >= cfg.steps:
+                say(f"note: the checkpoint is at step {step}, the last of its run: nothing left to train (the run's "
+                    "length, which its learning-rate schedule ends at, cannot change on resume)")
             del state
 
         model = raw_model
