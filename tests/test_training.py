@@ -148,6 +148,25 @@ def test_the_command_line_keeps_runs_apart(corpus_file, tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_run_stopped_by_a_signal_exits_130(corpus_file, tmp_path, monkeypatch):
+    """Ctrl-C saves and returns, but train.py's exit status says the run did not finish (--stop-at exits 0)."""
+    calls = {"n": 0}
+    real = training.get_batch
+
+    def get_batch_then_ctrl_c(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "get_batch", get_batch_then_ctrl_c)
+    args = ["--data", str(corpus_file), *TINY_ARGS, "--steps", "5"]
+    assert training.main([*args, "--out-dir", str(tmp_path / "a")]) == 130
+    assert training.load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"] == 2
+    monkeypatch.setattr(training, "get_batch", real)
+    assert training.main([*args, "--stop-at", "2", "--out-dir", str(tmp_path / "b")]) == 0
+
+
 def test_a_save_interrupted_between_its_renames_keeps_a_checkpoint(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt.pt"
     training.save_checkpoint({"step": 1}, ckpt)

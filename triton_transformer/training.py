@@ -1417,6 +1417,8 @@ def main(argv=None) -> int:
             if result.log_path is not None and result.val_bpb is not None and not result.interrupted:
                 print(f"done: step {result.step}, val {result.val_bpb:.4f} bits/byte; log {result.log_path}, "
                       f"checkpoint {result.checkpoint}")
+            if result.interrupted and result.step != result.config.stop_at:
+                return 130  # stopped by Ctrl-C or SIGTERM (saved, resumable): not a success for a script's `&&`
     except TrainingError as err:
         raise SystemExit(f"train.py: error: {err}") from None
     except KeyboardInterrupt:
