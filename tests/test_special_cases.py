@@ -63,12 +63,14 @@ def test_relu_keeps_nan_as_torch(activation, device):
 
 
 def test_results_may_be_modified_in_place(device):
-    """As with F.linear and F.layer_norm, `y += r` on a result (of any shape) works, and the gradients
-    are those of the out-of-place expression."""
+    """As with F.linear, F.layer_norm and F.cross_entropy(reduction="none"), `y += r` on a result (of any shape)
+    works, and the gradients are those of the out-of-place expression. (softmax and attention_qkv save their
+    output for the backward, so there, as in PyTorch, an in-place change of it is an error.)"""
     x = torch.randn(2, 3, 8, device=device, requires_grad=True)
     w = torch.randn(6, 8, device=device, requires_grad=True)
     w1, w2 = torch.randn(16, 8, device=device), torch.randn(8, 16, device=device)
     n = torch.ones(8, device=device)
+    t = torch.tensor([[1, 2, 3], [4, 5, 6]], device=device)
     cases = {
         "linear": (lambda: tt.linear(x, w), lambda: F.linear(x, w)),
         "linear 2-D": (lambda: tt.linear(x[0], w), lambda: F.linear(x[0], w)),
@@ -76,6 +78,8 @@ def test_results_may_be_modified_in_place(device):
                          lambda: F.linear(F.linear(x, w1), w2)),
         "layer_norm": (lambda: tt.layer_norm(x, (8,), n), lambda: F.layer_norm(x, (8,), n)),
         "add_layer_norm y": (lambda: tt.add_layer_norm(x, x, (8,), n)[0], lambda: F.layer_norm(x + x, (8,), n)),
+        "cross_entropy none": (lambda: tt.cross_entropy(x, t, reduction="none"),
+                               lambda: F.cross_entropy(x.flatten(0, 1), t.flatten(), reduction="none").view(2, 3)),
     }
     for name, (ours, ref) in cases.items():
         y, y_ref = ours(), ref()
@@ -140,15 +144,21 @@ def test_bad_arguments_raise_clear_errors(device):
         tt.linear(x, torch.randn(3, 8, device=device), activation=["relu"])
     with pytest.raises(ValueError, match="x must have at least 1 dimension"):
         tt.linear(torch.tensor(1.0, device=device), torch.randn(3, 1, device=device))
-    for bad in (dict(heads=0), dict(dim_head=200), dict(attn_dropout=1.5), dict(depth=-1)):
+    for bad in (dict(heads=0), dict(dim=1.5), dict(attn_dropout=1.5), dict(depth=-1)):
         with pytest.raises(ValueError, match="TransformerConfig: "):
             tt.Transformer(**{**dict(num_tokens=16, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=8), **bad})
-    model = tt.Transformer(num_tokens=16, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=8, causal=True).to(device)
+    np = pytest.importorskip("numpy")  # numpy and torch integers are ints, as PyTorch's ops take them
+    assert tt.softmax(x, np.int64(1)).shape == x.shape
+    tt.cross_entropy(x, torch.tensor([1, 2], device=device), ignore_index=np.int64(-100))
+    tt.attention(q, q, q, dropout_p=np.float32(0.1), seed=np.int64(3))
+    model = tt.Transformer(num_tokens=16, max_seq_len=8, dim=np.int64(16), depth=1, heads=2, dim_head=8,
+                           causal=True).to(device)
     ids = torch.randint(0, 16, (2, 6), device=device)
     with pytest.raises(TypeError, match="mask must be a tensor"):
         model(ids, mask=[[True] * 6] * 2)
     with pytest.raises(TypeError, match="int64 or int32"):
         model(ids.to(torch.uint8))
+    assert model.generate(ids[:, :2], np.int64(1)).shape == (2, 3)
     for kwargs, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=1, temperature=-1.0),
                           "temperature"), (dict(max_new_tokens=1, top_k=0), "top_k")):
         with pytest.raises(ValueError, match=match):

@@ -108,6 +108,15 @@ def test_resume_is_exact_whatever_the_sampling_options_and_a_torn_log(corpus_fil
     assert losses(resumed.log_path) == losses(full.log_path)
 
 
+def test_resuming_from_python_writes_where_the_config_says(corpus_file, tmp_path):
+    """train(cfg, resume=PATH) continues PATH's run in cfg.out_dir (a copy elsewhere), leaving PATH's run as it was;
+    only the command line's --resume PATH without --out-dir continues in PATH's directory."""
+    src = training.train(cfg(corpus_file, tmp_path / "src", steps=6, stop_at=3))
+    copy = training.train(cfg(corpus_file, tmp_path / "dst", steps=6), resume=src.checkpoint)
+    assert copy.step == 6 and Path(copy.checkpoint).parent == tmp_path / "dst" / "run"
+    assert training.load_checkpoint(src.checkpoint)["step"] == 3
+
+
 def test_a_stop_between_log_rows_resumes_to_the_same_rows(corpus_file, tmp_path):
     """The loss summed since the last row travels in the checkpoint: stopped at step 4 of rows every 3 steps,
     the resumed run's row at step 6 averages steps 4 to 6, as the uninterrupted run's does."""
@@ -137,11 +146,14 @@ def test_the_command_line_keeps_runs_apart(corpus_file, tmp_path, capsys):
     main("--steps", "4", "--resume", str(b))  # a run's directory names its checkpoint
     assert training.load_checkpoint(b / "ckpt.pt")["step"] == 3  # finished at 3: the checkpoint's steps win
     assert "nothing left to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already holds a run"):  # resuming a into b would replace b's run
+        main("--steps", "4", "--resume", str(a / "ckpt.pt"), "--out-dir", str(b))
     main("--steps", "2", "--out-dir", str(b), "--overwrite")
     assert training.load_checkpoint(b / "ckpt.pt")["step"] == 2
     for bad, message in ((["--top-k", "0"], "--top-k must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
                          (["--heads", "0"], "--heads must be at least 1"), (["--steps", "0"], "--steps must be"),
-                         (["--dropout", "1.5"], "--dropout must be in")):
+                         (["--dropout", "1.5"], "--dropout must be in"),
+                         (["--use-triton", "--dim-head", "256"], "--dim-head 256 is past")):
         with pytest.raises(SystemExit, match=message):
             main("--steps", "2", "--out-dir", str(tmp_path / "bad"), *bad)
         assert not (tmp_path / "bad").exists()  # refused before anything was written

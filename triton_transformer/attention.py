@@ -61,8 +61,8 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_mask, keep_mask_2d
-from .runtime import (FLOAT_DTYPES, autotune, cdiv, check_tensor, dot_precision, launch, no_double_backward,
-                      pow2_at_least_16)
+from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, launch,
+                      no_double_backward, pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -635,8 +635,8 @@ class AttentionFunction(torch.autograd.Function):
 
 def _philox_key(dropout_p: float, seed: int | None) -> int:
     """The dropout seed as the kernels' signed 64-bit Philox key (as dropout() normalises it)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"attention: seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None:
+        seed = as_int("attention: seed", seed)
     if dropout_p > 0 and seed is None:
         seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))  # CPU generator: no GPU sync
     return (int(seed or 0) + 2**63) % 2**64 - 2**63
@@ -665,8 +665,7 @@ def _check_inputs(q, k, v, mask, dropout_p):
         if tuple(mask.shape) != (B, k.shape[2]):
             raise ValueError(f"attention: mask has shape {tuple(mask.shape)}; a key padding mask must be "
                              f"(batch, keys) = ({B}, {k.shape[2]})")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"attention: dropout_p must be a float, got {type(dropout_p).__name__}")
+    dropout_p = as_float("attention: dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
 
@@ -763,9 +762,14 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     split heads, without the copies that splitting and merging them cost.
     """
     check_tensor("attention_qkv: qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or qkv.shape[-1] % (3 * heads):
+    try:
+        n_heads = as_int("heads", heads)
+    except TypeError:
+        n_heads = 0
+    if n_heads < 1 or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"attention_qkv: the last dimension of qkv ({qkv.shape[-1]}) must be 3 * heads * head_dim "
                          f"with heads a positive int, got heads={heads!r}")
+    heads = n_heads
     qkv = qkv.contiguous()  # (a no-op for a projection's output)
     q, k, v = split_heads(qkv, heads)
     _check_inputs(q, k, v, mask, dropout_p)

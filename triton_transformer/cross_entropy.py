@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
+from .runtime import FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
 from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update, pieces_max, row_pieces
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
@@ -377,7 +377,7 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
-        loss = loss_rows.view(target.shape)
+        loss = loss_rows  # (rows,): `cross_entropy` gives it the targets' shape, outside the autograd.Function
     # The check comes now, when the main kernel is queued: the host waits for the pre-pass only and the
     # GPU keeps busy meanwhile. (Checking before queueing the main kernel left the GPU idle while the host
     # queued it.) The main kernel wrote no gradient if a target was bad, so logits given with inplace=True
@@ -463,8 +463,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         raise ValueError(f"cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if logits.shape[-1] == 0:
         raise ValueError("cross_entropy: logits have 0 classes")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = as_int("cross_entropy: ignore_index", ignore_index)
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"cross_entropy: ignore_index {ignore_index} does not fit in 64 bits")
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -479,6 +478,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
             logits.reshape(0, logits.shape[-1]).float(), target.reshape(0).long(), ignore_index=ignore_index,
             reduction=reduction).view(target.shape if reduction == "none" else ())
     if needs_grad:
-        return CrossEntropyFunction.apply(logits, target, ignore_index, reduction, inplace)
-    loss, _, _ = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=False)
-    return loss
+        loss = CrossEntropyFunction.apply(logits, target, ignore_index, reduction, inplace)
+    else:
+        loss, _, _ = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=False)
+    # "none": the per-row losses shaped like the targets here, not inside the Function, so that they may be
+    # modified in place (autograd forbids it on a view a custom Function created)
+    return loss.view(target.shape) if reduction == "none" and loss.shape != target.shape else loss

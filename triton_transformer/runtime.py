@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
+import operator
 import os
 import sys
 import warnings
@@ -206,6 +208,24 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def as_int(what: str, value) -> int:
+    """`value` as a Python int if it is an integer (a numpy or torch integer included, as PyTorch's ops accept),
+    else a TypeError naming `what`. A bool is refused: True for a dimension or a seed is a mistake."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+
+
+def as_float(what: str, value) -> float:
+    """`value` as a Python float if it is a real number (numpy's included), else a TypeError naming `what`."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{what} must be a float, got {type(value).__name__}")
 
 
 def no_double_backward(backward):

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, check_tensor, launch, next_power_of_2, no_double_backward, num_sms
+from .runtime import FLOAT_DTYPES, as_int, check_tensor, launch, next_power_of_2, no_double_backward, num_sms
 
 #: Longest row kept whole in registers (elements; 64K bf16 = 128 KB per program, measured fastest with
 #: 16 warps on an H100). fp32 rows get half. Longer rows take the two-pass online path.
@@ -336,8 +336,7 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
     of each trailing (M, N) matrix whenever j > i, as attention scores need.
     """
     check_tensor("softmax input", x, dtypes=FLOAT_DTYPES)
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"softmax: dim must be an int, got {type(dim).__name__}")
+    dim = as_int("softmax: dim", dim)
     if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):  # a 0-dim tensor takes dim 0 or -1, as in torch
         raise IndexError(f"softmax: dim {dim} is out of range for a tensor of {x.dim()} dimensions")
     if x.dim() == 0:

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import runtime  # noqa: E402
+from .attention import MAX_HEAD_DIM  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_TOKENS = 256  # bytes
@@ -909,7 +910,10 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight-decay and --grad-clip must be 0 or more")
     need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, f"--beta1 and --beta2 must be in [0, 1), got "
                                                            f"{cfg.beta1}, {cfg.beta2}")
-    need(0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32), got {cfg.seed}")
+    need(0 <= cfg.seed < 2**31, f"--seed must be in [0, 2**31), got {cfg.seed}")  # + rank: numpy's seed range
+    need(not cfg.use_triton or cfg.dim_head <= MAX_HEAD_DIM,
+         f"--dim-head {cfg.dim_head} is past the {MAX_HEAD_DIM} the Triton attention kernels hold in registers "
+         "(--no-use-triton runs any size)")
     need(cfg.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {cfg.temperature}")
     need(cfg.top_k is None or cfg.top_k >= 1, f"--top-k must be at least 1, got {cfg.top_k}")
     need(cfg.stop_at is None or cfg.stop_at >= 1, f"--stop-at must be at least 1, got {cfg.stop_at}")
@@ -932,13 +936,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             ckpt_path = Path(cfg.out_dir) / "ckpt.pt" if resume is True else Path(resume)
             if ckpt_path.is_dir():  # --resume RUN_DIR
                 ckpt_path = ckpt_path / "ckpt.pt"
-            explicit = getattr(cfg, "explicit", set())
             state = load_checkpoint(ckpt_path)
             cfg = _merge_resume_config(cfg, state["config"], say)
-            if resume is not True and "out_dir" not in explicit:
-                # --resume PATH continues the run where it was written, not in the default runs/gpt (whose own
-                # checkpoint and log it would otherwise replace)
-                cfg.out_dir = str(ckpt_path.parent)
         check_config(cfg)
         if cfg.device == "auto" and d.device.type == "cpu" and cfg.use_triton and d.main:
             say("note: no GPU, so the Triton kernels run in Triton's CPU interpreter (slow; --no-triton is faster)")
@@ -1409,8 +1408,17 @@ def main(argv=None) -> int:
                                     "on the CPU anyway)")
             compare(cfg, providers=args.providers, record=not args.no_record, scaling=args.scaling)
         else:
+            if args.resume not in (None, True):
+                # --resume PATH continues the run where it was written (not in the default runs/gpt, whose own
+                # checkpoint and log it would replace), unless --out-dir says where
+                path = Path(args.resume)
+                run = path if path.is_dir() else path.parent
+                if args.out_dir is None:
+                    cfg.out_dir = str(run)
             existing = Path(cfg.out_dir) / "ckpt.pt"
-            if not args.resume and not args.overwrite and existing.exists():
+            same_run = args.resume is True or (args.resume is not None and
+                                               Path(cfg.out_dir).resolve() == run.resolve())
+            if not same_run and not args.overwrite and existing.exists():
                 raise TrainingError(f"{cfg.out_dir} already holds a run ({existing}): --resume continues it, "
                                     "--out-dir DIR starts a new run elsewhere, --overwrite replaces it")
             result = train(cfg, resume=args.resume)
@@ -1422,7 +1430,8 @@ def main(argv=None) -> int:
     except TrainingError as err:
         raise SystemExit(f"train.py: error: {err}") from None
     except KeyboardInterrupt:
-        raise SystemExit("train.py: interrupted (no checkpoint written for the unfinished step)") from None
+        print("train.py: interrupted (no checkpoint written for the unfinished step)", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         shutdown_distributed()
     return 0

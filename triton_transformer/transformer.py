@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
 from .attention import split_heads
-from .attention import MAX_HEAD_DIM
+from .runtime import as_int
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
 from .layernorm import add_layer_norm as tt_add_layer_norm
@@ -86,14 +86,15 @@ class TransformerConfig:
         # training step).
         for name in ("num_tokens", "max_seq_len", "dim", "depth", "heads", "dim_head", "ff_mult"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:
+                setattr(self, name, as_int(name, value))  # numpy and torch integers become ints
+            except TypeError:
+                pass
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
         for name in ("attn_dropout", "ff_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TransformerConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.use_triton and self.dim_head > MAX_HEAD_DIM:
-            raise ValueError(f"TransformerConfig: dim_head={self.dim_head} is past the {MAX_HEAD_DIM} the Triton "
-                             "attention kernels hold in registers (use_triton=False runs any size)")
 
 
 # ---------------------------------------------------------------- the operations, two ways
@@ -487,11 +488,13 @@ class Transformer(nn.Module):
         use_cache = self.config.causal if use_cache is None else use_cache
         if use_cache and not self.config.causal:
             raise ValueError("use_cache=True needs a causal model (causal=True)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        n_new = as_int("max_new_tokens", max_new_tokens)
+        if n_new < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = n_new
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and as_int("top_k", top_k) < 1:
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be (batch, n) token ids with n >= 1, got shape {tuple(prompt.shape)}")
