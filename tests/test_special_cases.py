@@ -149,6 +149,7 @@ def test_bad_arguments_raise_clear_errors(device):
             tt.Transformer(**{**dict(num_tokens=16, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=8), **bad})
     np = pytest.importorskip("numpy")  # numpy and torch integers are ints, as PyTorch's ops take them
     assert tt.softmax(x, np.int64(1)).shape == x.shape
+    assert tt.layer_norm(x, np.int64(8)).shape == tt.layer_norm(x, [np.int64(8)]).shape == x.shape
     tt.cross_entropy(x, torch.tensor([1, 2], device=device), ignore_index=np.int64(-100))
     tt.attention(q, q, q, dropout_p=np.float32(0.1), seed=np.int64(3))
     model = tt.Transformer(num_tokens=16, max_seq_len=8, dim=np.int64(16), depth=1, heads=2, dim_head=8,

@@ -688,6 +688,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     k and v may have a different length N_k from q's N_q. Returns a contiguous (B, H, N_q, D) tensor.
     """
     _check_inputs(q, k, v, mask, dropout_p)
+    dropout_p = float(dropout_p)  # a numpy float would reach the kernels' arguments, which take Python scalars
     B, H, N_Q, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if N_Q == 0 or B * H == 0 or k.shape[2] == 0:
@@ -773,6 +774,7 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     qkv = qkv.contiguous()  # (a no-op for a projection's output)
     q, k, v = split_heads(qkv, heads)
     _check_inputs(q, k, v, mask, dropout_p)
+    dropout_p = float(dropout_p)  # a numpy float would reach the kernels' arguments, which take Python scalars
     B, H, N, D = q.shape
     if N == 0 or B == 0 or (scale is not None and scale <= 0):  # the general function's special cases
         o = attention(q, k, v, mask, causal, dropout_p, scale, seed=seed)

@@ -553,13 +553,14 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 def _normalized(normalized_shape) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int):
-        return (normalized_shape,)
-    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
-            isinstance(s, int) for s in normalized_shape):
+    """normalized_shape as a tuple of ints (numpy and torch integers included, as F.layer_norm takes them)."""
+    try:
+        if not isinstance(normalized_shape, (tuple, list, torch.Size)):
+            return (runtime.as_int("normalized_shape", normalized_shape),)
+        shape = tuple(runtime.as_int("normalized_shape", s) for s in normalized_shape)
+    except TypeError:
         raise TypeError(f"layer_norm: normalized_shape must be an int or a sequence of ints, "
-                        f"got {normalized_shape!r}")
-    shape = tuple(normalized_shape)
+                        f"got {normalized_shape!r}") from None
     if not shape:
         raise ValueError("layer_norm: normalized_shape must have at least one dimension")
     return shape
