@@ -642,7 +642,9 @@ def _philox_key(dropout_p: float, seed: int | None) -> int:
     return (int(seed or 0) + 2**63) % 2**64 - 2**63
 
 
-def _check_inputs(q, k, v, mask, dropout_p):
+def _check_inputs(q, k, v, mask, dropout_p) -> float:
+    """Clear errors for attention's inputs; returns dropout_p as a Python float (a numpy float would reach the
+    kernels' arguments, which take Python scalars)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(f"attention: {name}", t, dtypes=FLOAT_DTYPES, ndim=4, device=q.device)
     if not (q.dtype == k.dtype == v.dtype):
@@ -668,6 +670,7 @@ def _check_inputs(q, k, v, mask, dropout_p):
     dropout_p = as_float("attention: dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -687,8 +690,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     k and v may have a different length N_k from q's N_q. Returns a contiguous (B, H, N_q, D) tensor.
     """
-    _check_inputs(q, k, v, mask, dropout_p)
-    dropout_p = float(dropout_p)  # a numpy float would reach the kernels' arguments, which take Python scalars
+    dropout_p = _check_inputs(q, k, v, mask, dropout_p)
     B, H, N_Q, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if N_Q == 0 or B * H == 0 or k.shape[2] == 0:
@@ -773,8 +775,7 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     heads = n_heads
     qkv = qkv.contiguous()  # (a no-op for a projection's output)
     q, k, v = split_heads(qkv, heads)
-    _check_inputs(q, k, v, mask, dropout_p)
-    dropout_p = float(dropout_p)  # a numpy float would reach the kernels' arguments, which take Python scalars
+    dropout_p = _check_inputs(q, k, v, mask, dropout_p)
     B, H, N, D = q.shape
     if N == 0 or B == 0 or (scale is not None and scale <= 0):  # the general function's special cases
         o = attention(q, k, v, mask, causal, dropout_p, scale, seed=seed)

@@ -471,6 +471,12 @@ def _log_step(line: str) -> float:
         return math.inf
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint `path` names: the file itself, or a run directory's ckpt.pt."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() else path
+
+
 def previous_checkpoint(path: str | os.PathLike) -> Path:
     """Where the checkpoint before `path` is kept: ckpt.pt -> ckpt.prev.pt."""
     p = Path(path)
@@ -933,9 +939,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         # ---- resume: the checkpoint's config wins (except run-control fields)
         state = None
         if resume:
-            ckpt_path = Path(cfg.out_dir) / "ckpt.pt" if resume is True else Path(resume)
-            if ckpt_path.is_dir():  # --resume RUN_DIR
-                ckpt_path = ckpt_path / "ckpt.pt"
+            ckpt_path = Path(cfg.out_dir) / "ckpt.pt" if resume is True else checkpoint_file(resume)
             state = load_checkpoint(ckpt_path)
             cfg = _merge_resume_config(cfg, state["config"], say)
         check_config(cfg)
@@ -1058,7 +1062,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
 
         rows, samples = [], []
         # the loss window starts at the last log row (before a stop, when resumed); the clock at this step
-        last = dict(step=log_from if step > 0 else step, clock_step=step, time=time.perf_counter())
+        last = dict(step=log_from, clock_step=step, time=time.perf_counter())
         t_start = time.perf_counter()
         steady, intervals = dict(tokens=0, time=0.0), 0
         loss_sum = torch.full((), loss_since_log, device=d.device)
@@ -1408,16 +1412,15 @@ def main(argv=None) -> int:
                                     "on the CPU anyway)")
             compare(cfg, providers=args.providers, record=not args.no_record, scaling=args.scaling)
         else:
+            run = None  # the directory of the run --resume PATH continues
             if args.resume not in (None, True):
                 # --resume PATH continues the run where it was written (not in the default runs/gpt, whose own
                 # checkpoint and log it would replace), unless --out-dir says where
-                path = Path(args.resume)
-                run = path if path.is_dir() else path.parent
+                run = checkpoint_file(args.resume).parent
                 if args.out_dir is None:
                     cfg.out_dir = str(run)
             existing = Path(cfg.out_dir) / "ckpt.pt"
-            same_run = args.resume is True or (args.resume is not None and
-                                               Path(cfg.out_dir).resolve() == run.resolve())
+            same_run = args.resume is True or (run is not None and Path(cfg.out_dir).resolve() == run.resolve())
             if not same_run and not args.overwrite and existing.exists():
                 raise TrainingError(f"{cfg.out_dir} already holds a run ({existing}): --resume continues it, "
                                     "--out-dir DIR starts a new run elsewhere, --overwrite replaces it")

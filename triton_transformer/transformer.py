@@ -87,11 +87,12 @@ class TransformerConfig:
         for name in ("num_tokens", "max_seq_len", "dim", "depth", "heads", "dim_head", "ff_mult"):
             value = getattr(self, name)
             try:
-                setattr(self, name, as_int(name, value))  # numpy and torch integers become ints
+                n = as_int(name, value)  # numpy and torch integers become ints
             except TypeError:
-                pass
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                n = 0
+            if n < 1:
                 raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
+            setattr(self, name, n)
         for name in ("attn_dropout", "ff_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"TransformerConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -420,11 +421,10 @@ class Transformer(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"x must hold integer token ids, int64 or int32 (what an embedding takes), got {x.dtype}")
-        for name, t in (("mask", mask), ("labels", labels)):
-            if t is not None and not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a tensor of the shape of x, got {type(t).__name__}")
         device = self.token_emb.weight.device
         for name, t in (("x", x), ("mask", mask), ("labels", labels)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor of the shape of x, got {type(t).__name__}")
             if t is not None and t.device != device:
                 raise ValueError(f"{name} is on {t.device} but the model is on {device} (model.to(...) or "
                                  f"{name}.to(...))")
@@ -488,10 +488,9 @@ class Transformer(nn.Module):
         use_cache = self.config.causal if use_cache is None else use_cache
         if use_cache and not self.config.causal:
             raise ValueError("use_cache=True needs a causal model (causal=True)")
-        n_new = as_int("max_new_tokens", max_new_tokens)
-        if n_new < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        max_new_tokens = n_new
+        max_new_tokens = as_int("max_new_tokens", max_new_tokens)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
         if top_k is not None and as_int("top_k", top_k) < 1:
