@@ -257,6 +257,41 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys, make, message):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_an_out_dir_that_cannot_be_written_is_a_clear_error(corpus_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for out in (blocker, blocker / "run"):  # the directory itself, or one below it, is a file
+        with pytest.raises(SystemExit) as err:
+            training.main(["--data", str(corpus_file), "--steps", "1", "--out-dir", str(out), *TINY_ARGS])
+        assert str(err.value.code).startswith("train.py: error: cannot write the run's checkpoint and log in")
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(runtime.DEVICE.type == "cuda", reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(corpus_file, tmp_path):
+    args = [a for a in TINY_ARGS if a not in ("--device", "cpu")]
+    with pytest.raises(SystemExit, match="--device cuda, but no CUDA GPU"):
+        training.main(["--data", str(corpus_file), "--steps", "1", "--out-dir", str(tmp_path), *args,
+                       "--device", "cuda"])
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_resuming_on_other_data_says_so(corpus_file, tmp_path, capsys):
+    """The checkpoint keeps a digest of the data's bytes: the same path with other contents is noticed."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(corpus_file.read_bytes())
+    run = tmp_path / "run"
+    training.train(cfg(data, tmp_path, steps=4, stop_at=2))
+    capsys.readouterr()
+    training.train(cfg(data, tmp_path, steps=4, stop_at=3), resume=True)  # the same bytes: nothing to say
+    assert "not the data this run trained on" not in capsys.readouterr().out
+    text = bytearray(data.read_bytes())
+    text[100] = ord("#") if text[100] != ord("#") else ord("!")  # one byte, same length
+    data.write_bytes(bytes(text))
+    result = training.train(cfg(data, tmp_path, steps=4), resume=run)
+    assert result.step == 4 and "not the data this run trained on" in capsys.readouterr().out
+
+
 def test_stdlib_corpus_is_fixed_and_cached(tmp_path):
     """Sorted by relative path, site-packages left out, cached once (a stand-in tree keeps this fast)."""
     root = tmp_path / "lib"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -324,6 +325,21 @@ def get_batch(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.
     if device.type == "cuda":
         windows = windows.pin_memory().to(device, non_blocking=True)  # the copy overlaps the running step
     return windows[:, :-1], windows[:, 1:]
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """A digest of the bytes a run trains and validates on, kept in its checkpoints.
+
+    The checkpoint names its data ('stdlib', 'enwik8' or a path), but the bytes behind a name can change: an
+    edited file, another Python's standard library. Resuming on other bytes gives other batches, so the run
+    would not continue as it began; comparing digests lets the resume say so. Hashing reads the corpus once
+    (about a second per GB).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (corpus.train, corpus.val):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(memoryview(np.ascontiguousarray(part)))
+    return digest.hexdigest()
 
 
 def check_corpus(corpus: Corpus, cfg: TrainConfig) -> None:
@@ -956,6 +972,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         if not d.main:
             corpus = load_corpus(cfg.data, cfg.cache_dir, cfg.val_fraction)
         check_corpus(corpus, cfg)
+        fingerprint = corpus_fingerprint(corpus) if d.main else None
 
         # ---- model, optimizer, schedule, precision
         torch.manual_seed(cfg.seed)  # the same initial weights for every provider and world size
@@ -995,6 +1012,11 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                     f"step now trains on {per_process * d.world:,} tokens instead of {per_process * len(rngs):,} "
                     "(the batch is per process), and random states are reseeded, so dropout masks differ "
                     "from the original run")
+            saved_print = state.get("data_fingerprint")
+            if d.main and saved_print is not None and saved_print != fingerprint:
+                say(f"warning: the data ({corpus}) is not the data this run trained on (its bytes differ from "
+                    "those the checkpoint recorded): the run goes on, but its batches from here are not the ones "
+                    "it would have seen, so it will not match an uninterrupted run")
             say(f"resumed from {ckpt_path} at step {step}")
             if step >= cfg.steps:
                 say(f"note: the checkpoint is at step {step}, the last of its run: nothing left to train (the run's "
@@ -1044,7 +1066,13 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         out = Path(cfg.out_dir)
         log_path, ckpt_path_out = out / "log.jsonl", out / "ckpt.pt"
         if d.main:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                if not os.access(out, os.W_OK):
+                    raise PermissionError(errno.EACCES, "not writable")
+            except OSError as err:  # a file in the way, a read-only place: say so before any training
+                raise TrainingError(f"cannot write the run's checkpoint and log in {out} "
+                                    f"({err.strerror or err}); choose another --out-dir") from None
             kept = []
             if step > 0 and log_path.exists():  # drop rows a crashed run wrote after its last checkpoint
                 kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= step]
@@ -1083,7 +1111,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
                     "tokens": tokens_seen, "elapsed": elapsed_before + time.perf_counter() - t_start,
-                    "world_size": d.world}
+                    "world_size": d.world, "data_fingerprint": fingerprint}
 
         def save():
             st = checkpoint_state()  # every rank takes part in gathering the random states
@@ -1376,6 +1404,9 @@ def config_from_args(args: argparse.Namespace, say=print) -> TrainConfig:
     """TrainConfig from parsed options: the defaults on a GPU; without one, the tiny CPU preset (said out loud)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if given.get("device") == "cuda" and runtime.DEVICE.type != "cuda":
+        raise TrainingError("--device cuda, but no CUDA GPU is available (without --device, train.py trains a tiny "
+                            "configuration on the CPU)")
     on_gpu = runtime.DEVICE.type == "cuda" and given.get("device") != "cpu"
     if on_gpu:
         cfg = TrainConfig(**given)
