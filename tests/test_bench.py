@@ -22,9 +22,11 @@ def test_wall_and_gpu_prints_committed_rows_with_both_times(capsys):
 @cuda_only
 def test_gpu_time_is_positive_and_at_most_the_wall_time(device):
     x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
-    wall = bench.measure_ms(lambda: softmax(x))
-    gpu = bench.measure_gpu_ms(lambda: softmax(x))
-    assert gpu is not None and 0 < gpu <= 1.2 * wall
+    # Other test processes may share the GPU (the suite runs four on one): the best of three of each,
+    # since interference only ever adds time. A GPU time that counted the L2 flushes would be ~4x the wall.
+    gpus = [bench.measure_gpu_ms(lambda: softmax(x)) for _ in range(3)]
+    wall = min(bench.measure_ms(lambda: softmax(x)) for _ in range(3))
+    assert None not in gpus and 0 < min(gpus) <= 1.5 * wall, (gpus, wall)
 
 
 @cuda_only
