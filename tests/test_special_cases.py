@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import triton_transformer as tt
+from conftest import cuda_only
 
 S = importlib.import_module("triton_transformer.softmax")
 C = importlib.import_module("triton_transformer.cross_entropy")
@@ -164,3 +165,21 @@ def test_bad_arguments_raise_clear_errors(device):
                           "temperature"), (dict(max_new_tokens=1, top_k=0), "top_k")):
         with pytest.raises(ValueError, match=match):
             model.generate(ids[:, :2], **kwargs)
+
+
+@cuda_only
+def test_bf16_on_a_gpu_older_than_ampere_is_a_clear_error(monkeypatch, device):
+    """On a T4 (Colab's free GPU) PyTorch emulates bf16 and torch.cuda.is_bf16_supported() says True, but Triton
+    compiles bf16 only for sm_80 and newer: ptxas failed deep inside the first launch. The H100 plays a T4 here."""
+    from types import SimpleNamespace
+
+    from triton_transformer import runtime
+
+    monkeypatch.setattr(runtime, "_bf16_capable", lambda index: False)
+    monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5))
+    x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
+    for op in (lambda: tt.softmax(x), lambda: tt.layer_norm(x, 64), lambda: tt.dropout(x, 0.1),
+               lambda: tt.linear(x, x), lambda: tt.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device))):
+        with pytest.raises(TypeError, match=r"bfloat16, .*compute capability 8.0 or newer.*Tesla T4 is 7.5"):
+            op()
+    tt.softmax(x.half())  # fp16 is what such a GPU runs

@@ -292,6 +292,20 @@ def test_resuming_on_other_data_says_so(corpus_file, tmp_path, capsys):
     assert result.step == 4 and "not the data this run trained on" in capsys.readouterr().out
 
 
+def test_autocast_takes_fp16_where_the_gpu_lacks_bf16(monkeypatch):
+    """A T4 (compute capability 7.5): torch.cuda.is_bf16_supported() says True there (PyTorch emulates bf16), but
+    the Triton kernels cannot compile bf16 for it, so "auto" means fp16 and an explicit bf16 is refused."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cuda = torch.device("cuda")
+    assert training.autocast_dtype(TrainConfig(dtype="auto"), cuda) == torch.float16
+    with pytest.raises(training.TrainingError, match="compute capability 8.0 or newer .*Tesla T4 is 7.5"):
+        training.autocast_dtype(TrainConfig(dtype="bf16"), cuda)
+    assert training.autocast_dtype(TrainConfig(dtype="bf16", use_triton=False), cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert training.autocast_dtype(TrainConfig(dtype="auto"), cuda) == torch.bfloat16
+
+
 def test_stdlib_corpus_is_fixed_and_cached(tmp_path):
     """Sorted by relative path, site-packages left out, cached once (a stand-in tree keeps this fast)."""
     root = tmp_path / "lib"

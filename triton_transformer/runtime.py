@@ -46,8 +46,10 @@ if INTERPRET:
 #: The device every tensor of a chapter or test is created on.
 DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
 
-#: bf16 needs Ampere or newer; the interpreter computes bf16 wrongly (BOOK.md), so never there.
-SUPPORTS_BF16 = DEVICE.type == "cuda" and torch.cuda.is_bf16_supported()
+#: bf16 needs Ampere or newer; the interpreter computes bf16 wrongly (BOOK.md), so never there. Asked of the
+#: compute capability, not of ``torch.cuda.is_bf16_supported()``, which says True on a T4 too (PyTorch
+#: emulates bf16 there), where Triton's bf16 kernels fail in ptxas ("Feature '.bf16' requires .target sm_80").
+SUPPORTS_BF16 = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 8
 
 
 def default_dtype() -> torch.dtype:
@@ -73,6 +75,12 @@ def cuda_properties(device: torch.device):
     """``torch.cuda.get_device_properties`` of a CUDA `device` (SM count, compute capability), asked
     once per GPU: the query costs microseconds, and launchers consult it at every call."""
     return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_capable(index: int) -> bool:
+    """Whether GPU `index` runs Triton's bf16 (compute capability 8.0 or newer: Ampere, Hopper, ...)."""
+    return _cuda_properties(index).major >= 8
 
 
 def num_sms(device: torch.device) -> int:
@@ -202,6 +210,11 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
         raise ValueError(f"{name} is on {t.device} but Triton runs in interpreter mode (CPU tensors only)")
     if t.device.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
+    if t.dtype is torch.bfloat16 and t.is_cuda and not _bf16_capable(t.get_device()):
+        # PyTorch emulates bf16 on older GPUs (a T4); Triton compiles it only for sm_80 and newer
+        props = _cuda_properties(t.get_device())
+        raise TypeError(f"{name} is bfloat16, which the Triton kernels need a GPU of compute capability 8.0 or newer "
+                        f"for; {props.name} is {props.major}.{props.minor}: use float16 or float32")
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
         allowed = ndim if isinstance(ndim, int) else " or ".join(map(str, ndim))
         raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(t.shape)}")

@@ -256,7 +256,7 @@ def warm_up_gpu(seconds: float = 1.0) -> None:
         return
     import time
 
-    a = torch.randn(4096, 4096, device=runtime.DEVICE, dtype=torch.bfloat16)
+    a = torch.randn(4096, 4096, device=runtime.DEVICE, dtype=runtime.default_dtype())  # bf16, or fp16 on a T4
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         for _ in range(10):
