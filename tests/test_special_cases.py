@@ -123,6 +123,7 @@ def test_double_backward_is_refused(device):
         torch.autograd.grad((op() * w).sum(), inp)  # once is fine
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_bad_arguments_raise_clear_errors(device):
     """Arguments of the wrong type or range are refused up front, not truncated or met by an error from deep
     inside (the audit's list: a float dim, a float ignore_index or seed, a bool for heads, a model config that
@@ -148,6 +149,12 @@ def test_bad_arguments_raise_clear_errors(device):
     for bad in (dict(heads=0), dict(dim=1.5), dict(attn_dropout=1.5), dict(depth=-1)):
         with pytest.raises(ValueError, match="TransformerConfig: "):
             tt.Transformer(**{**dict(num_tokens=16, max_seq_len=8, dim=16, depth=1, heads=2, dim_head=8), **bad})
+    for odd, match in ((torch.randn(2, 8, device="meta"), "is on meta; the Triton kernels take CUDA tensors"),
+                       (x.cpu().to_sparse().to(device), "is a sparse_coo tensor"),
+                       (torch.nested.as_nested_tensor([x[0].cpu(), x[1, :3].cpu()]).to(device), "is a nested tensor")):
+        for op in (lambda t: tt.softmax(t), lambda t: tt.linear(t, torch.randn(3, 8, device=device))):
+            with pytest.raises((TypeError, ValueError), match=match):
+                op(odd)
     np = pytest.importorskip("numpy")  # numpy and torch integers are ints, as PyTorch's ops take them
     assert tt.softmax(x, np.int64(1)).shape == x.shape
     assert tt.layer_norm(x, np.int64(8)).shape == tt.layer_norm(x, [np.int64(8)]).shape == x.shape

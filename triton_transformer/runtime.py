@@ -204,12 +204,22 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {allowed}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
-    if t.device.type == "cuda" and INTERPRET:
-        raise ValueError(f"{name} is on {t.device} but Triton runs in interpreter mode (CPU tensors only)")
-    if t.device.type == "cpu" and not INTERPRET:
-        raise ValueError(f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
+    where = t.device
+    if device is not None and where != device:
+        raise ValueError(f"{name} is on {where} but the other inputs are on {device}")
+    if where.type == "cuda":
+        if INTERPRET:
+            raise ValueError(f"{name} is on {where} but Triton runs in interpreter mode (CPU tensors only)")
+    elif where.type == "cpu":
+        if not INTERPRET:
+            raise ValueError(f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
+    else:  # meta, mps, xpu...: a kernel would read its data pointer as GPU memory
+        raise ValueError(f"{name} is on {where}; the Triton kernels take CUDA tensors (CPU ones under the interpreter)")
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; the kernels take dense ones (.to_padded_tensor(0), with a mask)")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name} is a {str(t.layout).replace('torch.', '')} tensor; the kernels take dense (strided) "
+                        "tensors (.to_dense())")
     if t.dtype is torch.bfloat16 and t.is_cuda and not _bf16_capable(t.get_device()):
         # PyTorch emulates bf16 on older GPUs (a T4); Triton compiles it only for sm_80 and newer
         props = _cuda_properties(t.get_device())
