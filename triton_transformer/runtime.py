@@ -213,7 +213,7 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     elif where.type == "cpu":
         if not INTERPRET:
             raise ValueError(f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
-    else:  # meta, mps, xpu...: a kernel would read its data pointer as GPU memory
+    else:  # meta (no data at all), mps, xpu...: memory the kernels, compiled for CUDA, cannot read
         raise ValueError(f"{name} is on {where}; the Triton kernels take CUDA tensors (CPU ones under the interpreter)")
     if t.is_nested:
         raise TypeError(f"{name} is a nested tensor; the kernels take dense ones (.to_padded_tensor(0), with a mask)")
