@@ -449,6 +449,20 @@ def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
     assert losses(resumed.log_path) == losses(full.log_path) and resumed.val_loss == full.val_loss
 
 
+@pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="fp16 autocast needs a GPU")
+def test_fp16_training_as_a_t4_runs_it(corpus_file, tmp_path):
+    """The path a GPU without bf16 takes (Colab's T4): fp16 autocast, a GradScaler, eager steps (no CUDA graph
+    under loss scaling), on the Triton kernels. It learns like the bf16 run and resumes exactly, scaler included."""
+    kw = dict(steps=8, batch_size=2, eval_every=4, sample_len=0, device="auto", use_triton=True, cuda_graph=True)
+    full = training.train(cfg(corpus_file, tmp_path / "full", dtype="fp16", **kw))
+    bf16 = training.train(cfg(corpus_file, tmp_path / "bf16", dtype="bf16", **kw))
+    assert all(math.isfinite(v) for v in losses(full.log_path).values())
+    assert full.val_loss == pytest.approx(bf16.val_loss, rel=3e-2)
+    training.train(cfg(corpus_file, tmp_path / "part", dtype="fp16", stop_at=4, **kw))
+    resumed = training.train(cfg(corpus_file, tmp_path / "part", dtype="fp16", **kw), resume=True)
+    assert losses(resumed.log_path) == losses(full.log_path) and resumed.val_loss == full.val_loss
+
+
 def test_cuda_graph_says_when_a_run_cannot_be_recorded():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     ok = TrainConfig()
