@@ -175,14 +175,14 @@ def test_bad_arguments_raise_clear_errors(device):
 
 
 @cuda_only
-def test_bf16_on_a_gpu_older_than_ampere_is_a_clear_error(monkeypatch, device):
+def test_bf16_before_ampere_and_gpus_before_volta_are_clear_errors(monkeypatch, device):
     """On a T4 (Colab's free GPU) PyTorch emulates bf16 and torch.cuda.is_bf16_supported() says True, but Triton
     compiles bf16 only for sm_80 and newer: ptxas failed deep inside the first launch. The H100 plays a T4 here."""
     from types import SimpleNamespace
 
     from triton_transformer import runtime
 
-    monkeypatch.setattr(runtime, "_bf16_capable", lambda index: False)
+    monkeypatch.setattr(runtime, "_capability", lambda index: 75)
     monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5))
     x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
     for op in (lambda: tt.softmax(x), lambda: tt.layer_norm(x, 64), lambda: tt.dropout(x, 0.1),
@@ -190,3 +190,9 @@ def test_bf16_on_a_gpu_older_than_ampere_is_a_clear_error(monkeypatch, device):
         with pytest.raises(TypeError, match=r"bfloat16, .*compute capability 8.0 or newer.*Tesla T4 is 7.5"):
             op()
     tt.softmax(x.half())  # fp16 is what such a GPU runs
+    # and a GPU Triton cannot compile for at all (Kaggle's P100) is named as such, whatever the dtype
+    monkeypatch.setattr(runtime, "_capability", lambda index: 60)
+    monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla P100", major=6, minor=0))
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(RuntimeError, match="Tesla P100 has compute capability 6.0; Triton compiles kernels for 7.0"):
+            tt.softmax(x.to(dtype))

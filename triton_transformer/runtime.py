@@ -78,9 +78,10 @@ def cuda_properties(device: torch.device):
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_capable(index: int) -> bool:
-    """Whether GPU `index` runs Triton's bf16 (compute capability 8.0 or newer: Ampere, Hopper, ...)."""
-    return _cuda_properties(index).major >= 8
+def _capability(index: int) -> int:
+    """GPU `index`'s compute capability as one number (75: a T4, 90: an H100)."""
+    props = _cuda_properties(index)
+    return 10 * props.major + props.minor
 
 
 def num_sms(device: torch.device) -> int:
@@ -220,9 +221,12 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     if t.layout is not torch.strided:
         raise TypeError(f"{name} is a {str(t.layout).replace('torch.', '')} tensor; the kernels take dense (strided) "
                         "tensors (.to_dense())")
-    if t.dtype is torch.bfloat16 and t.is_cuda and not _bf16_capable(t.get_device()):
-        # PyTorch emulates bf16 on older GPUs (a T4); Triton compiles it only for sm_80 and newer
+    if t.is_cuda and _capability(t.get_device()) < (80 if t.dtype is torch.bfloat16 else 70):
         props = _cuda_properties(t.get_device())
+        if props.major < 7:  # what torch.compile says too: Triton has no code generator for older GPUs
+            raise RuntimeError(f"{props.name} has compute capability {props.major}.{props.minor}; Triton compiles "
+                               "kernels for 7.0 and newer (V100, T4, A100, H100...)")
+        # PyTorch emulates bf16 on older GPUs (a T4); Triton compiles it only for sm_80 and newer
         raise TypeError(f"{name} is bfloat16, which the Triton kernels need a GPU of compute capability 8.0 or newer "
                         f"for; {props.name} is {props.major}.{props.minor}: use float16 or float32")
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
