@@ -94,14 +94,6 @@ def num_sms(device: torch.device) -> int:
     return cuda_properties(device).multi_processor_count
 
 
-def shared_memory_per_block() -> int:
-    """Bytes of shared memory a program may use: 227 KB on H100, 64 KB on a T4, unbounded in the interpreter."""
-    if DEVICE.type != "cuda":
-        return 1 << 30
-    props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
-    return props["max_shared_mem"]
-
-
 def autotune(configs, key, exact_fp32=None, **kwargs):
     """`triton.autotune`, but with one config under the interpreter.
 
