@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from conftest import DTYPES, ON_GPU, cuda_only
 
-from triton_transformer import attention
+from triton_transformer import attention, runtime
 
 A = importlib.import_module("triton_transformer.attention")  # the module (the package's `attention` is the function)
 
@@ -132,7 +132,7 @@ LONG = [(torch.bfloat16, 16), (torch.bfloat16, 32), (torch.bfloat16, 64), (torch
 @pytest.mark.parametrize("dtype,d", LONG, ids=[f"{str(t)[6:]}-D{d}" for t, d in LONG])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_long_sequences(d, causal, dtype, device):
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and not runtime.SUPPORTS_BF16:
         pytest.skip("no bf16 on this GPU")
     q, k, v = (randn(2, 3, 1000, d, dtype=dtype, device=device) for _ in range(3))
     check(q, k, v, causal=causal)
@@ -345,7 +345,7 @@ def test_every_autotune_config(d, device):
     import triton
 
     B, H, N, p = 2, 3, 300, 0.1
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = runtime.default_dtype()
     q, k, v = (randn(B, H, N, d, dtype=dtype, device=device) for _ in range(3))
     mask = torch.rand(B, N, device=device) > 0.2
     mask[1, :50] = False

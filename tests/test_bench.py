@@ -3,7 +3,7 @@
 import torch
 from conftest import cuda_only
 
-from triton_transformer import bench, softmax
+from triton_transformer import bench, runtime, softmax
 
 
 def test_committed_rows_load_and_name_their_gpu(capsys):
@@ -21,7 +21,7 @@ def test_wall_and_gpu_prints_committed_rows_with_both_times(capsys):
 
 @cuda_only
 def test_gpu_time_is_positive_and_at_most_the_wall_time(device):
-    x = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    x = torch.randn(4096, 4096, device=device, dtype=runtime.default_dtype())
     # Other test processes may share the GPU (the suite runs four on one): the best of three of each,
     # since interference only ever adds time. A GPU time that counted the L2 flushes would be ~4x the wall.
     gpus = [bench.measure_gpu_ms(lambda: softmax(x)) for _ in range(3)]

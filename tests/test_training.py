@@ -257,13 +257,26 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys, make, message):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_an_out_dir_that_cannot_be_written_is_a_clear_error(corpus_file, tmp_path, capsys):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    for out in (blocker, blocker / "run"):  # the directory itself, or one below it, is a file
+def test_an_out_dir_that_cannot_be_written_is_a_clear_error(corpus_file, tmp_path, capsys, monkeypatch):
+    def main(out):
         with pytest.raises(SystemExit) as err:
             training.main(["--data", str(corpus_file), "--steps", "1", "--out-dir", str(out), *TINY_ARGS])
-        assert str(err.value.code).startswith("train.py: error: cannot write the run's checkpoint and log in")
+        return str(err.value.code)
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for out in (blocker, blocker / "run"):  # the directory itself, or one above it, is a file
+        assert main(out) == f"train.py: error: --out-dir {out}: it, or a folder above it, is a file, not a directory"
+    real_write = Path.write_text
+
+    def refuse(path, *args, **kwargs):  # what a read-only place does (root is not refused by chmod: simulate it)
+        if path.name == "log.jsonl":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    assert main(tmp_path / "ro").startswith(f"train.py: error: cannot write the run's log and checkpoint in "
+                                            f"{tmp_path / 'ro'} (Permission denied)")
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -289,7 +302,14 @@ def test_resuming_on_other_data_says_so(corpus_file, tmp_path, capsys):
     text[100] = ord("#") if text[100] != ord("#") else ord("!")  # one byte, same length
     data.write_bytes(bytes(text))
     result = training.train(cfg(data, tmp_path, steps=4), resume=run)
-    assert result.step == 4 and "not the data this run trained on" in capsys.readouterr().out
+    assert result.step == 4 and "warning: the data (data.txt) is not the data this run trained on" in capsys.readouterr().out
+    # a checkpoint written before checkpoints kept the digest: nothing to compare, nothing said
+    state = training.load_checkpoint(run / "ckpt.pt")
+    del state["data_fingerprint"]
+    training.save_checkpoint(state, run / "ckpt.pt")
+    assert training.train(cfg(data, tmp_path, steps=4), resume=run).step == 4  # finished: loads, says, trains nothing
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "not the data this run trained on" not in out
 
 
 def test_autocast_takes_fp16_where_the_gpu_lacks_bf16(monkeypatch):
@@ -301,6 +321,8 @@ def test_autocast_takes_fp16_where_the_gpu_lacks_bf16(monkeypatch):
     assert training.autocast_dtype(TrainConfig(dtype="auto"), cuda) == torch.float16
     with pytest.raises(training.TrainingError, match="compute capability 8.0 or newer .*Tesla T4 is 7.5"):
         training.autocast_dtype(TrainConfig(dtype="bf16"), cuda)
+    with pytest.raises(training.TrainingError, match="--dtype bf16"):  # torch.compile's kernels are Triton's too
+        training.autocast_dtype(TrainConfig(dtype="bf16", use_triton=False, compile=True), cuda)
     assert training.autocast_dtype(TrainConfig(dtype="bf16", use_triton=False), cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert training.autocast_dtype(TrainConfig(dtype="auto"), cuda) == torch.bfloat16
@@ -450,16 +472,19 @@ def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
 
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="fp16 autocast needs a GPU")
-def test_fp16_training_as_a_t4_runs_it(corpus_file, tmp_path):
-    """The path a GPU without bf16 takes (Colab's T4): fp16 autocast, a GradScaler, eager steps (no CUDA graph
-    under loss scaling), on the Triton kernels. It learns like the bf16 run and resumes exactly, scaler included."""
+def test_training_where_the_gpu_lacks_bf16(corpus_file, tmp_path, monkeypatch):
+    """The path a GPU without bf16 takes (Colab's T4; here the H100 reports a T4's capability to train.py, its
+    kernels still compile for the H100): "auto" picks fp16 autocast, a GradScaler and eager steps (no CUDA graph
+    under loss scaling) on the Triton kernels. It learns like the bf16 run and resumes exactly, scaler included."""
     kw = dict(steps=8, batch_size=2, eval_every=4, sample_len=0, device="auto", use_triton=True, cuda_graph=True)
-    full = training.train(cfg(corpus_file, tmp_path / "full", dtype="fp16", **kw))
-    bf16 = training.train(cfg(corpus_file, tmp_path / "bf16", dtype="bf16", **kw))
+    bf16 = training.train(cfg(corpus_file, tmp_path / "bf16", **kw))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
+    assert training.load_checkpoint(full.checkpoint)["scaler"]["scale"] > 0  # a GradScaler took part
     assert all(math.isfinite(v) for v in losses(full.log_path).values())
-    assert full.val_loss == pytest.approx(bf16.val_loss, rel=3e-2)
-    training.train(cfg(corpus_file, tmp_path / "part", dtype="fp16", stop_at=4, **kw))
-    resumed = training.train(cfg(corpus_file, tmp_path / "part", dtype="fp16", **kw), resume=True)
+    assert full.val_loss == pytest.approx(bf16.val_loss, rel=3e-2) and full.val_loss != bf16.val_loss
+    training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
+    resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)
     assert losses(resumed.log_path) == losses(full.log_path) and resumed.val_loss == full.val_loss
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
 import math
@@ -395,8 +394,8 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     bf16_ok = torch.cuda.get_device_capability(device)[0] >= 8
     if cfg.dtype == "auto":
         return torch.bfloat16 if bf16_ok else torch.float16
-    if cfg.dtype == "bf16" and not bf16_ok and cfg.use_triton:
-        raise TrainingError(f"--dtype bf16: the Triton kernels need a GPU of compute capability 8.0 or newer for "
+    if cfg.dtype == "bf16" and not bf16_ok and (cfg.use_triton or cfg.compile):  # torch.compile writes Triton too
+        raise TrainingError(f"--dtype bf16: Triton kernels need a GPU of compute capability 8.0 or newer for "
                             f"bf16 ({torch.cuda.get_device_name(device)} is "
                             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}); use --dtype fp16")
     return choice[cfg.dtype]
@@ -1020,7 +1019,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                     "from the original run")
             saved_print = state.get("data_fingerprint")
             if d.main and saved_print is not None and saved_print != fingerprint:
-                say(f"warning: the data ({corpus}) is not the data this run trained on (its bytes differ from "
+                say(f"warning: the data ({corpus.name}) is not the data this run trained on (its bytes differ from "
                     "those the checkpoint recorded): the run goes on, but its batches from here are not the ones "
                     "it would have seen, so it will not match an uninterrupted run")
             say(f"resumed from {ckpt_path} at step {step}")
@@ -1072,19 +1071,19 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         out = Path(cfg.out_dir)
         log_path, ckpt_path_out = out / "log.jsonl", out / "ckpt.pt"
         if d.main:
-            try:
+            try:  # a file in the way, a read-only place: one clear line before any training, not a traceback
                 out.mkdir(parents=True, exist_ok=True)
-                if not os.access(out, os.W_OK):
-                    raise PermissionError(errno.EACCES, "not writable")
-            except OSError as err:  # a file in the way, a read-only place: say so before any training
-                raise TrainingError(f"cannot write the run's checkpoint and log in {out} "
+                kept = []
+                if step > 0 and log_path.exists():  # drop rows a crashed run wrote after its last checkpoint
+                    kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= step]
+                elif (out / "ckpt.pt").exists() and step == 0:
+                    say(f"note: {out} holds a checkpoint; starting afresh and overwriting it (--resume continues it)")
+                log_path.write_text("".join(k + "\n" for k in kept))
+            except (FileExistsError, NotADirectoryError):
+                raise TrainingError(f"--out-dir {out}: it, or a folder above it, is a file, not a directory") from None
+            except OSError as err:
+                raise TrainingError(f"cannot write the run's log and checkpoint in {out} "
                                     f"({err.strerror or err}); choose another --out-dir") from None
-            kept = []
-            if step > 0 and log_path.exists():  # drop rows a crashed run wrote after its last checkpoint
-                kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= step]
-            elif (out / "ckpt.pt").exists() and step == 0:
-                say(f"note: {out} holds a checkpoint; starting afresh and overwriting it (--resume continues it)")
-            log_path.write_text("".join(k + "\n" for k in kept))
             say(f"{corpus} · model {n_params / 1e6:.2f}M parameters · {tokens_per_step:,} tokens/step · "
                 f"{'triton' if cfg.use_triton else 'pytorch'} path{' + torch.compile' if cfg.compile else ''} · "
                 f"{str(amp_dtype or torch.float32).replace('torch.', '')} · {d.device}"
@@ -1411,6 +1410,9 @@ def config_from_args(args: argparse.Namespace, say=print) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if given.get("device") == "cuda" and runtime.DEVICE.type != "cuda":
+        if runtime.HAS_CUDA:  # a GPU, but the kernels were sent to the interpreter
+            raise TrainingError("--device cuda, but TRITON_INTERPRET=1 is set, so the kernels run on the CPU; unset "
+                                "it to train on the GPU")
         raise TrainingError("--device cuda, but no CUDA GPU is available (without --device, train.py trains a tiny "
                             "configuration on the CPU)")
     on_gpu = runtime.DEVICE.type == "cuda" and given.get("device") != "cpu"
