@@ -76,9 +76,9 @@ RELU, RELU_SQUARED, GELU = 1, 2, 3
 GELU_K1 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))
 GELU_K2 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi) * 0.044715)
 #: Compiled kernels may use the GPU's one-instruction tanh (tanh.approx.f32, sm_75 or newer: the T4,
-#: A100 and H100 this book targets) where the result is stored in 16 bits; the interpreter cannot run
-#: inline PTX.
-FAST_TANH = tl.constexpr(not runtime.INTERPRET)
+#: A100 and H100 this book targets; a V100's ptxas refuses it) where the result is stored in 16 bits; the
+#: interpreter cannot run inline PTX.
+FAST_TANH = tl.constexpr(not runtime.INTERPRET and torch.cuda.get_device_capability(runtime.DEVICE) >= (7, 5))
 
 # ---------------------------------------------------------------- knobs (tests and the chapter change them)
 
