@@ -16,20 +16,27 @@ def test_cdiv_and_next_power_of_2_match_triton():
 
 
 def test_cuda_properties_asks_once_per_gpu(monkeypatch):
-    """The SM count and capability the launchers read come from one query per GPU, cached by index."""
+    """The SM count and the compute capability every feature test reads come from one query per GPU, cached by index."""
+    from types import SimpleNamespace
+
     import torch
 
     asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or f"gpu{index}")
+    gpus = {1: SimpleNamespace(major=7, minor=5), 3: SimpleNamespace(major=9, minor=0)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or gpus[index])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     runtime._cuda_properties.cache_clear()
+    runtime._capability.cache_clear()
     try:
-        assert runtime.cuda_properties(torch.device("cuda", 1)) == "gpu1"
-        assert runtime.cuda_properties(torch.device("cuda", 1)) == "gpu1"
-        assert runtime.cuda_properties(torch.device("cuda")) == "gpu3"  # no index: the current device
+        assert runtime.cuda_properties(torch.device("cuda", 1)) is gpus[1]
+        assert runtime.cuda_properties(torch.device("cuda", 1)) is gpus[1]
+        assert runtime.cuda_properties(torch.device("cuda")) is gpus[3]  # no index: the current device
+        assert runtime.capability(torch.device("cuda", 1)) == (7, 5) and runtime.capability(torch.device("cuda")) == (9, 0)
+        assert runtime.capability(torch.device("cuda", 1)) < (8, 0) <= runtime.capability(torch.device("cuda", 3))
         assert asked == [1, 3]
     finally:
         runtime._cuda_properties.cache_clear()  # no fake left behind for later tests
+        runtime._capability.cache_clear()
 
 
 def test_exact_fp32_tries_a_short_list_of_configs():

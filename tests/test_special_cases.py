@@ -182,7 +182,7 @@ def test_bf16_before_ampere_and_gpus_before_volta_are_clear_errors(monkeypatch, 
 
     from triton_transformer import runtime
 
-    monkeypatch.setattr(runtime, "_capability", lambda index: 75)
+    monkeypatch.setattr(runtime, "_capability", lambda index: (7, 5))
     monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5))
     x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
     for op in (lambda: tt.softmax(x), lambda: tt.layer_norm(x, 64), lambda: tt.dropout(x, 0.1),
@@ -191,7 +191,7 @@ def test_bf16_before_ampere_and_gpus_before_volta_are_clear_errors(monkeypatch, 
             op()
     tt.softmax(x.half())  # fp16 is what such a GPU runs
     # and a GPU Triton cannot compile for at all (Kaggle's P100) is named as such, whatever the dtype
-    monkeypatch.setattr(runtime, "_capability", lambda index: 60)
+    monkeypatch.setattr(runtime, "_capability", lambda index: (6, 0))
     monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla P100", major=6, minor=0))
     for dtype in (torch.float16, torch.bfloat16):
         with pytest.raises(RuntimeError, match="Tesla P100 has compute capability 6.0; Triton compiles kernels for 7.0"):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -315,16 +316,16 @@ def test_resuming_on_other_data_says_so(corpus_file, tmp_path, capsys):
 def test_autocast_takes_fp16_where_the_gpu_lacks_bf16(monkeypatch):
     """A T4 (compute capability 7.5): torch.cuda.is_bf16_supported() says True there (PyTorch emulates bf16), but
     the Triton kernels cannot compile bf16 for it, so "auto" means fp16 and an explicit bf16 is refused."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    cuda = torch.device("cuda")
+    monkeypatch.setattr(runtime, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5))
+    cuda = torch.device("cuda", 0)
     assert training.autocast_dtype(TrainConfig(dtype="auto"), cuda) == torch.float16
     with pytest.raises(training.TrainingError, match="compute capability 8.0 or newer .*Tesla T4 is 7.5"):
         training.autocast_dtype(TrainConfig(dtype="bf16"), cuda)
     with pytest.raises(training.TrainingError, match="--dtype bf16"):  # torch.compile's kernels are Triton's too
         training.autocast_dtype(TrainConfig(dtype="bf16", use_triton=False, compile=True), cuda)
     assert training.autocast_dtype(TrainConfig(dtype="bf16", use_triton=False), cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(runtime, "_capability", lambda index: (9, 0))
     assert training.autocast_dtype(TrainConfig(dtype="auto"), cuda) == torch.bfloat16
 
 
@@ -473,12 +474,12 @@ def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="fp16 autocast needs a GPU")
 def test_training_where_the_gpu_lacks_bf16(corpus_file, tmp_path, monkeypatch):
-    """The path a GPU without bf16 takes (Colab's T4; here the H100 reports a T4's capability to train.py, its
-    kernels still compile for the H100): "auto" picks fp16 autocast, a GradScaler and eager steps (no CUDA graph
+    """The path a GPU without bf16 takes (Colab's T4; here the package's capability query answers a T4's for
+    train.py's dtype and the matmul's choice of kernel, which still compile for the H100): "auto" picks fp16 autocast, a GradScaler and eager steps (no CUDA graph
     under loss scaling) on the Triton kernels. It learns like the bf16 run and resumes exactly, scaler included."""
     kw = dict(steps=8, batch_size=2, eval_every=4, sample_len=0, device="auto", use_triton=True, cuda_graph=True)
     bf16 = training.train(cfg(corpus_file, tmp_path / "bf16", **kw))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(runtime, "_capability", lambda index: (7, 5))  # what a T4 answers every feature test
     full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
     assert training.load_checkpoint(full.checkpoint)["scaler"]["scale"] > 0  # a GradScaler took part
     assert all(math.isfinite(v) for v in losses(full.log_path).values())

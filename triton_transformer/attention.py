@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .dropout import keep_mask, keep_mask_2d
 from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, launch,
-                      no_double_backward, pow2_at_least_16)
+                      no_double_backward, positive_int, pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -765,11 +765,8 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     split heads, without the copies that splitting and merging them cost.
     """
     check_tensor("attention_qkv: qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
-    try:
-        n_heads = as_int("heads", heads)
-    except TypeError:
-        n_heads = 0
-    if n_heads < 1 or qkv.shape[-1] % (3 * n_heads):
+    n_heads = positive_int(heads)
+    if n_heads is None or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"attention_qkv: the last dimension of qkv ({qkv.shape[-1]}) must be 3 * heads * head_dim "
                          f"with heads a positive int, got heads={heads!r}")
     heads = n_heads

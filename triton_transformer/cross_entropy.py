@@ -46,8 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
-from .softmax import LOG2E, ONLINE_STAGES, _grid, online_combine, online_update, pieces_max, row_pieces
+from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
+                      shaped)
+from .softmax import (LOG2E, ONLINE_STAGES, _grid, load_lanes, load_pieces, online_combine, online_update, pieces_max,
+                      row_pieces, strided)
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -82,23 +84,6 @@ def _target_stats_kernel(target_ptr, stats_ptr, n_rows, n_cols, ignore_index, BL
 
 
 @triton.jit
-def _offsets(cols, stride, UNIT_STRIDE: tl.constexpr):
-    """cols * stride. At unit stride that is cols itself, int32 and visibly contiguous, so loads and stores
-    are vectorised; otherwise int64, so that a large stride (transposed logits) cannot overflow."""
-    if UNIT_STRIDE:
-        return cols
-    else:
-        return cols.to(tl.int64) * stride
-
-
-@triton.jit
-def _load_lanes(x_row, start, n_cols, stride, B: tl.constexpr, UNIT_STRIDE: tl.constexpr):
-    """Logits of columns [start, start + B) of a row; columns past the row load as -inf (exp makes them 0)."""
-    cols = start + tl.arange(0, B)
-    return tl.load(x_row + _offsets(cols, stride, UNIT_STRIDE), mask=cols < n_cols, other=-float("inf"))
-
-
-@triton.jit
 def _sum_exp(x, m):
     """sum_j exp(x_j - m) in fp32, for logits x held in their own dtype."""
     return tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
@@ -114,7 +99,7 @@ def _store_grad(g_row, start, n_cols, x, m, log2_d, target_col, scale, stride, B
     cols = start + tl.arange(0, B)
     p = tl.exp2((x.to(tl.float32) - m) * LOG2E - log2_d)
     grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
-    tl.store(g_row + _offsets(cols, stride, UNIT_STRIDE), grad.to(g_row.dtype.element_ty), mask=cols < n_cols)
+    tl.store(g_row + strided(cols, stride, UNIT_STRIDE), grad.to(g_row.dtype.element_ty), mask=cols < n_cols)
 
 
 @triton.jit
@@ -157,18 +142,11 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
     target_col = tl.where(in_range, target, -1).to(tl.int32)
 
     if SINGLE_BLOCK:
-        # The whole row on chip: read once, loss and gradient from the same values. It is held as BLOCK
-        # lanes followed by PIECE1 and PIECE2 more (0: none), as chapter 1's softmax holds a long row
-        # (`row_pieces`). x stays in its own dtype (bf16: two values per register) so a 50K-wide row
-        # fits; the max is exact in any dtype, and each use converts to fp32 on the fly rather than
-        # keeping an fp32 copy live.
-        x = _load_lanes(x_row, 0, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
-        x1 = x  # stand-ins for pieces the row does not have (pieces_max reads them only if it does)
-        x2 = x
-        if PIECE1 > 0:
-            x1 = _load_lanes(x_row, BLOCK, n_cols, x_stride_v, PIECE1, UNIT_STRIDE)
-        if PIECE2 > 0:
-            x2 = _load_lanes(x_row, BLOCK + PIECE1, n_cols, x_stride_v, PIECE2, UNIT_STRIDE)
+        # The whole row on chip: read once, loss and gradient from the same values. It is held in up to
+        # three pieces, as chapter 1's softmax holds a long row (`row_pieces`, `load_pieces`). x stays in
+        # its own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
+        # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
+        x, x1, x2 = load_pieces(x_row, n_cols, x_stride_v, BLOCK, PIECE1, PIECE2, UNIT_STRIDE)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
         d = _sum_exp(x, m)  # masked lanes: exp(-inf) = 0
         if PIECE1 > 0:
@@ -193,7 +171,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         m = tl.full([BLOCK], -float("inf"), tl.float32)
         d = tl.zeros([BLOCK], tl.float32)
         for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-            x = _load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE).to(tl.float32)
+            x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE).to(tl.float32)
             m, d = online_update(m, d, x)
         m_row, d_row = online_combine(m, d)
         tl.store(loss_ptr + row, _row_loss(m_row, d_row, x_target, counted))
@@ -202,7 +180,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
                 # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
                 log2_d = tl.log2(d_row)
                 for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                    x = _load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
+                    x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
                     _store_grad(g_row, start, n_cols, x, m_row, log2_d, target_col, scale, g_stride_v, BLOCK,
                                 UNIT_STRIDE)
 
@@ -481,6 +459,5 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
         loss = CrossEntropyFunction.apply(logits, target, ignore_index, reduction, inplace)
     else:
         loss, _, _ = cross_entropy_forward(logits, target, ignore_index, reduction, with_grad=False)
-    # "none": the per-row losses shaped like the targets here, not inside the Function, so that they may be
-    # modified in place (autograd forbids it on a view a custom Function created)
-    return loss.view(target.shape) if reduction == "none" and loss.shape != target.shape else loss
+    # "none": the per-row losses shaped like the targets here, not inside the Function (see `runtime.shaped`)
+    return shaped(loss, target.shape) if reduction == "none" else loss

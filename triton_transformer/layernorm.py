@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward, shaped
 
 #: Longest row held in registers as one block; longer rows loop over LOOP_BLOCK-wide chunks.
 MAX_FUSED_BLOCK = 16384
@@ -508,14 +508,6 @@ def _as_rows(t: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or n_cols <= 1 else t2.contiguous()
 
 
-def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """t viewed as `shape`, without a view op when it already has it.
-
-    A Function's (rows, N) result is given its shape by the public function, outside the Function: autograd
-    forbids modifying in place a view that a Function created and returned, so `y += r` would raise."""
-    return t if t.shape == shape else t.view(shape)
-
-
 def _flat_params(*params: torch.Tensor | None):
     """weight, bias (and the residual's bias) as the contiguous 1-D vectors the kernels read (None stays None)."""
     return tuple(t if t is None or (t.dim() == 1 and t.is_contiguous()) else t.reshape(-1).contiguous()
@@ -536,7 +528,7 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.w_shape = weight.shape if weight is not None else None
         ctx.b_shape = bias.shape if bias is not None else None
         ctx.b_dtype = bias.dtype if bias is not None else None
-        return y2  # (rows, N): `layer_norm` gives it x's shape, outside the Function (see `_shaped`)
+        return y2  # (rows, N): `layer_norm` gives it x's shape, outside the Function (see `runtime.shaped`)
 
     @staticmethod
     @no_double_backward
@@ -546,9 +538,9 @@ class LayerNormFunction(torch.autograd.Function):
         dx2, dw, db, _ = layer_norm_backward(_as_rows(dy, *x2.shape), x2, w, mean, rstd, ctx.eps,
                                              compute_dx=need_dx, compute_dw=need_dw, compute_db=need_db,
                                              bias_dtype=ctx.b_dtype)
-        dx = _shaped(dx2, ctx.x_shape) if dx2 is not None else None
-        dw = _shaped(dw, ctx.w_shape) if dw is not None else None
-        db = _shaped(db, ctx.b_shape) if db is not None else None
+        dx = shaped(dx2, ctx.x_shape) if dx2 is not None else None
+        dw = shaped(dw, ctx.w_shape) if dw is not None else None
+        db = shaped(db, ctx.b_shape) if db is not None else None
         return dx, dw, db, None, None, None, None
 
 
@@ -602,7 +594,7 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        return _shaped(LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype), x.shape)
+        return shaped(LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype), x.shape)
     # Inference: no autograd context and no statistics stored.
     y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), *_flat_params(weight, bias), float(eps),
                                   store_stats=False, out_dtype=out_dtype)
@@ -649,7 +641,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         ctx.w_shape = weight.shape if weight is not None else None
         ctx.b_shape, ctx.b_dtype = (bias.shape, bias.dtype) if bias is not None else (None, None)
         ctx.rb_dtype, ctx.rb_shape = (rb.dtype, rb.shape) if rb is not None else (None, None)
-        return y2, h2  # (rows, N): `add_layer_norm` gives them x's shape (see `_shaped`)
+        return y2, h2  # (rows, N): `add_layer_norm` gives them x's shape (see `runtime.shaped`)
 
     @staticmethod
     @no_double_backward
@@ -697,7 +689,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
                                        for t in (x, residual, residual_bias, weight, bias)):
         y2, h2 = AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),
                                             out_dtype)
-        return _shaped(y2, x.shape), _shaped(h2, x.shape)
+        return shaped(y2, x.shape), shaped(h2, x.shape)
     w, b, rb = _flat_params(weight, bias, residual_bias)
     y2, h2, _, _ = _add_layer_norm_forward(x, residual, rb, n_rows, n_cols, w, b, float(eps), out_dtype, False)
-    return _shaped(y2, x.shape), _shaped(h2, x.shape)
+    return shaped(y2, x.shape), shaped(h2, x.shape)

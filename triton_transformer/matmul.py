@@ -78,7 +78,7 @@ GELU_K2 = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi) * 0.044715)
 #: Compiled kernels may use the GPU's one-instruction tanh (tanh.approx.f32, sm_75 or newer: the T4,
 #: A100 and H100 this book targets; a V100's ptxas refuses it) where the result is stored in 16 bits; the
 #: interpreter cannot run inline PTX.
-FAST_TANH = tl.constexpr(not runtime.INTERPRET and torch.cuda.get_device_capability(runtime.DEVICE) >= (7, 5))
+FAST_TANH = tl.constexpr(not runtime.INTERPRET and runtime.capability(runtime.DEVICE) >= (7, 5))
 
 # ---------------------------------------------------------------- knobs (tests and the chapter change them)
 
@@ -525,7 +525,7 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
         return True
     if TMA is False or TensorDescriptor is None or device.type != "cuda" or dtype == torch.float32:
         return False
-    return runtime.cuda_properties(device).major >= 9
+    return runtime.capability(device) >= (9, 0)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
@@ -670,13 +670,8 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
 
 
 def _unflatten(y2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The (rows, out) result given x's leading dimensions.
-
-    Done here, outside the autograd.Function: autograd forbids modifying in place a view that a Function
-    created and returned (it would bypass the Function's backward), so `y += r` on a reshaped result
-    would raise, where it works on F.linear's.
-    """
-    return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], y2.shape[-1])
+    """The (rows, out) result given x's leading dimensions (outside the Function: see `runtime.shaped`)."""
+    return runtime.shaped(y2, x.shape[:-1] + y2.shape[-1:])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

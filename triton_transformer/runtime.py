@@ -46,10 +46,6 @@ if INTERPRET:
 #: The device every tensor of a chapter or test is created on.
 DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
 
-#: bf16 needs Ampere or newer; the interpreter computes bf16 wrongly (BOOK.md), so never there. Asked of the
-#: compute capability, not of ``torch.cuda.is_bf16_supported()``, which says True on a T4 too (PyTorch
-#: emulates bf16 there), where Triton's bf16 kernels fail in ptxas ("Feature '.bf16' requires .target sm_80").
-SUPPORTS_BF16 = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 8
 
 
 def default_dtype() -> torch.dtype:
@@ -78,10 +74,23 @@ def cuda_properties(device: torch.device):
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> int:
-    """GPU `index`'s compute capability as one number (75: a T4, 90: an H100)."""
+def _capability(index: int) -> tuple[int, int]:
     props = _cuda_properties(index)
-    return 10 * props.major + props.minor
+    return props.major, props.minor
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability (major, minor) of a CUDA `device`: (7, 5) a T4, (8, 0) an A100, (9, 0) an H100.
+
+    Every feature test of the package asks this, cached per GPU: bf16 (8.0), the one-instruction tanh
+    (7.5), TMA (9.0), and whether Triton compiles for the GPU at all (7.0)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+#: bf16 needs Ampere or newer; the interpreter computes bf16 wrongly (BOOK.md), so never there. Asked of the
+#: compute capability, not of ``torch.cuda.is_bf16_supported()``, which says True on a T4 too (PyTorch
+#: emulates bf16 there), where Triton's bf16 kernels fail in ptxas ("Feature '.bf16' requires .target sm_80").
+SUPPORTS_BF16 = DEVICE.type == "cuda" and capability(DEVICE) >= (8, 0)
 
 
 def num_sms(device: torch.device) -> int:
@@ -213,7 +222,7 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     if t.layout is not torch.strided:
         raise TypeError(f"{name} is a {str(t.layout).replace('torch.', '')} tensor; the kernels take dense (strided) "
                         "tensors (.to_dense())")
-    if t.is_cuda and _capability(t.get_device()) < (80 if t.dtype is torch.bfloat16 else 70):
+    if t.is_cuda and _capability(t.get_device()) < ((8, 0) if t.dtype is torch.bfloat16 else (7, 0)):
         props = _cuda_properties(t.get_device())
         if props.major < 7:  # what torch.compile says too: Triton has no code generator for older GPUs
             raise RuntimeError(f"{props.name} has compute capability {props.major}.{props.minor}; Triton compiles "
@@ -240,11 +249,31 @@ def as_int(what: str, value) -> int:
     raise TypeError(f"{what} must be an int, got {type(value).__name__}")
 
 
+def positive_int(value) -> int | None:
+    """`value` as a Python int if it is an integer >= 1 (numpy and torch integers included), else None: for sizes
+    (heads, dimensions), whose callers name the argument and what it must divide in their own error."""
+    try:
+        n = as_int("", value)
+    except TypeError:
+        return None
+    return n if n >= 1 else None
+
+
 def as_float(what: str, value) -> float:
     """`value` as a Python float if it is a real number (numpy's included), else a TypeError naming `what`."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{what} must be a float, got {type(value).__name__}")
+
+
+def shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """`t` viewed as `shape`, without a view op when it already has it (each op costs microseconds of host time).
+
+    The public functions give a Function's (rows, N) result its caller's shape with this, *outside* the
+    Function: autograd forbids modifying in place a view that a custom Function created and returned (it
+    would bypass the Function's backward), so `y += r` on such a result would raise where PyTorch's works.
+    """
+    return t if t.shape == shape else t.view(shape)
 
 
 def no_double_backward(backward):

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, as_int, check_tensor, launch, next_power_of_2, no_double_backward, num_sms
+from .runtime import (FLOAT_DTYPES, as_int, check_tensor, launch, next_power_of_2, no_double_backward, num_sms,
+                      shaped)
 
 #: Longest row kept whole in registers (elements; 64K bf16 = 128 KB per program, measured fastest with
 #: 16 warps on an H100). fp32 rows get half. Longer rows take the two-pass online path.
@@ -91,10 +92,38 @@ def exp_and_sum(x, m):
 
 
 @triton.jit
-def _load_lanes(row_ptr, start, n, B: tl.constexpr):
+def strided(cols, stride, UNIT_STRIDE: tl.constexpr):
+    """cols * stride. At unit stride that is cols itself, int32 and visibly contiguous, so loads and stores
+    are vectorised; otherwise int64, so that a large stride (a transposed tensor) cannot overflow."""
+    if UNIT_STRIDE:
+        return cols
+    else:
+        return cols.to(tl.int64) * stride
+
+
+@triton.jit
+def load_lanes(row_ptr, start, n, stride, B: tl.constexpr, UNIT_STRIDE: tl.constexpr):
     """Lanes [start, start + B) of a row; those past `n` load as -inf, which max ignores and exp makes 0."""
     cols = start + tl.arange(0, B)
-    return tl.load(row_ptr + cols, mask=cols < n, other=-float("inf"))
+    return tl.load(row_ptr + strided(cols, stride, UNIT_STRIDE), mask=cols < n, other=-float("inf"))
+
+
+@triton.jit
+def load_pieces(row_ptr, n, stride, BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
+                UNIT_STRIDE: tl.constexpr):
+    """A row on chip as BLOCK lanes followed by PIECE1 and PIECE2 more (0: none; see `row_pieces`): (x, x1, x2).
+
+    A piece the row does not have is returned as x, a stand-in that `pieces_max` and the callers never read.
+    Every load is issued before the caller's first reduction waits on one. Cross-entropy's row kernel
+    (chapter 6) holds its rows the same way."""
+    x = load_lanes(row_ptr, 0, n, stride, BLOCK, UNIT_STRIDE)
+    x1 = x
+    x2 = x
+    if PIECE1 > 0:
+        x1 = load_lanes(row_ptr, BLOCK, n, stride, PIECE1, UNIT_STRIDE)
+    if PIECE2 > 0:
+        x2 = load_lanes(row_ptr, BLOCK + PIECE1, n, stride, PIECE2, UNIT_STRIDE)
+    return x, x1, x2
 
 
 @triton.jit
@@ -130,18 +159,10 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
         n_seen = tl.minimum(row % rows_per_matrix + 1, n_cols)
 
     if SINGLE_BLOCK:
-        # The row on chip, as BLOCK lanes followed by PIECE1 and PIECE2 more (0: none; see `row_pieces`).
-        # Masked-out columns load as -inf, so exp() makes them exactly 0 in the output. x stays in its
-        # own dtype (bf16: two values per register) so a 50K-wide row fits on chip; the max is exact in
-        # any dtype, and exp_and_sum keeps the exponentials in it too. Every load is issued before the
-        # first reduction waits on one.
-        x = _load_lanes(x_row, 0, n_seen, BLOCK)
-        x1 = x  # stand-ins for pieces the row does not have (pieces_max reads them only if it does)
-        x2 = x
-        if PIECE1 > 0:
-            x1 = _load_lanes(x_row, BLOCK, n_seen, PIECE1)
-        if PIECE2 > 0:
-            x2 = _load_lanes(x_row, BLOCK + PIECE1, n_seen, PIECE2)
+        # The row on chip, in pieces. Masked-out columns load as -inf, so exp() makes them exactly 0 in
+        # the output. x stays in its own dtype (bf16: two values per register) so a 50K-wide row fits on
+        # chip; the max is exact in any dtype, and exp_and_sum keeps the exponentials in it too.
+        x, x1, x2 = load_pieces(x_row, n_seen, 1, BLOCK, PIECE1, PIECE2, True)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
         e, d = exp_and_sum(x, m)
         if PIECE1 > 0:
@@ -315,18 +336,18 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        shape = x.shape
-        rows_per_matrix = shape[-2] if causal else 1
+        rows_per_matrix = x.shape[-2] if causal else 1
         y2 = softmax_forward(_as_rows(x), causal, rows_per_matrix)
         ctx.save_for_backward(y2)
-        return y2 if x.dim() == 2 else y2.view(shape)
+        ctx.x_shape = x.shape
+        return y2  # (rows, N): `softmax` gives it x's shape, outside the Function (see `runtime.shaped`)
 
     @staticmethod
     @no_double_backward
     def backward(ctx, dy: torch.Tensor):
         (y2,) = ctx.saved_tensors
         dx2 = softmax_backward(y2, _as_rows(dy))
-        return dx2 if dy.dim() == 2 else dx2.view(dy.shape), None
+        return shaped(dx2, ctx.x_shape), None
 
 
 def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tensor:
@@ -347,5 +368,5 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
     if x.numel() == 0:  # nothing to launch: PyTorch's own (empty, still differentiable) result
         return torch.softmax(x, dim)
     if dim != x.dim() - 1:
-        return SoftmaxFunction.apply(x.movedim(dim, -1), False).movedim(-1, dim)
-    return SoftmaxFunction.apply(x, causal)
+        return softmax(x.movedim(dim, -1)).movedim(-1, dim)
+    return shaped(SoftmaxFunction.apply(x, causal), x.shape)

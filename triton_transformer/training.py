@@ -391,12 +391,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.dtype not in choice:
         raise TrainingError(f"--dtype {cfg.dtype!r}: choose auto, bf16, fp16 or fp32")
     # Not torch.cuda.is_bf16_supported(): it says True on a T4, where PyTorch emulates bf16 and Triton cannot compile it.
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = runtime.capability(device)
     if cfg.dtype == "auto":
         return torch.bfloat16 if major >= 8 else torch.float16
     if cfg.dtype == "bf16" and major < 8 and (cfg.use_triton or cfg.compile):  # torch.compile writes Triton too
         raise TrainingError(f"--dtype bf16: Triton kernels need a GPU of compute capability 8.0 or newer for "
-                            f"bf16 ({torch.cuda.get_device_name(device)} is {major}.{minor}); use --dtype fp16")
+                            f"bf16 ({runtime.cuda_properties(device).name} is {major}.{minor}); use --dtype fp16")
     return choice[cfg.dtype]
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
 from .attention import split_heads
-from .runtime import as_int
+from .runtime import as_int, positive_int
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
 from .layernorm import add_layer_norm as tt_add_layer_norm
@@ -86,11 +86,8 @@ class TransformerConfig:
         # training step).
         for name in ("num_tokens", "max_seq_len", "dim", "depth", "heads", "dim_head", "ff_mult"):
             value = getattr(self, name)
-            try:
-                n = as_int(name, value)  # numpy and torch integers become ints
-            except TypeError:
-                n = 0
-            if n < 1:
+            n = positive_int(value)  # numpy and torch integers become ints
+            if n is None:
                 raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
             setattr(self, name, n)
         for name in ("attn_dropout", "ff_dropout"):

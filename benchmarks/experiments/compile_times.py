@@ -14,14 +14,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # Import the package as on a GPU machine (plain @triton.jit kernels, every config), without one.
 torch.cuda.is_available = lambda: True
-torch.cuda.is_bf16_supported = lambda *a, **k: True
-torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # an H100 (runtime.SUPPORTS_BF16 asks this)
+torch.cuda.current_device = lambda: 0
+# an H100 SXM: runtime.capability (bf16, the fast tanh) and the SM count read these
+torch.cuda.get_device_properties = lambda *a, **k: SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0,
+                                                                   multi_processor_count=132)
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp())  # a fresh cache: every compile is timed
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
