@@ -139,6 +139,18 @@ def test_gelu_is_finite_for_large_inputs(device):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["linear", "feed_forward"])
+def test_relu_squared_gradient_in_fp16_where_y_leaves_its_range(fused, device):
+    """relu^2' = 2 relu(z). Recovered from the fp16 output as 2 sqrt(y) it was 0 where z^2 flushes to zero
+    (z ~ 1e-4) and inf where z^2 overflows (z = 300): fp16 keeps z instead."""
+    z = torch.tensor([1e-4, 2e-4, 5e-4, 300.0, -3.0], dtype=torch.float16, device=device)
+    x = torch.diag(z).requires_grad_()
+    eye = torch.eye(5, dtype=torch.float16, device=device)
+    y = feed_forward(x, eye, None, eye, None, "relu_squared") if fused else linear(x, eye, None, "relu_squared")
+    (g,) = torch.autograd.grad(y, x, eye)
+    torch.testing.assert_close(g.diag(), 2 * torch.relu(z), rtol=2e-3, atol=0)
+
+
 def test_strided_inputs_and_reduced_output_gradient(device):
     """Transposed views for x and weight (no copies) and dy of stride 0 (from .sum())."""
     x = torch.randn(70, 33, device=device).t()            # (33, 70), column-major

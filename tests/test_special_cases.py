@@ -155,6 +155,23 @@ def test_bad_arguments_raise_clear_errors(device):
         for op in (lambda t: tt.softmax(t), lambda t: tt.linear(t, torch.randn(3, 8, device=device))):
             with pytest.raises((TypeError, ValueError), match=match):
                 op(odd)
+    for call, err, match in ((lambda: tt.dropout(x, 0.5, training="False"), TypeError, "training must be a bool"),
+                             (lambda: tt.dropout(x, 0.5, seed=True), TypeError, "seed must be an int"),
+                             (lambda: tt.dropout(x, "0.5"), TypeError, "dropout probability must be a float"),
+                             (lambda: tt.layer_norm(x, 8, eps="1e-5"), TypeError, "eps must be a float"),
+                             (lambda: tt.attention(q, q, q, scale="a"), TypeError, "scale must be a float"),
+                             (lambda: tt.attention_qkv(torch.randn(1, 4, 48, device=device), 1, scale="a"),
+                              TypeError, "scale must be a float"),
+                             (lambda: tt.Transformer(num_tokens=16, max_seq_len=8, dim=16, depth=1, heads=2,
+                                                     dim_head=8, attn_dropout="0.1"), ValueError, "attn_dropout")):
+        with pytest.raises(err, match=match):
+            call()
+    # a target dtype narrower than ignore_index: the bad target is found in int64, as the kernel compares
+    with pytest.raises(ValueError, match="e.g. target 255 at row 1"):
+        tt.cross_entropy(x[:, :5].repeat(2, 1)[:3], torch.tensor([1, 255, 1], dtype=torch.uint8, device=device),
+                         ignore_index=-1)
+    assert torch.equal(tt.dropout(torch.ones(4, device=device), torch.tensor(0.5), seed=1),  # a 0-dim p, as F's
+                       tt.dropout(torch.ones(4, device=device), 0.5, seed=1))
     np = pytest.importorskip("numpy")  # numpy and torch integers are ints, as PyTorch's ops take them
     assert tt.softmax(x, np.int64(1)).shape == x.shape
     assert tt.layer_norm(x, np.int64(8)).shape == tt.layer_norm(x, [np.int64(8)]).shape == x.shape
@@ -167,11 +184,41 @@ def test_bad_arguments_raise_clear_errors(device):
         model(ids, mask=[[True] * 6] * 2)
     with pytest.raises(TypeError, match="int64 or int32"):
         model(ids.to(torch.uint8))
+    with pytest.raises(TypeError, match="labels must hold integer token ids"):
+        model(ids, labels=ids.float())
+    loss = model(ids, labels=ids.int())  # int32 labels on both paths (F.cross_entropy itself takes no int32)
+    torch.testing.assert_close(model(ids, labels=ids.int(), use_triton=False), loss)
     assert model.generate(ids[:, :2], np.int64(1)).shape == (2, 3)
     for kwargs, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=1, temperature=-1.0),
                           "temperature"), (dict(max_new_tokens=1, top_k=0), "top_k")):
         with pytest.raises(ValueError, match=match):
             model.generate(ids[:, :2], **kwargs)
+
+
+def test_dropout_of_every_element_keeps_nan_as_torch(device):
+    """p = 1 multiplies by 0 as F.dropout does: a NaN or inf input (or upstream gradient) gives NaN, not 0."""
+    x = torch.tensor([float("nan"), float("inf"), 1.0], device=device, requires_grad=True)
+    y = tt.dropout(x, 1.0)
+    y.backward(torch.tensor([float("nan"), 1.0, 1.0], device=device))
+    torch.testing.assert_close(y, F.dropout(x.detach(), 1.0), equal_nan=True)
+    torch.testing.assert_close(x.grad, torch.tensor([float("nan"), 0.0, 0.0], device=device), equal_nan=True)
+
+
+@pytest.mark.skipif(not tt.runtime.INTERPRET, reason="the CPU interpreter's bf16 tl.dot")
+def test_bf16_dots_under_the_interpreter_are_refused():
+    """Triton's interpreter gets bf16 tl.dot wrong by orders of magnitude (linear ~1e10 off): the kernels that
+    multiply refuse bf16 there (torch.autocast("cpu") picks bf16 by default), the memory-bound ones compute it."""
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    q = torch.randn(1, 1, 8, 16, dtype=torch.bfloat16)
+    for op in (lambda: tt.linear(x, x[:8]), lambda: tt.feed_forward(x, x, None, x.t(), None),
+               lambda: tt.attention(q, q, q), lambda: tt.attention_qkv(torch.randn(1, 8, 48).bfloat16(), 1)):
+        with pytest.raises(TypeError, match="bfloat16, which Triton's CPU interpreter multiplies wrongly"):
+            op()
+    model = tt.Transformer(num_tokens=16, max_seq_len=8, dim=16, depth=1, heads=1, dim_head=16)
+    ids = torch.randint(0, 16, (1, 8))
+    with torch.autocast("cpu"), pytest.raises(TypeError, match="interpreter multiplies wrongly"):
+        model(ids, labels=ids)
+    torch.testing.assert_close(tt.softmax(x).float(), torch.softmax(x.float(), -1), atol=1e-2, rtol=1e-2)
 
 
 @cuda_only

@@ -151,13 +151,38 @@ def test_the_command_line_keeps_runs_apart(corpus_file, tmp_path, capsys):
         main("--steps", "4", "--resume", str(a / "ckpt.pt"), "--out-dir", str(b))
     main("--steps", "2", "--out-dir", str(b), "--overwrite")
     assert training.load_checkpoint(b / "ckpt.pt")["step"] == 2
-    for bad, message in ((["--top-k", "0"], "--top-k must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
+    for bad, message in ((["--top-k", "0"], "--top-k must be at least 1"), (["--lr", "-1"], "--lr must be a positive finite"),
+                         (["--lr", "inf"], "--lr must be a positive finite"),
+                         (["--grad-clip", "inf"], "--grad-clip must be finite"),
                          (["--heads", "0"], "--heads must be at least 1"), (["--steps", "0"], "--steps must be"),
                          (["--dropout", "1.5"], "--dropout must be in"),
                          (["--use-triton", "--dim-head", "256"], "--dim-head 256 is past")):
         with pytest.raises(SystemExit, match=message):
             main("--steps", "2", "--out-dir", str(tmp_path / "bad"), *bad)
         assert not (tmp_path / "bad").exists()  # refused before anything was written
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_command_line_resumes_a_run_as_it_was_started(corpus_file, tmp_path, monkeypatch, capsys):
+    """Options of how a run computes and reports (--use-triton, --log-every...) stay those it was started with
+    unless given again (a CPU run started with --use-triton resumed on the PyTorch path, the CPU preset's default);
+    a --stop-at the checkpoint has passed is refused (it trained to the end); a run started with a relative --data
+    resumes from another directory."""
+    i = TINY_ARGS.index("--log-every")
+    args = [a for a in TINY_ARGS[:i] + TINY_ARGS[i + 2:] if a != "--no-use-triton"]
+    run = tmp_path / "run"
+    monkeypatch.chdir(corpus_file.parent)
+    training.main(["--data", corpus_file.name, *args, "--use-triton", "--log-every", "2", "--steps", "4",
+                   "--stop-at", "2", "--out-dir", str(run)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--stop-at 2: the checkpoint is already at step 2"):
+        training.main(["--resume", str(run), "--stop-at", "2", "--no-progress"])
+    training.main(["--resume", str(run), "--stop-at", "3", "--no-progress"])
+    saved = training.load_checkpoint(run / "ckpt.pt")
+    assert saved["step"] == 3 and saved["config"]["use_triton"] and saved["config"]["log_every"] == 2
+    assert saved["config"]["data"] == str(corpus_file.resolve())
+    training.main(["--resume", str(run), "--no-use-triton", "--no-progress"])  # given again: honoured
+    assert not training.load_checkpoint(run / "ckpt.pt")["config"]["use_triton"]
     assert "Traceback" not in capsys.readouterr().err
 
 

@@ -646,7 +646,7 @@ def _check_inputs(q, k, v, mask, dropout_p) -> float:
     """Clear errors for attention's inputs; returns dropout_p as a Python float (a numpy float would reach the
     kernels' arguments, which take Python scalars)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(f"attention: {name}", t, dtypes=FLOAT_DTYPES, ndim=4, device=q.device)
+        check_tensor(f"attention: {name}", t, dtypes=FLOAT_DTYPES, ndim=4, device=q.device, dot=True)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, N_Q, D = q.shape
@@ -692,7 +692,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     dropout_p = _check_inputs(q, k, v, mask, dropout_p)
     B, H, N_Q, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else as_float("attention: scale", scale)
     if N_Q == 0 or B * H == 0 or k.shape[2] == 0:
         # Nothing to compute; no keys means every row is "fully masked", and SDPA returns zeros. The
         # zero terms keep q, k and v in the autograd graph: zero gradients of their shapes, as SDPA's.
@@ -764,7 +764,8 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     equals ``attention(q, k, v, ...).transpose(1, 2).reshape(B, N, heads * D)`` on the
     split heads, without the copies that splitting and merging them cost.
     """
-    check_tensor("attention_qkv: qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("attention_qkv: qkv", qkv, dtypes=FLOAT_DTYPES, ndim=3, dot=True)
+    scale = None if scale is None else as_float("attention_qkv: scale", scale)
     n_heads = positive_int(heads)
     if n_heads is None or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"attention_qkv: the last dimension of qkv ({qkv.shape[-1]}) must be 3 * heads * head_dim "
@@ -777,7 +778,7 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
     if N == 0 or B == 0 or (scale is not None and scale <= 0):  # the general function's special cases
         o = attention(q, k, v, mask, causal, dropout_p, scale, seed=seed)
         return o.transpose(1, 2).reshape(B, N, H * D)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     seed = _philox_key(dropout_p, seed)
     if torch.is_grad_enabled() and qkv.requires_grad:
         return PackedAttentionFunction.apply(qkv, heads, mask, bool(causal), float(dropout_p), scale, seed)

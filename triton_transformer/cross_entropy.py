@@ -296,7 +296,7 @@ class _BadTargetCount:
             counts = self.on_host
         n_bad = int(counts[1])
         if n_bad:
-            flat = target.reshape(-1)
+            flat = target.reshape(-1).long()  # as the kernel compares: an int8 or uint8 target would wrap ignore_index
             bad = (flat != ignore_index) & ((flat < 0) | (flat >= n_cols))
             row = int(bad.nonzero()[0, 0])
             raise ValueError(

@@ -25,14 +25,12 @@ indices are unique up to 2**66: no wrap-around at 2**32 elements.
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 
 import torch
 import triton
 import triton.language as tl
 
-from .runtime import FLOAT_DTYPES, autotune, cdiv, check_tensor, launch, no_double_backward
+from .runtime import FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, launch, no_double_backward
 
 
 @triton.jit
@@ -143,7 +141,7 @@ def normalize_seed(seed) -> int:
     Seeds that agree modulo 2**64 give the same mask. The kernel receives it as i32 or i64
     (Triton picks by value); both sign-extend to the same 64-bit key.
     """
-    s = operator.index(seed)  # rejects floats and strings with a TypeError
+    s = as_int("seed", seed)  # rejects floats, strings and bools with a TypeError
     return (s + 2**63) % 2**64 - 2**63
 
 
@@ -158,8 +156,8 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     Non-contiguous x is copied first: the mask follows the element's index in
     row-major order of the logical shape, whatever the memory layout.
     """
-    if p >= 1.0:
-        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    if p >= 1.0:  # every element dropped; times 0 rather than zeros, so a NaN or inf stays NaN as in F.dropout
+        return x * 0
     x_c = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = x_c.numel()
@@ -192,11 +190,13 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | 
     The mask is never stored; the backward regenerates it from ``seed``. Without a
     seed, one is drawn from torch's default generator, so ``torch.manual_seed``
     makes the result reproducible. ``training=False`` or ``p == 0`` returns ``x``
-    itself; ``p == 1`` returns zeros (and zero gradients).
+    itself; ``p == 1`` returns ``x * 0`` (zeros, NaN where x is NaN or infinite, as F.dropout; zero gradients).
     """
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(p) or not 0.0 <= p <= 1.0:
+    p = as_float("dropout probability", p)  # a numpy or 0-dim tensor value too, as F.dropout accepts
+    if math.isnan(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r}")
-    p = float(p)  # a numpy or 0-dim value, as F.dropout accepts
+    if not isinstance(training, bool):  # "False" or None would silently pick a mode, as no F.dropout call can
+        raise TypeError(f"dropout: training must be a bool, got {type(training).__name__}")
     check_tensor("dropout input", x, dtypes=FLOAT_DTYPES)
     if not training or p == 0:
         return x

@@ -591,12 +591,13 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     them requires a gradient) the forward saves nothing.
     """
     n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
+    eps = runtime.as_float("layer_norm: eps", eps)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad:
-        return shaped(LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, float(eps), out_dtype), x.shape)
+        return shaped(LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, eps, out_dtype), x.shape)
     # Inference: no autograd context and no statistics stored.
-    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), *_flat_params(weight, bias), float(eps),
+    y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), *_flat_params(weight, bias), eps,
                                   store_stats=False, out_dtype=out_dtype)
     return y2.view(x.shape)
 
@@ -682,14 +683,15 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, normalized_sh
             raise ValueError("add_layer_norm: residual_bias needs a residual to add it to")
         return layer_norm(x, normalized_shape, weight, bias, eps, out_dtype=out_dtype), x
     n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype, residual_bias)
+    eps = runtime.as_float("add_layer_norm: eps", eps)
     check_tensor("add_layer_norm residual", residual, dtypes=FLOAT_DTYPES, device=x.device)
     if residual.shape != x.shape:
         raise ValueError(f"add_layer_norm: residual has shape {list(residual.shape)} but x has {list(x.shape)}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, residual, residual_bias, weight, bias)):
-        y2, h2 = AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, float(eps),
+        y2, h2 = AddLayerNormFunction.apply(x, residual, residual_bias, weight, bias, n_rows, n_cols, eps,
                                             out_dtype)
         return shaped(y2, x.shape), shaped(h2, x.shape)
     w, b, rb = _flat_params(weight, bias, residual_bias)
-    y2, h2, _, _ = _add_layer_norm_forward(x, residual, rb, n_rows, n_cols, w, b, float(eps), out_dtype, False)
+    y2, h2, _, _ = _add_layer_norm_forward(x, residual, rb, n_rows, n_cols, w, b, eps, out_dtype, False)
     return shaped(y2, x.shape), shaped(h2, x.shape)

@@ -35,7 +35,9 @@ generation with a tiny batch) take a fixed config and skip the autotuner.
 Backward. For gelu the forward also stores the pre-activation z (one extra
 (M, N) write) so the backward never recomputes x W^T (a whole GEMM). For relu
 and relu^2 the derivative is recovered from the output y itself (y > 0, and
-2 sqrt(y)), and y is kept alive by the next layer anyway: no extra bytes. One
+2 sqrt(y)), and y is kept alive by the next layer anyway: no extra bytes (fp16
+relu^2 excepted: y = z^2 leaves fp16's range where z passes 256 and flushes to 0
+below ~2e-4, so there z is stored as for gelu). One
 elementwise kernel then forms dz = dy * act'(.) and, in the same pass,
 per-block column sums for db (reduced by a second tiny kernel: deterministic,
 no atomics). When the output tiles of dW are too few to fill the GPU (dW is
@@ -69,6 +71,8 @@ except ImportError:  # pragma: no cover
 #: Activation names accepted by `linear`, and the code the kernels switch on at compile time.
 ACTIVATIONS = {None: 0, "relu": 1, "relu_squared": 2, "gelu": 3}
 RELU, RELU_SQUARED, GELU = 1, 2, 3
+#: Not an activation of the forward: the code under which the backward forms relu^2's derivative from z.
+RELU_SQUARED_OF_Z = 4
 
 # gelu (tanh form) = 0.5 z (1 + tanh(u)) = z * sigmoid(2u), with u = sqrt(2/pi) (z + 0.044715 z^3).
 # 2u = z * (GELU_K1 + GELU_K2 z^2). Written with sigmoid where it must run in the interpreter (libdevice's
@@ -196,17 +200,19 @@ def _activation(z, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr = F
 
 @triton.jit
 def _activation_grad(s, ACTIVATION: tl.constexpr):
-    """act'(z) from what the forward saved: the output y for relu and relu^2, the pre-activation z for gelu.
+    """act'(z) from what the forward saved (`_grad_source`): the output y for relu and relu^2, z for gelu.
 
     relu:   y > 0  <=>  z > 0, so act' = [y > 0]; written [not y <= 0] so that a NaN passes the gradient on
             as torch's relu backward does
-    relu^2: act'(z) = 2 relu(z) = 2 sqrt(y), NaN where y is
+    relu^2: act'(z) = 2 relu(z) = 2 sqrt(y), NaN where y is (code 4: 2 relu(z), from z itself)
     gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2)
     """
     if ACTIVATION == 1:
         g = tl.where(s <= 0.0, 0.0, 1.0)
     elif ACTIVATION == 2:
         g = 2.0 * tl.sqrt(tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL))
+    elif ACTIVATION == 4:
+        g = 2.0 * tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 3:
         sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s * s))
         g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s * s)
@@ -693,8 +699,22 @@ def _param_grads(dz: torch.Tensor, x2: torch.Tensor, need_w: bool, need_b: bool,
     return None, (activation_backward(dz, None, 0, True, bias_dtype)[1] if need_b else None)
 
 
+def _grad_source(activation: int, dtype: torch.dtype) -> tuple[bool, int]:
+    """(store z?, the code `_activation_grad` takes) for a forward with `activation` computed in `dtype`.
+
+    gelu' needs z. relu' and relu^2' are recovered from the output y, which the next layer keeps anyway,
+    except relu^2 in fp16: y = z^2 is inf for z above 256 and 0 (or a coarse subnormal) below ~2e-4, where
+    2 sqrt(y) would give inf or 0 for PyTorch's finite 2z. There z is stored and act' = 2 relu(z).
+    """
+    if activation == GELU:
+        return True, GELU
+    if activation == RELU_SQUARED and dtype == torch.float16:
+        return True, RELU_SQUARED_OF_Z
+    return False, activation
+
+
 class LinearFunction(torch.autograd.Function):
-    """y = act(x W^T + b). Saves x only if W needs a gradient, W only if x does, and z only for gelu.
+    """y = act(x W^T + b). Saves x only if W needs a gradient, W only if x does, and z for gelu (`_grad_source`).
 
     An fp32 weight with 16-bit x (mixed precision) is cast here, once; dW is written straight in fp32.
     """
@@ -704,7 +724,7 @@ class LinearFunction(torch.autograd.Function):
         need_x, need_w, _ = ctx.needs_input_grad[:3]
         x2 = _rows(x)
         w = _as_dtype_of(weight, x)
-        keep_z = activation == GELU  # gelu' needs z; relu' and relu^2' are recovered from y
+        keep_z, ctx.grad_code = _grad_source(activation, x2.dtype)
         y2, z2 = matmul(x2, w.t(), bias, activation, store_z=keep_z)
         saved = z2 if keep_z else (y2 if activation else None)
         ctx.save_for_backward(x2 if need_w else None, w if need_x else None, saved)
@@ -723,7 +743,7 @@ class LinearFunction(torch.autograd.Function):
         # With an activation, the pass that forms dz sums its columns for db on the way; without one,
         # dz = dy and db comes with dW (`_param_grads`).
         act = ctx.activation
-        dz, db = activation_backward(dy2, saved, act, need_b and act != 0, ctx.bias_dtype)
+        dz, db = activation_backward(dy2, saved, ctx.grad_code, need_b and act != 0, ctx.bias_dtype)
         dx = matmul(dz, weight)[0].view(ctx.x_shape) if need_x else None  # dx = dz W
         dw, db_plain = _param_grads(dz, x2, need_w, need_b and act == 0, ctx.weight_dtype, ctx.bias_dtype)
         return dx, dw, db if act else db_plain, None
@@ -743,10 +763,10 @@ class FeedForwardFunction(torch.autograd.Function):
         need_x, need_w1, need_b1 = ctx.needs_input_grad[:3]
         x2 = _rows(x)
         w1c, w2c = _as_dtype_of(w1, x), _as_dtype_of(w2, x)
-        keep_z = activation == GELU
+        keep_z, ctx.grad_code = _grad_source(activation, x2.dtype)
         h, z = matmul(x2, w1c.t(), b1, activation, store_z=keep_z)
         y2, _ = matmul(h, w2c.t(), b2)
-        # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z. W2 is needed for any
+        # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z (`_grad_source`). W2 is needed for any
         # gradient of the first layer; x only for dW1, W1 only for dx.
         ctx.save_for_backward(x2 if need_w1 else None, w1c if need_x else None, h,
                               w2c if (need_x or need_w1 or need_b1) else None, z)
@@ -766,7 +786,7 @@ class FeedForwardFunction(torch.autograd.Function):
         dw2, db2 = _param_grads(dy2, h, need_w2, need_b2, w2_dtype, b2_dtype)
         if need_x or need_w1 or need_b1:
             act = ctx.activation
-            dz = matmul(dy2, w2, grad_of=(act, z if act == GELU else h) if act else None)[0]  # dz = (dy W2) act'
+            dz = matmul(dy2, w2, grad_of=(ctx.grad_code, z if z is not None else h) if act else None)[0]  # (dy W2) act'
             if need_x:
                 dx = matmul(dz, w1)[0].view(ctx.x_shape)
             dw1, db1 = _param_grads(dz, x2, need_w1, need_b1, w1_dtype, b1_dtype)
@@ -792,7 +812,7 @@ def _check_activation(fn: str, activation) -> int:
 def _check_layer(fn: str, x: torch.Tensor, features: int | None, what: str, weight: torch.Tensor,
                  bias: torch.Tensor | None, w: str = "weight", b: str = "bias") -> None:
     """Clear errors for one projection of `features` inputs (None: x's last dimension; or a hidden width)."""
-    check_tensor(f"{fn} input x", x, dtypes=FLOAT_DTYPES)
+    check_tensor(f"{fn} input x", x, dtypes=FLOAT_DTYPES, dot=True)
     check_tensor(f"{fn} {w}", weight, dtypes=FLOAT_DTYPES, device=x.device, ndim=2)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x must have at least 1 dimension (..., in_features), got a scalar")

@@ -195,17 +195,23 @@ def pow2_at_least_16(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None) -> None:
+def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None,
+                 dot: bool = False) -> None:
     """Raise a clear error when an input is not something our kernels accept.
 
     Catching these here, in Python, is what turns a crash deep inside Triton (or a
-    silently wrong result) into a message that names the problem.
+    silently wrong result) into a message that names the problem. `dot`: the tensor goes
+    through `tl.dot`, which Triton's interpreter computes wrongly in bf16.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: {allowed}")
+    if dot and INTERPRET and t.dtype is torch.bfloat16:
+        # measured: linear and attention off by ~1e10 (torch.autocast("cpu") casts to bf16 by default)
+        raise TypeError(f"{name} is bfloat16, which Triton's CPU interpreter multiplies wrongly in tl.dot; use "
+                        "float32 or float16 on the CPU (bfloat16 runs on a GPU)")
     where = t.device
     if device is not None and where != device:
         raise ValueError(f"{name} is on {where} but the other inputs are on {device}")
@@ -260,8 +266,12 @@ def positive_int(value) -> int | None:
 
 
 def as_float(what: str, value) -> float:
-    """`value` as a Python float if it is a real number (numpy's included), else a TypeError naming `what`."""
+    """`value` as a Python float if it is a real number (numpy's, and a 0-dim real tensor, as PyTorch's ops
+    take them), else a TypeError naming `what`."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.is_complex()):
         return float(value)
     raise TypeError(f"{what} must be a float, got {type(value).__name__}")
 

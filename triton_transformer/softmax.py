@@ -12,8 +12,9 @@ three power-of-two pieces instead, see `row_pieces`). Longer rows stream through
 blocks twice: the first pass keeps a running max and a running sum rescaled
 whenever the max grows (the "online softmax" of
 Milakov & Gimelshein), the second writes the result. For those the grid is a few
-programs per SM, each looping over rows, so that the rows in flight fit in L2 and
-the second pass reads its row from there rather than from HBM.
+programs per SM, each looping over rows, so that fewer rows are in flight and more
+of the second pass reads its row from L2 rather than from HBM (all of it where the
+rows in flight fit in L2's 50 MB; see ONLINE_PROGRAMS_PER_SM).
 
 The causal mask is the seed's: for input of shape (..., M, N), row i of each
 M x N matrix only sees columns j <= i (top-left aligned, as

@@ -138,9 +138,13 @@ TINY = dict(dim=64, depth=2, heads=2, dim_head=32, seq_len=128, batch_size=8, gr
             log_every=10, ckpt_every=0, use_triton=False)
 
 #: Fields a resumed run may change; every other field comes from the checkpoint, so the run continues exactly.
+#: How the run computes and reports (the path, evaluation, samples, logs) continues as the checkpoint says unless
+#: given again on train.py's command line; where it writes, on which device, when it stops and whether a
+#: progress bar shows belong to the new invocation (`_INVOCATION`).
 RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "data_parallel", "out_dir", "progress", "eval_every",
                        "eval_batches", "sample_every", "sample_len", "prompt_len", "temperature", "top_k", "log_every", "ckpt_every", "stop_at",
                        "device", "cache_dir"}
+_INVOCATION = {"out_dir", "progress", "stop_at", "device", "cache_dir"}
 
 #: How each benchmark provider trains: the Triton model, the PyTorch path eager, and the PyTorch path compiled.
 PROVIDERS = {
@@ -832,15 +836,29 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
 
 
 def _merge_resume_config(cfg: TrainConfig, saved: dict, say) -> TrainConfig:
-    """The checkpoint's config, with only the fields that cannot change the training trajectory taken from `cfg`."""
+    """The checkpoint's config, with only the fields that cannot change the training trajectory taken from `cfg`.
+
+    A config from train.py's command line records the options given (`cfg.explicit`): of the resumable fields,
+    one not given again keeps the checkpoint's value (a run trained with --use-triton resumes on the Triton path
+    without being told twice), except those of `_INVOCATION`. A config built in Python overrides all of them.
+    """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = dict(saved)
     ignored = []
+    explicit = getattr(cfg, "explicit", None)
     for f in dataclasses.fields(TrainConfig):
         new = getattr(cfg, f.name)
-        if f.name in RESUMABLE_OVERRIDES or f.name not in saved:
+        if f.name not in saved:
             merged[f.name] = new
-        elif saved[f.name] != new and f.name in getattr(cfg, "explicit", ()):
+        elif f.name in RESUMABLE_OVERRIDES:
+            if explicit is None or f.name in explicit or f.name in _INVOCATION:
+                merged[f.name] = new
+        elif (f.name == "data" and explicit is not None and "data" in explicit and saved["data"] != new
+              and saved["data"] not in ("stdlib", "enwik8") and not Path(saved["data"]).exists()):
+            # a relative path from another directory: the checkpoint's digest still tells whether it is the same
+            say(f"the checkpoint's data {saved['data']!r} is not found from here: reading --data {new!r}")
+            merged["data"] = new
+        elif saved[f.name] != new and f.name in (explicit or ()):
             ignored.append(f"{f.name}={new!r} (checkpoint: {saved[f.name]!r})")
     if ignored:
         say("resuming with the checkpoint's settings; ignored " + ", ".join(ignored))
@@ -931,9 +949,11 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("warmup_steps", "eval_every", "sample_every", "sample_len", "prompt_len", "ckpt_every"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
     need(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
-    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    fp32_max = torch.finfo(torch.float32).max  # the optimizer keeps lr, decay and clip norm as fp32 numbers
+    need(0 < cfg.lr < fp32_max, f"--lr must be a positive finite number, got {cfg.lr}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    need(cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight-decay and --grad-clip must be 0 or more")
+    need(0 <= cfg.weight_decay < fp32_max and 0 <= cfg.grad_clip < fp32_max,
+         f"--weight-decay and --grad-clip must be finite numbers, 0 or more, got {cfg.weight_decay}, {cfg.grad_clip}")
     need(0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0, f"--beta1 and --beta2 must be in [0, 1), got "
                                                            f"{cfg.beta1}, {cfg.beta2}")
     need(0 <= cfg.seed < 2**31, f"--seed must be in [0, 2**31), got {cfg.seed}")  # + rank: numpy's seed range
@@ -964,7 +984,13 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             cfg = _merge_resume_config(cfg, state["config"], say)
         check_config(cfg)
         if cfg.device == "auto" and d.device.type == "cpu" and cfg.use_triton and d.main:
-            say("note: no GPU, so the Triton kernels run in Triton's CPU interpreter (slow; --no-triton is faster)")
+            say("note: no GPU, so the Triton kernels run in Triton's CPU interpreter (slow; --no-use-triton is faster)")
+        if d.device.type == "cpu" and cfg.dtype in ("bf16", "fp16") and d.main:
+            say(f"note: --dtype {cfg.dtype} is not used on the CPU, which trains in fp32 (the interpreter computes "
+                "bf16 dots wrongly, and CPU autocast would only be slower)")
+        if state is None and cfg.data not in ("stdlib", "enwik8") and Path(cfg.data).exists():
+            # the checkpoint names the file by its absolute path: a resume from another directory finds it
+            cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
 
         # ---- data (rank 0 builds any cache first, the others then read it)
         if d.main:
@@ -1021,6 +1047,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                 say(f"warning: the data ({corpus.name}) is not the data this run trained on (its bytes differ from "
                     "those the checkpoint recorded): the run goes on, but its batches from here are not the ones "
                     "it would have seen, so it will not match an uninterrupted run")
+            if cfg.stop_at is not None and cfg.stop_at <= step:
+                raise TrainingError(f"--stop-at {cfg.stop_at}: the checkpoint is already at step {step}; a resumed "
+                                    "run can only stop later")
             say(f"resumed from {ckpt_path} at step {step}")
             if step >= cfg.steps:
                 say(f"note: the checkpoint is at step {step}, the last of its run: nothing left to train (the run's "

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
 from .attention import split_heads
-from .runtime import as_int, positive_int
+from .runtime import as_float, as_int, positive_int
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
 from .layernorm import add_layer_norm as tt_add_layer_norm
@@ -91,8 +91,14 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
             setattr(self, name, n)
         for name in ("attn_dropout", "ff_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"TransformerConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            try:
+                p = as_float(name, value)
+            except TypeError:
+                p = math.nan
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"TransformerConfig: {name} must be a float in [0, 1), got {value!r}")
+            setattr(self, name, p)
 
 
 # ---------------------------------------------------------------- the operations, two ways
@@ -235,7 +241,7 @@ def dropout(x, p: float, training: bool, use_triton: bool):
 def cross_entropy(logits, target, ignore_index: int, use_triton: bool):
     if use_triton:
         return _triton_cross_entropy(logits, target, ignore_index)
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)  # F's takes no int32 targets
 
 
 # ---------------------------------------------------------------- the model
@@ -443,6 +449,9 @@ class Transformer(nn.Module):
                 raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
         if labels is not None and labels.shape != x.shape:
             raise ValueError(f"labels must have the shape of x {tuple(x.shape)}, got {tuple(labels.shape)}")
+        if labels is not None and labels.dtype not in (torch.int64, torch.int32):
+            # both paths take these (the PyTorch path's cross-entropy is given int64)
+            raise TypeError(f"labels must hold integer token ids, int64 or int32, got {labels.dtype}")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_triton: bool | None = None, cache: KVCache | None = None):
