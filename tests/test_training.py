@@ -168,8 +168,11 @@ def test_the_command_line_resumes_a_run_as_it_was_started(corpus_file, tmp_path,
     unless given again (a CPU run started with --use-triton resumed on the PyTorch path, the CPU preset's default);
     a --stop-at the checkpoint has passed is refused (it trained to the end); a run started with a relative --data
     resumes from another directory."""
-    i = TINY_ARGS.index("--log-every")
-    args = [a for a in TINY_ARGS[:i] + TINY_ARGS[i + 2:] if a != "--no-use-triton"]
+    args = list(TINY_ARGS)
+    for option in ("--log-every", "--device"):  # the default device: where the Triton kernels run, GPU or interpreter
+        i = args.index(option)
+        del args[i:i + 2]
+    args.remove("--no-use-triton")
     run = tmp_path / "run"
     monkeypatch.chdir(corpus_file.parent)
     training.main(["--data", corpus_file.name, *args, "--use-triton", "--log-every", "2", "--steps", "4",
