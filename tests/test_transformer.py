@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ON_GPU, assert_close_named, count_launches, cuda_only
 
-from triton_transformer.transformer import KVCache, Transformer, TransformerConfig
+from triton_transformer.transformer import DecodeGraph, KVCache, Transformer, TransformerConfig
 
 #: One block: the interpreter pays per kernel launch, so most tests keep the model as short as it gets.
 TINY = dict(num_tokens=61, max_seq_len=32, dim=32, depth=1, heads=2, dim_head=16)
@@ -283,16 +283,46 @@ def test_no_grad_saves_nothing(device, use_triton):
     (False, 1.0, None), (False, 0.8, 5), (False, 0.0, None), (True, 0.8, 5)],
     ids=["torch-t1", "torch-topk", "torch-greedy", "triton-topk"])
 def test_generate_cached_equals_uncached(device, use_triton, temperature, top_k):
-    """Same torch seed, same tokens, with and without the KV cache."""
+    """Same torch seed, same tokens, with and without the KV cache, and with the cache's static step
+    (`DecodeGraph`: recorded as a CUDA graph on a GPU, run eagerly on the CPU)."""
     model = tiny(device, causal=True).eval()
     prompt = ids(device, b=2, n=4)
     out = {}
-    for use_cache in (True, False):
+    for use_cache, cuda_graph in ((True, False), (False, False), (True, True)):
         torch.manual_seed(123)
-        out[use_cache] = model.generate(prompt, 4, temperature=temperature, top_k=top_k,
-                                        use_cache=use_cache, use_triton=use_triton)
-    assert out[True].shape == (2, 8) and torch.equal(out[True][:, :4], prompt)
-    assert torch.equal(out[True], out[False])
+        out[use_cache, cuda_graph] = model.generate(prompt, 4, temperature=temperature, top_k=top_k,
+                                                    use_cache=use_cache, use_triton=use_triton, cuda_graph=cuda_graph)
+    assert out[True, False].shape == (2, 8) and torch.equal(out[True, False][:, :4], prompt)
+    assert torch.equal(out[True, False], out[False, False]) and torch.equal(out[True, True], out[False, False])
+    assert torch.equal(model.generate(prompt, 0, use_triton=use_triton), prompt)
+
+
+@cuda_only
+@PATHS
+def test_generate_replays_a_recorded_step(device, use_triton, monkeypatch):
+    """On a GPU the cached one-token step is recorded once and replayed: the model's Python runs for the
+    prompt, the eager first step and the recording, not per token. Fed a sequence token by token, the replays
+    give the logits of one full forward; and on the Triton path greedy decoding draws the eager step's tokens
+    (the masked keys past the cache's length add exact zeros to the same sums)."""
+    model = tiny(device, causal=True).eval()
+    prompt = ids(device, b=3, n=5)
+    calls = []
+    forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model.generate(prompt, 20, temperature=0.0, use_triton=use_triton, cuda_graph=False)
+        assert len(calls) == 20
+        graphed = model.generate(prompt, 20, temperature=0.0, use_triton=use_triton)
+        assert len(calls) == 20 + 3
+        if use_triton:
+            assert torch.equal(graphed, eager)
+        full = model(eager, use_triton=use_triton).float()
+        cache = KVCache(model.config.max_seq_len)
+        model(eager[:, :5], use_triton=use_triton, cache=cache)
+        step = DecodeGraph(model, cache, use_triton)
+        for t in range(5, eager.shape[1]):
+            torch.testing.assert_close(step(eager[:, t:t + 1]), full[:, t], atol=3e-2, rtol=3e-2, msg=f"token {t}")
+    assert step.graph is not None and cache.length == eager.shape[1]
 
 
 @PATHS

@@ -44,6 +44,7 @@ have chosen (bf16 for the projections and attention, fp32 for layer norm and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 from .attention import attention as tt_attention
 from .attention import attention_qkv as tt_attention_qkv
 from .attention import split_heads
+from . import runtime
 from .runtime import as_float, as_int, positive_int
 from .cross_entropy import cross_entropy as tt_cross_entropy
 from .dropout import dropout as tt_dropout
@@ -255,6 +257,10 @@ class KVCache:
         self.length = 0  # tokens cached so far; the model advances it after each forward
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        # Set by `DecodeGraph`: the new token's position and the keys it may see, as device tensors,
+        # so that a step never reads `length` on the host (a recorded CUDA graph replays no Python).
+        self.position: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new (B, H, n, D) keys and values after the cached ones; return all of them."""
@@ -266,6 +272,12 @@ class KVCache:
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def write_at_position(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """The static step's `update`: write one token's keys and values at `position`; return the whole cache."""
+        self.k[layer].index_copy_(2, self.position, k)
+        self.v[layer].index_copy_(2, self.position, v)
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -290,7 +302,12 @@ class Attention(nn.Module):
             out = _triton_attention_qkv(qkv, self.heads, mask, self.causal, p)
             return project(out, self.to_out, use_triton)
         q, k, v = split_heads(qkv, self.heads)  # three (b, heads, n, dim_head) views, no copy
-        if cache is None or cache.length == 0:
+        if cache is not None and cache.position is not None:
+            # one token in a recorded step (DecodeGraph): it attends over the cache's whole length, the keys
+            # it may see masked by `seen`, instead of over a slice whose length the host would choose
+            k, v = cache.write_at_position(self.layer, k, v)
+            out = attention(q, k, v, cache.seen, False, p, use_triton)
+        elif cache is None or cache.length == 0:
             if cache is not None:  # prefill: cache the prompt's keys and values, attend as usual
                 cache.update(self.layer, k, v)
             out = attention(q, k, v, mask, self.causal, p, use_triton)
@@ -464,11 +481,13 @@ class Transformer(nn.Module):
             raise ValueError("a KV cache needs causal=True: without it, old positions would see new tokens")
 
         n = x.shape[1]
-        h = self.token_emb(x) + self.pos_emb(torch.arange(start, start + n, device=x.device))
+        static = cache is not None and cache.position is not None  # a DecodeGraph step: positions on the device
+        h = self.token_emb(x) + self.pos_emb(cache.position if static else
+                                             torch.arange(start, start + n, device=x.device))
         r = None  # each block's last output is added to h inside the next norm
         for block in self.layers:
             h, r = block(h, r, mask, use_triton, cache)
-        if cache is not None:
+        if cache is not None and not static:  # (a DecodeGraph counts its own steps)
             cache.length += n
         logits = linear(add_norm(h, r, self.norm, use_triton)[0], self.to_logits, use_triton)
         if labels is None:
@@ -483,13 +502,16 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool | None = None, use_triton: bool | None = None):
+                 top_k: int | None = None, use_cache: bool | None = None, use_triton: bool | None = None,
+                 cuda_graph: bool | None = None):
         """Sample `max_new_tokens` after `prompt` (batch, n); returns (batch, n + max_new_tokens).
 
         temperature 0 is greedy. With `use_cache` (the default for a causal model) the
         keys and values of past tokens are kept, so each step runs the model on one
         token instead of the whole sequence; the tokens drawn are the same either way.
-        Call ``model.eval()`` first, or dropout stays on.
+        With the cache, `cuda_graph` (default: on a GPU) records the one-token step as a
+        CUDA graph and replays it (`DecodeGraph`); on the CPU, True runs that same step
+        without recording it. Call ``model.eval()`` first, or dropout stays on.
         """
         use_cache = self.config.causal if use_cache is None else use_cache
         if use_cache and not self.config.causal:
@@ -507,14 +529,85 @@ class Transformer(nn.Module):
         if total > self.config.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.config.max_seq_len}")
 
+        if max_new_tokens == 0:
+            return prompt
         cache = KVCache(self.config.max_seq_len) if use_cache else None
-        seq, step_input = prompt, prompt
-        for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else seq, use_triton=use_triton, cache=cache)[:, -1].float()
+        if cuda_graph is None:
+            cuda_graph = prompt.is_cuda and not runtime.INTERPRET
+        decoder = None
+        seq = prompt
+        logits = self(prompt, use_triton=use_triton, cache=cache)[:, -1].float()  # the prompt, in one pass
+        for i in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k)
             seq = torch.cat([seq, nxt], dim=1)
-            step_input = nxt
+            if i == max_new_tokens - 1:
+                break
+            if use_cache and cuda_graph:
+                decoder = decoder or DecodeGraph(self, cache, use_triton, record=prompt.is_cuda)
+                logits = decoder(nxt)
+            else:
+                logits = self(nxt if use_cache else seq, use_triton=use_triton, cache=cache)[:, -1].float()
         return seq
+
+
+class DecodeGraph:
+    """`generate`'s one-token step with the KV cache, recorded once as a CUDA graph and replayed per token.
+
+    One token at a time, decoding is bound by the host: each op's Python runs for a kernel of a few
+    microseconds, and the Triton path's ops run more Python than PyTorch's (chapter 7 times both). A replay
+    submits the whole step with one call, as `training.CudaGraphStep` does for a training step. What a
+    replay assumes, and how this keeps it true:
+
+    * the same addresses: the token goes in through `token`; its position and the mask of the keys it may
+      see are device tensors (`KVCache.position`, `.seen`) that the recorded step itself advances; the
+      cache was allocated at its full length by the prompt's pass;
+    * nothing chosen on the host: the step attends over the cache's whole length with that mask (the eager
+      step slices the keys seen so far, a length the host picks), and its first call runs eagerly, so
+      that the kernels for its shapes are compiled and tuned before the recording;
+    * no randomness inside: sampling runs after each replay.
+
+    ``record=False`` runs the same step eagerly every call (the CPU; the tests compare it with `generate`'s).
+    """
+
+    def __init__(self, model: "Transformer", cache: KVCache, use_triton: bool | None, record: bool = True):
+        batch, device = next(iter(cache.k.values())).shape[0], next(iter(cache.k.values())).device
+        self.model, self.cache, self.use_triton, self.record = model, cache, use_triton, record
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        cache.position = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        cache.seen = torch.zeros((batch, cache.max_len), dtype=torch.bool, device=device)
+        cache.seen[:, :cache.length] = True
+        self.graph = self.logits = None
+
+    def _step(self) -> torch.Tensor:
+        self.cache.seen.index_fill_(1, self.cache.position, True)  # the new token sees itself
+        logits = self.model(self.token, use_triton=self.use_triton, cache=self.cache)[:, -1].float()
+        self.cache.position.add_(1)
+        return logits
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, vocab) of the next token after `token` (batch, 1); valid until the next call."""
+        self.token.copy_(token)
+        if not self.record:
+            logits = self._step()
+        elif self.logits is None:  # the first call runs eagerly, on a side stream as CUDA graphs want
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.logits = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:  # the second records the step; recording runs nothing, the replay does
+                self.graph = torch.cuda.CUDAGraph()
+                # autocast's cast cache must stay off while recording: cached casts would outlive the pool
+                kind = self.token.device.type
+                amp = (torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)
+                       if torch.is_autocast_enabled(kind) else contextlib.nullcontext())
+                with torch.cuda.graph(self.graph), amp:
+                    self.logits = self._step()
+            self.graph.replay()
+            logits = self.logits
+        self.cache.length += 1
+        return logits
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
