@@ -297,6 +297,17 @@ def test_generate_cached_equals_uncached(device, use_triton, temperature, top_k)
     assert torch.equal(model.generate(prompt, 0, use_triton=use_triton), prompt)
 
 
+def test_the_cache_past_its_length_is_zeros(device):
+    """The recorded decoding step attends over the cache's whole length, masking the rows not yet written:
+    those must hold finite values, since a masked key's probability 0 times a NaN is NaN (an empty buffer
+    gave NaN logits under bf16 autocast on the H100)."""
+    model = tiny(device, causal=True).eval()
+    cache = KVCache(model.config.max_seq_len)
+    with torch.no_grad():
+        model(ids(device, b=2, n=4), cache=cache)
+    assert all(t[:, :, 4:].eq(0).all() for t in (*cache.k.values(), *cache.v.values()))
+
+
 @cuda_only
 @PATHS
 def test_generate_replays_a_recorded_step(device, use_triton, monkeypatch):

@@ -266,8 +266,10 @@ class KVCache:
         """Write the new (B, H, n, D) keys and values after the cached ones; return all of them."""
         if layer not in self.k:  # allocated on first use, in the dtype the projections produce
             b, h, _, d = k.shape
-            self.k[layer] = k.new_empty(b, h, self.max_len, d)
-            self.v[layer] = v.new_empty(b, h, self.max_len, d)
+            # zeros, not empty: a recorded step (DecodeGraph) attends over the whole length, and a masked
+            # key's probability 0 times whatever NaN an empty buffer held would still be NaN
+            self.k[layer] = k.new_zeros(b, h, self.max_len, d)
+            self.v[layer] = v.new_zeros(b, h, self.max_len, d)
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
