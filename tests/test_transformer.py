@@ -297,6 +297,24 @@ def test_generate_cached_equals_uncached(device, use_triton, temperature, top_k)
     assert torch.equal(model.generate(prompt, 0, use_triton=use_triton), prompt)
 
 
+@PATHS
+def test_decode_steps_over_growing_spans_match_a_full_forward(device, use_triton):
+    """`DecodeGraph` attends over a power-of-two span of the cache (64, 128, then the whole 140): token by
+    token its logits are those of one full forward, across every change of span (recorded on a GPU)."""
+    model = tiny(device, causal=True, max_seq_len=140).eval()
+    x = ids(device, b=2, n=140)
+    with torch.no_grad():
+        full = model(x, use_triton=use_triton)
+        cache = KVCache(model.config.max_seq_len)
+        model(x[:, :5], use_triton=use_triton, cache=cache)
+        step = DecodeGraph(model, cache, use_triton, record=device.type == "cuda")
+        for t in range(5, 140):
+            torch.testing.assert_close(step(x[:, t:t + 1]), full[:, t], atol=1e-4, rtol=1e-4)
+    assert cache.length == 140 and cache.span == 140
+    if device.type == "cuda":  # one recording per span, each replayed after its eager first step
+        assert sorted(step.graphs) == [64, 128, 140] and all(g is not None for g, _ in step.graphs.values())
+
+
 def test_the_cache_past_its_length_is_zeros(device):
     """The recorded decoding step attends over the cache's whole length, masking the rows not yet written:
     those must hold finite values, since a masked key's probability 0 times a NaN is NaN (an empty buffer

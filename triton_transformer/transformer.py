@@ -258,9 +258,11 @@ class KVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         # Set by `DecodeGraph`: the new token's position and the keys it may see, as device tensors,
-        # so that a step never reads `length` on the host (a recorded CUDA graph replays no Python).
+        # so that a step never reads `length` on the host (a recorded CUDA graph replays no Python), and
+        # `span`, how many rows of the cache a step attends over (each span is recorded once).
         self.position: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.span = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new (B, H, n, D) keys and values after the cached ones; return all of them."""
@@ -276,10 +278,11 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def write_at_position(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """The static step's `update`: write one token's keys and values at `position`; return the whole cache."""
+        """The static step's `update`: write one token's keys and values at `position`; return the first `span`
+        rows of the cache, with the mask of those the token may see."""
         self.k[layer].index_copy_(2, self.position, k)
         self.v[layer].index_copy_(2, self.position, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :self.span], self.v[layer][:, :, :self.span], self.seen[:, :self.span]
 
 
 class Attention(nn.Module):
@@ -307,8 +310,8 @@ class Attention(nn.Module):
         if cache is not None and cache.position is not None:
             # one token in a recorded step (DecodeGraph): it attends over the cache's whole length, the keys
             # it may see masked by `seen`, instead of over a slice whose length the host would choose
-            k, v = cache.write_at_position(self.layer, k, v)
-            out = attention(q, k, v, cache.seen, False, p, use_triton)
+            k, v, seen = cache.write_at_position(self.layer, k, v)
+            out = attention(q, k, v, seen, False, p, use_triton)
         elif cache is None or cache.length == 0:
             if cache is not None:  # prefill: cache the prompt's keys and values, attend as usual
                 cache.update(self.layer, k, v)
@@ -553,7 +556,7 @@ class Transformer(nn.Module):
 
 
 class DecodeGraph:
-    """`generate`'s one-token step with the KV cache, recorded once as a CUDA graph and replayed per token.
+    """`generate`'s one-token step with the KV cache, recorded as a CUDA graph and replayed per token.
 
     One token at a time, decoding is bound by the host: each op's Python runs for a kernel of a few
     microseconds, and the Triton path's ops run more Python than PyTorch's (chapter 7 times both). A replay
@@ -562,23 +565,28 @@ class DecodeGraph:
 
     * the same addresses: the token goes in through `token`; its position and the mask of the keys it may
       see are device tensors (`KVCache.position`, `.seen`) that the recorded step itself advances; the
-      cache was allocated at its full length by the prompt's pass;
-    * nothing chosen on the host: the step attends over the cache's whole length with that mask (the eager
-      step slices the keys seen so far, a length the host picks), and its first call runs eagerly, so
-      that the kernels for its shapes are compiled and tuned before the recording;
+      cache was allocated at its full length, in zeros, by the prompt's pass;
+    * nothing chosen on the host: the step attends over a fixed `span` of the cache with that mask (the
+      eager step slices the keys seen so far, a length the host picks). Spans are powers of two from
+      `MIN_SPAN`, and each is recorded once, when the cache first needs it: a token at position 40 attends
+      over 64 rows, not the model's whole context. The first step of each span runs eagerly, so that its
+      kernels are compiled and tuned before the recording;
     * no randomness inside: sampling runs after each replay.
 
-    ``record=False`` runs the same step eagerly every call (the CPU; the tests compare it with `generate`'s).
+    ``record=False`` runs the same steps eagerly (the CPU; the tests compare them with `generate`'s).
     """
 
+    MIN_SPAN = 64
+
     def __init__(self, model: "Transformer", cache: KVCache, use_triton: bool | None, record: bool = True):
-        batch, device = next(iter(cache.k.values())).shape[0], next(iter(cache.k.values())).device
+        first = next(iter(cache.k.values()))
+        batch, device = first.shape[0], first.device
         self.model, self.cache, self.use_triton, self.record = model, cache, use_triton, record
         self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)
         cache.position = torch.full((1,), cache.length, dtype=torch.long, device=device)
         cache.seen = torch.zeros((batch, cache.max_len), dtype=torch.bool, device=device)
         cache.seen[:, :cache.length] = True
-        self.graph = self.logits = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor]] = {}  # span -> (graph, logits)
 
     def _step(self) -> torch.Tensor:
         self.cache.seen.index_fill_(1, self.cache.position, True)  # the new token sees itself
@@ -588,27 +596,31 @@ class DecodeGraph:
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (batch, vocab) of the next token after `token` (batch, 1); valid until the next call."""
+        cache = self.cache
+        cache.span = min(cache.max_len, max(self.MIN_SPAN, runtime.next_power_of_2(cache.length + 1)))
         self.token.copy_(token)
+        graph, logits = self.graphs.get(cache.span, (None, None))
         if not self.record:
             logits = self._step()
-        elif self.logits is None:  # the first call runs eagerly, on a side stream as CUDA graphs want
+        elif logits is None:  # a span's first step runs eagerly, on a side stream as CUDA graphs want
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = self.logits = self._step()
+                logits = self._step()
             torch.cuda.current_stream().wait_stream(side)
+            self.graphs[cache.span] = (None, logits)
         else:
-            if self.graph is None:  # the second records the step; recording runs nothing, the replay does
-                self.graph = torch.cuda.CUDAGraph()
+            if graph is None:  # its second records it; recording runs nothing, the replay below does
+                graph = torch.cuda.CUDAGraph()
                 # autocast's cast cache must stay off while recording: cached casts would outlive the pool
                 kind = self.token.device.type
                 amp = (torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False)
                        if torch.is_autocast_enabled(kind) else contextlib.nullcontext())
-                with torch.cuda.graph(self.graph), amp:
-                    self.logits = self._step()
-            self.graph.replay()
-            logits = self.logits
-        self.cache.length += 1
+                with torch.cuda.graph(graph), amp:
+                    logits = self._step()
+                self.graphs[cache.span] = (graph, logits)
+            graph.replay()
+        cache.length += 1
         return logits
 
 
