@@ -295,6 +295,10 @@ def test_generate_cached_equals_uncached(device, use_triton, temperature, top_k)
     assert out[True, False].shape == (2, 8) and torch.equal(out[True, False][:, :4], prompt)
     assert torch.equal(out[True, False], out[False, False]) and torch.equal(out[True, True], out[False, False])
     assert torch.equal(model.generate(prompt, 0, use_triton=use_triton), prompt)
+    dropping = tiny(device, causal=True, attn_dropout=0.1)  # in training mode: a recording would fix one mask
+    with pytest.raises(ValueError, match="one dropout mask for every token"):
+        dropping.generate(prompt, 2, use_triton=use_triton, cuda_graph=True)
+    assert dropping.generate(prompt, 2, use_triton=use_triton).shape == (2, 6)  # the default steps eagerly
 
 
 @PATHS

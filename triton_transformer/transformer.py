@@ -308,8 +308,8 @@ class Attention(nn.Module):
             return project(out, self.to_out, use_triton)
         q, k, v = split_heads(qkv, self.heads)  # three (b, heads, n, dim_head) views, no copy
         if cache is not None and cache.position is not None:
-            # one token in a recorded step (DecodeGraph): it attends over the cache's whole length, the keys
-            # it may see masked by `seen`, instead of over a slice whose length the host would choose
+            # one token in a recorded step (DecodeGraph): it attends over a fixed span of the cache, the keys it
+            # may see masked by `seen`, instead of over a slice whose length the host would choose
             k, v, seen = cache.write_at_position(self.layer, k, v)
             out = attention(q, k, v, seen, False, p, use_triton)
         elif cache is None or cache.length == 0:
@@ -537,8 +537,12 @@ class Transformer(nn.Module):
         if max_new_tokens == 0:
             return prompt
         cache = KVCache(self.config.max_seq_len) if use_cache else None
+        dropping = self.training and (self.config.attn_dropout > 0 or self.config.ff_dropout > 0)
         if cuda_graph is None:
-            cuda_graph = prompt.is_cuda and not runtime.INTERPRET
+            cuda_graph = prompt.is_cuda and not runtime.INTERPRET and not dropping
+        elif cuda_graph and use_cache and dropping:
+            raise ValueError("generate(cuda_graph=True) in training mode with dropout: a recorded step would replay "
+                             "one dropout mask for every token; call model.eval() first (or cuda_graph=False)")
         decoder = None
         seq = prompt
         logits = self(prompt, use_triton=use_triton, cache=cache)[:, -1].float()  # the prompt, in one pass
