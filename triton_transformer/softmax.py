@@ -368,6 +368,7 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
         raise ValueError("softmax: causal=True needs dim=-1 on a tensor of at least 2 dimensions (..., M, N)")
     if x.numel() == 0:  # nothing to launch: PyTorch's own (empty, still differentiable) result
         return torch.softmax(x, dim)
-    if dim != x.dim() - 1:
-        return softmax(x.movedim(dim, -1)).movedim(-1, dim)
+    if dim != x.dim() - 1:  # x is checked above: the moved view goes straight to the Function
+        moved = x.movedim(dim, -1)
+        return shaped(SoftmaxFunction.apply(moved, False), moved.shape).movedim(-1, dim)
     return shaped(SoftmaxFunction.apply(x, causal), x.shape)

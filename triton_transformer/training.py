@@ -294,8 +294,12 @@ def file_corpus(path: str | os.PathLike, val_fraction: float = 0.05) -> Corpus:
     return _split(p.name, np.memmap(p, dtype=np.uint8, mode="r"), val_fraction)
 
 
+#: The corpora `--data` names; anything else is a file path.
+NAMED_CORPORA = ("stdlib", "enwik8")
+
+
 def load_corpus(data: str, cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.05) -> Corpus:
-    """'stdlib', 'enwik8' or a file path -> Corpus."""
+    """'stdlib', 'enwik8' (`NAMED_CORPORA`) or a file path -> Corpus."""
     cache_dir = cache_dir or default_cache_dir()
     if data == "stdlib":
         return stdlib_corpus(cache_dir, val_fraction)
@@ -854,7 +858,7 @@ def _merge_resume_config(cfg: TrainConfig, saved: dict, say) -> TrainConfig:
             if explicit is None or f.name in explicit or f.name in _INVOCATION:
                 merged[f.name] = new
         elif (f.name == "data" and explicit is not None and "data" in explicit and saved["data"] != new
-              and saved["data"] not in ("stdlib", "enwik8") and not Path(saved["data"]).exists()):
+              and saved["data"] not in NAMED_CORPORA and not Path(saved["data"]).exists()):
             # a relative path from another directory: the checkpoint's digest still tells whether it is the same
             say(f"the checkpoint's data {saved['data']!r} is not found from here: reading --data {new!r}")
             merged["data"] = new
@@ -988,7 +992,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         if d.device.type == "cpu" and cfg.dtype in ("bf16", "fp16") and d.main:
             say(f"note: --dtype {cfg.dtype} is not used on the CPU, which trains in fp32 (the interpreter computes "
                 "bf16 dots wrongly, and CPU autocast would only be slower)")
-        if state is None and cfg.data not in ("stdlib", "enwik8") and Path(cfg.data).exists():
+        if state is None and cfg.data not in NAMED_CORPORA and Path(cfg.data).exists():
             # the checkpoint names the file by its absolute path: a resume from another directory finds it
             cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
 
