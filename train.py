@@ -4,7 +4,7 @@
     python train.py --data enwik8              # the seed's data set (downloaded once, checksummed, cached)
     python train.py --data book.txt            # any file
     python train.py --resume                   # continue runs/gpt/ckpt.pt exactly where it stopped
-    torchrun --nproc_per_node=8 train.py       # DistributedDataParallel, one process per GPU
+    torchrun --nproc_per_node=8 train.py       # data parallel, one process per GPU
     python train.py --bench --steps 2000       # triton vs torch vs torch.compile -> train_run results rows
     python train.py --help                     # every option
 

@@ -79,6 +79,11 @@ def test_cpu_fallback_says_what_it_does(corpus_file, tmp_path, capsys):
     assert training.main(["--data", str(corpus_file), "--steps", "2", "--out-dir", str(tmp_path), *TINY_ARGS]) == 0
     out = capsys.readouterr().out
     assert "training a tiny configuration on the CPU" in out and "PyTorch path" in out and "Traceback" not in out
+    # a resumed run takes the checkpoint's configuration, not the tiny preset, and says so
+    assert training.main(["--data", str(corpus_file), "--steps", "3", "--out-dir", str(tmp_path), "--resume",
+                          "--no-progress"] + [a for a in TINY_ARGS if a != "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming on the CPU with the checkpoint's configuration" in out and "tiny configuration" not in out
 
 
 # ---------------------------------------------------------------- checkpoints and exact resume

@@ -755,7 +755,7 @@ class FeedForwardFunction(torch.autograd.Function):
     As two `LinearFunction`s the backward writes dh = dy W2 (rows x hidden, the widest activation of
     a block), reads it back with the saved h to form dz = dh * act'(.), and writes dz. Here the
     GEMM that produces dh multiplies by act' in its epilogue (`matmul(..., grad_of=...)`) and writes
-    dz directly: one (rows x hidden) write and two reads fewer per step, and no elementwise kernel.
+    dz directly: one (rows x hidden) write and one read fewer per step, and no elementwise kernel.
     """
 
     @staticmethod

@@ -19,8 +19,9 @@ is what ``python train.py`` runs. Read it top to bottom:
 4. **Around the step**: a progress bar with loss, tokens/s and MFU; validation
    loss in bits per byte; a sample of generated text; a JSON-lines log;
    checkpoints written atomically; Ctrl-C saves before exiting.
-5. **DDP** under ``torchrun``: one process per GPU, each with its own shard of
-   every step's batch, rank 0 logging and checkpointing.
+5. **Data parallel** under ``torchrun``: one process per GPU, each with its own shard of
+   every step's batch (one all-reduce of a flat gradient buffer after a step replayed as a
+   CUDA graph, DistributedDataParallel otherwise), rank 0 logging and checkpointing.
 6. **Benchmark rows**: `benchmark` trains one configuration with one provider
    (triton, torch, torch.compile) and returns a ``train_run`` results row.
 """
@@ -330,7 +331,8 @@ def get_batch(data: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.
     """Inputs x = bytes [s, s+T) and labels y = bytes [s+1, s+T+1) of each window, as int64 on `device`."""
     windows = torch.from_numpy(data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
     if device.type == "cuda":
-        windows = windows.pin_memory().to(device, non_blocking=True)  # the copy overlaps the running step
+        # pinned, so the copy is queued without the host waiting; the host gathers the next batch while the GPU steps
+        windows = windows.pin_memory().to(device, non_blocking=True)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -1387,7 +1389,7 @@ def argument_parser() -> argparse.ArgumentParser:
                "  python train.py                          # stdlib sources, seed config, 2000 steps\n"
                "  python train.py --data enwik8 --steps 20000\n"
                "  python train.py --resume                 # continue runs/gpt/ckpt.pt exactly\n"
-               "  torchrun --nproc_per_node=8 train.py     # DistributedDataParallel\n"
+               "  torchrun --nproc_per_node=8 train.py     # data parallel, one process per GPU\n"
                "  python train.py --bench --steps 2000     # triton vs torch vs torch.compile: train_run rows")
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
@@ -1457,12 +1459,17 @@ def config_from_args(args: argparse.Namespace, say=print) -> TrainConfig:
     why = "--device cpu" if runtime.DEVICE.type == "cuda" else "No CUDA GPU found"
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         say = _silent
-    say(f"{why}: training a tiny configuration on the CPU "
-        f"(dim {given.get('dim', TINY['dim'])}, depth {given.get('depth', TINY['depth'])}, "
-        f"seq {given.get('seq_len', TINY['seq_len'])}, {given.get('steps', TINY['steps'])} steps) with "
-        + ("the Triton kernels in Triton's CPU interpreter (slow)." if use_triton else
-           "the PyTorch path (use_triton=False; --use-triton runs the Triton kernels in the slow interpreter).")
-        + " This checks the pipeline end to end; real training needs a GPU.")
+    if getattr(args, "resume", None):  # the checkpoint's configuration replaces the preset (_merge_resume_config)
+        say(f"{why}: resuming on the CPU with the checkpoint's configuration"
+            + (" (the Triton kernels run in Triton's slow CPU interpreter)." if use_triton else
+               " (a run trained on the Triton path resumes on it, in Triton's slow CPU interpreter)."))
+    else:
+        say(f"{why}: training a tiny configuration on the CPU "
+            f"(dim {given.get('dim', TINY['dim'])}, depth {given.get('depth', TINY['depth'])}, "
+            f"seq {given.get('seq_len', TINY['seq_len'])}, {given.get('steps', TINY['steps'])} steps) with "
+            + ("the Triton kernels in Triton's CPU interpreter (slow)." if use_triton else
+               "the PyTorch path (use_triton=False; --use-triton runs the Triton kernels in the slow interpreter).")
+            + " This checks the pipeline end to end; real training needs a GPU.")
     cfg = TrainConfig(**{**preset, **given, "device": "cpu"})
     cfg.explicit = set(given)
     if "OMP_NUM_THREADS" not in os.environ:
