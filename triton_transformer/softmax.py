@@ -278,8 +278,8 @@ def row_pieces(n_cols: int, block: int) -> tuple[int, int, int]:
     and reduced like the rest. In a long row that is what bounds the kernel (one program per SM holds
     the row; its arithmetic does not overlap its memory traffic), so a long row whose block pads it by
     more than 1/8 is held instead as up to three power-of-two pieces: the largest power of two below
-    n_cols, the largest below the rest, and what remains rounded up (50 304 = 32 768 + 16 384 + 2 048,
-    2% padding). Measured on the H100 (bf16 forward, do_bench, `benchmarks/experiments/pieces.py`):
+    n_cols, the largest below the rest, and what remains rounded up (50 304 columns in 32 768 + 16 384 + 2 048
+    = 51 200 lanes, 2% padding). Measured on the H100 (bf16 forward, do_bench, `benchmarks/experiments/pieces.py`):
     (8192, 50304) 655 us (2515 GB/s) against 733 us (2249 GB/s) for the padded block, a copy 548 us;
     (8192, 40000) 550 against 643 us; (8192, 20000) 249 against 334 us. Rows with little padding keep one
     block: three pieces of 16 384 + 8 192 + 8 192 for (8192, 32000) took 466 us against 397.
