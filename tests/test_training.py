@@ -88,6 +88,19 @@ def test_cpu_fallback_says_what_it_does(corpus_file, tmp_path, capsys):
 
 # ---------------------------------------------------------------- checkpoints and exact resume
 
+def test_log_rows_carry_the_gradient_norm_before_clipping(corpus_file, tmp_path):
+    """grad_norm is the logged step's norm before clipping: a threshold far below it changes the updates
+    (so the later norms) but not what step 1 logs; without clipping there is no norm."""
+    norms = {}
+    for clip in (1e9, 1e-3, 0.0):
+        result = training.train(cfg(corpus_file, tmp_path / str(clip), steps=3, log_every=1, grad_clip=clip))
+        norms[clip] = [r["grad_norm"] for r in training.read_log(result.log_path) if "grad_norm" in r]
+    assert len(norms[1e9]) == 3 and all(math.isfinite(n) and n > 1e-3 for n in norms[1e9])
+    assert norms[1e-3][0] == norms[1e9][0]  # step 1's gradient comes before any update
+    assert norms[1e-3][1:] != norms[1e9][1:]  # clipped updates give other gradients afterwards
+    assert norms[0.0] == [None, None, None]
+
+
 def test_resume_equals_uninterrupted(corpus_file, tmp_path):
     # dropout, gradient accumulation and a sample (all draw random numbers or batches) before the stop
     kw = dict(steps=8, dropout=0.1, grad_accum=2, eval_every=4, sample_every=4)

@@ -809,11 +809,12 @@ class CudaGraphStep:
 
 
 def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: TrainConfig, d: Dist, amp, step: int,
-               params, graphed: CudaGraphStep | None = None) -> torch.Tensor:
+               params, graphed: CudaGraphStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step: `grad_accum` micro-batches per process, clip, AdamW, schedule.
 
-    Returns the step's mean loss as a 0-dim tensor on the device (reading it
-    with .item() would wait for the GPU, so the loop does that only when it logs).
+    Returns the step's mean loss and the gradient's norm before clipping (None without clipping), as
+    0-dim tensors on the device: reading them with .item() would wait for the GPU, so the loop does that
+    only when it logs.
     """
     loss_sum = torch.zeros((), device=d.device)
     for m in range(cfg.grad_accum):
@@ -831,14 +832,15 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
             # the mean over the whole batch, not the sum of the micro-batches' means
             scaler.scale(loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
+    grad_norm = None
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones (a no-op without fp16)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the norm before clipping
     scaler.step(optimizer)  # with fp16: skipped if a gradient overflowed, and the scale shrinks
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return loss_sum / cfg.grad_accum
+    return loss_sum / cfg.grad_accum, grad_norm
 
 
 def _merge_resume_config(cfg: TrainConfig, saved: dict, say) -> TrainConfig:
@@ -1167,8 +1169,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                             mininterval=1.0, desc="train")
         with _StopRequest(say, step_aside=d.world == 1) as stop:
             while step < cfg.steps:
-                loss_sum += train_step(model, optimizer, scheduler, scaler, corpus.train, cfg, d, amp, step,
-                                       grad_params, graphed)
+                step_loss, grad_norm = train_step(model, optimizer, scheduler, scaler, corpus.train, cfg, d, amp,
+                                                  step, grad_params, graphed)
+                loss_sum += step_loss
                 step += 1
                 tokens_seen += tokens_per_step
                 bar.update(1)
@@ -1193,8 +1196,12 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
                         steady["tokens"] += (step - last["clock_step"]) * tokens_per_step
                         steady["time"] += now - last["time"]
                     mfu = fpt * tps / (peak * d.world) if peak else None
+                    # this step's gradient norm before clipping (the same on every process: after the all-reduce);
+                    # an fp16 step skipped for overflow has none
+                    norm = grad_norm.item() if grad_norm is not None else math.nan
                     row = {"step": step, "loss": round(train_loss, 5), "val_loss": None, "val_bpb": None,
-                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
+                           "lr": scheduler.get_last_lr()[0], "grad_norm": round(norm, 5) if math.isfinite(norm) else None,
+                           "tokens_per_s": round(tps, 1),
                            "mfu": round(mfu, 4) if mfu is not None else None, "tokens": tokens_seen,
                            "time": round(elapsed_before + now - t_start, 3)}
                     last.update(step=step, clock_step=step, time=now)
