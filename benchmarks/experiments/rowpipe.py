@@ -16,31 +16,16 @@ import triton.language as tl
 import triton.testing
 
 from triton_transformer import runtime
-from triton_transformer.softmax import (_store_lanes, exp_and_sum, load_pieces, pieces_max, row_pieces,
-                                        softmax_forward)
+from triton_transformer.softmax import _softmax_row, row_pieces, softmax_forward
 
 
 @triton.jit
 def _rows_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_rows, n_cols, BLOCK: tl.constexpr,
                  PIECE1: tl.constexpr, PIECE2: tl.constexpr, STAGES: tl.constexpr):
     for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0), num_stages=STAGES):
-        x_row = x_ptr + row * x_row_stride
-        y_row = y_ptr + row * y_row_stride
-        x, x1, x2 = load_pieces(x_row, n_cols, 1, BLOCK, PIECE1, PIECE2, True)
-        m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-        e, d = exp_and_sum(x, m)
-        if PIECE1 > 0:
-            e1, d1 = exp_and_sum(x1, m)
-            d += d1
-        if PIECE2 > 0:
-            e2, d2 = exp_and_sum(x2, m)
-            d += d2
-        inv_sum = 1.0 / d
-        _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK)
-        if PIECE1 > 0:
-            _store_lanes(y_row, BLOCK, n_cols, e1, inv_sum, PIECE1)
-        if PIECE2 > 0:
-            _store_lanes(y_row, BLOCK + PIECE1, n_cols, e2, inv_sum, PIECE2)
+        # the package's one-block row (loads, max, exponentials, stores), here inside the pipelined loop
+        _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, 1, BLOCK, PIECE1, PIECE2,
+                     True, False, 1)
 
 
 def main():
