@@ -8,6 +8,11 @@ kernel reaches ~84% of a copy. Here a persistent program loops over rows with `t
 with S > 1 Triton's pipeliner may issue the next row's loads (into shared memory) before this row's
 arithmetic, the overlap one resident program cannot otherwise get. Printed per variant: kernel time,
 GB/s, registers, spills and shared memory (a pipelined row shows as ~100 KB per stage).
+
+Measured (H100 80GB HBM3, torch 2.11, Triton 3.6, bf16, two runs): the package 655-657 us, 83-84% of a
+copy's 547 us. Persistent, one stage: 78-79% at 16 warps (68-70% at 8 and 32). Two stages (the next
+row staged in 102 KB of shared memory): 63-71%; three (205 KB): 67-73%, with spills. The overlap does
+not pay for the row's detour through shared memory.
 """
 import triton_transformer as tt  # noqa: F401  (first: sets the interpreter up on a CPU)
 import torch
