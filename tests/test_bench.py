@@ -19,6 +19,24 @@ def test_wall_and_gpu_prints_committed_rows_with_both_times(capsys):
     assert "gpu_ms" in out and "4096x4096" in out and len(out.splitlines()) == len(rows) + 1
 
 
+def test_a_family_loads_every_kernel_its_live_run_measures():
+    # measure("linear") also yields feed_forward cases; the committed view of the family shows them too
+    kernels = {r["kernel"] for r in bench.load("linear")}
+    assert {"linear", "linear_gelu", "feed_forward"} <= kernels and not any(k.startswith("softmax") for k in kernels)
+
+
+def test_scaling_rows_do_not_replace_the_one_gpu_comparison(tmp_path, monkeypatch):
+    base = {"kernel": "train_run", "pass": "fwdbwd", "shape": [32, 1024, 512, 6, 256], "dtype": "bfloat16",
+            "provider": "triton", "gpu": "G", "ms": 1.0}
+    rows = [dict(base, gpus=1, grad_accum=1), dict(base, gpus=1, grad_accum=2, scaling=True),
+            dict(base, gpus=2, grad_accum=1, scaling=True), dict(base, gpus=1, grad_accum=1, ms=2.0)]
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    bench.append(rows, tmp_path / "G.jsonl")
+    loaded = bench.load("train_run")
+    assert sorted((r["gpus"], r["grad_accum"], r.get("scaling", False), r["ms"]) for r in loaded) == [
+        (1, 1, False, 2.0), (1, 2, True, 1.0), (2, 1, True, 1.0)]  # the newest 1-GPU row, and both scaling rows
+
+
 @cuda_only
 def test_gpu_time_is_positive_and_at_most_the_wall_time(device):
     x = torch.randn(4096, 4096, device=device, dtype=runtime.default_dtype())

@@ -178,7 +178,9 @@ def _clear_rng_capture_mark() -> None:
 
 
 def peak_gib(fn: Callable[[], object]) -> float:
-    """Peak GPU memory (GiB) allocated while `fn` runs once, inputs included."""
+    """Peak GPU memory (GiB) allocated while `fn` runs once: everything the process holds at the time
+    (the inputs, and whatever earlier cases or a notebook left allocated) plus what the call adds.
+    Compare providers of one case, measured one after the other in one process, not across runs."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -197,6 +199,7 @@ def run_case(case: Case) -> list[dict]:
     for provider, fn in case.providers.items():
         try:
             with torch.autograd.set_multithreading_enabled(False):
+                getattr(fn, "prepare", lambda: None)()  # a provider's own warm-up, outside the timing
                 ms = measure_ms(fn, case.grad_to_none)
                 for t in case.grad_to_none or []:
                     t.grad = None  # the peak below counts what one call allocates, not a leftover gradient
@@ -307,16 +310,25 @@ def append(rows: list[dict], path: Path | None = None) -> Path:
     return path
 
 
+#: Kernels a family's cases yield beyond its own name and its "<family>_..." variants.
+FAMILY_ALIASES = {"linear": ("feed_forward",)}
+
+
 def _key(row: dict) -> tuple:
-    return (row["kernel"], row["pass"], json.dumps(row["shape"]), row["dtype"], row["provider"], row["gpu"])
+    # a scaling run (several GPUs, micro-batches) is not the same measurement as the 1-GPU comparison
+    return (row["kernel"], row["pass"], json.dumps(row["shape"]), row["dtype"], row["provider"], row["gpu"],
+            row.get("causal"), row.get("gpus", 1), row.get("grad_accum", 1), row.get("scaling", False))
 
 
 def load(kernel: str | Iterable[str] | None = None, gpu: str | None = None) -> list[dict]:
     """Committed rows (the newest for each kernel/pass/shape/dtype/provider/gpu), optionally filtered.
 
-    A family name also selects its variants: "linear" loads "linear" and "linear_gelu" rows.
+    A family name also selects its variants: "linear" loads "linear" and "linear_gelu" rows, and the
+    "feed_forward" rows that its live measurement (`measure("linear")`) yields too.
     """
     kernels = {kernel} if isinstance(kernel, str) else (set(kernel) if kernel else None)
+    if kernels:
+        kernels |= {alias for k in kernels for alias in FAMILY_ALIASES.get(k, ())}
     latest: dict[tuple, dict] = {}
     for path in sorted(RESULTS_DIR.glob("*.jsonl")):
         for line in path.read_text().splitlines():

@@ -7,8 +7,10 @@ that materialise the N x N scores), the latter only where its memory fits.
 FLOPs (BOOK.md): the forward does two matmuls of 2*N*N*D each per (batch, head),
 ``fwd = 4 * B * H * N**2 * D``; the backward five, ``bwd = 2.5 * fwd``; so
 ``fwdbwd = 3.5 * fwd``. Causal attention counts half of each: the masked half is
-not useful work. Bytes are the minimum traffic: q, k, v read and o written
-(forward), plus o, dO read and dq, dk, dv written (backward).
+not useful work. (The backward's five matmuls include recomputing S = QK^T, which a backward that
+kept P would not need: this is the FlashAttention papers' count, the one the SDPA figures we compare
+with were taken in.) Bytes are the minimum traffic of each pass: q, k, v read and o written
+(forward, 4 tensors), q, k, v, o, dO read and dq, dk, dv written (backward, 8).
 """
 
 import math
@@ -73,7 +75,7 @@ def _case(kernel, pass_, shape, dtype, causal, with_naive=True):
     providers["sdpa"] = lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).backward(do)
     if naive_ok:
         providers["naive"] = lambda: naive_attention(qg, kg, vg, causal).backward(do)
-    return Case(kernel, pass_, list(shape), dtype, providers, bytes=(4 + 6) * io,
+    return Case(kernel, pass_, list(shape), dtype, providers, bytes=(4 + 8) * io,
                 flops=_flops(B, H, N, D, causal, pass_), grad_to_none=[qg, kg, vg], extra={"causal": causal})
 
 

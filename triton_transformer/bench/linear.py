@@ -47,7 +47,7 @@ def _ff_cases(quick: bool):
             torch.randn(h, d, device=device, dtype=dtype) / d ** 0.5, torch.zeros(h, device=device, dtype=dtype),
             torch.randn(d, h, device=device, dtype=dtype) / h ** 0.5, torch.zeros(d, device=device, dtype=dtype)))
         dy = torch.randn(m, d, device=device, dtype=dtype)
-        compiled = torch.compile(_torch_ff)
+        compiled = torch.compile(_torch_ff, dynamic=False)
         # two products forward, four backward; bytes: x, y, dy, dx and the (m, h) hidden layer written,
         # read for dW2 and its gradient written and read twice, at the least
         yield Case("feed_forward", "fwdbwd", [m, d, h], dtype, flops=12 * m * d * h,
@@ -74,7 +74,7 @@ def cases(quick: bool = False):
                 flops = 2 * m * n * k
                 # reads x and w, writes y (plus the bias, negligible)
                 nbytes = elt * (m * k + n * k + m * n)
-                compiled = torch.compile(ref)
+                compiled = torch.compile(ref, dynamic=False)
                 if pass_ == "fwd":
                     yield Case(kernel, "fwd", [m, k, n], dtype, bytes=nbytes, flops=flops, providers={
                         "triton": lambda x=x, w=w, b=b, a=activation: linear(x, w, b, a),
