@@ -243,7 +243,7 @@ def test_bad_p(p, device):
 def test_bad_input(device):
     with pytest.raises(TypeError, match="dtype"):
         dropout(torch.arange(4, device=device), 0.5)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
         dropout(torch.randn(4, device=device), 0.5, seed=1.5)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DTYPES, assert_close_named, cuda_only
 
-from triton_transformer import layer_norm
+from triton_transformer import layer_norm, runtime
 from triton_transformer.testing import tolerance
 
 # the module itself (the package's `layer_norm` name is the function), for its launchers and limits
@@ -368,3 +368,34 @@ def test_add_layer_norm_single_row_and_non_contiguous(device):
     x = base[::3]                                    # strided rows
     r = torch.randn(130, 10, device=device).t()      # transposed: columns not contiguous
     check_add_layer_norm(x, r, 130)
+
+
+@pytest.mark.parametrize("looping", [False, True], ids=["one-block", "looping"])
+@pytest.mark.parametrize("eps", [1e-2, 0.5])
+def test_eps_is_used(eps, looping, monkeypatch, device):
+    """A large eps changes every output: forward, backward, and the backward that recomputes the statistics."""
+    if looping:
+        monkeypatch.setattr(L, "MAX_FUSED_BLOCK", 256)
+        monkeypatch.setattr(L, "LOOP_BLOCK", 128)
+    x = 0.1 * torch.randn(6, 300, device=device)  # a variance (0.01) that eps dominates
+    w, b = make_params(300, device, torch.float32)
+    check_fwd_bwd(x, (300,), w, b, eps=eps)
+    dy = torch.randn_like(x)
+    _, mean, rstd = L.layer_norm_forward(x, w.detach(), b.detach(), eps, store_stats=True)
+    stored = L.layer_norm_backward(dy, x, w.detach(), mean, rstd, eps)
+    recomputed = L.layer_norm_backward(dy, x, w.detach(), None, None, eps)
+    for a, c in zip(stored[:3], recomputed[:3]):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("n_cols", [300, 768])
+def test_every_forward_tile(n_cols, monkeypatch, device):
+    """The forward's autotuner may pick any tile of rows x columns (the suite's GPU runs try two): each must be right."""
+    block, single = L._block_n(n_cols)
+    tuner = L._fwd_kernel_for(block, single)
+    x = torch.randn(37, n_cols, device=device)
+    w, b = make_params(n_cols, device, torch.float32)
+    for config in L._fwd_configs(block, single):
+        monkeypatch.setattr(tuner, "configs", [config])
+        monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another tile is reused
+        check_fwd_bwd(x, (n_cols,), w, b)

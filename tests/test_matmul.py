@@ -100,9 +100,10 @@ def test_ragged_tails_fp32(activation, bias, device):
     check(*inputs((33, 70), 130, torch.float32, device, bias), activation)
 
 
-@pytest.mark.parametrize("activation", ["gelu", None], ids=str)
-def test_fp16(activation, device):
-    check(*inputs((33, 70), 130, torch.float16, device, bias=activation is not None), activation)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_fp16(activation, bias, device):
+    check(*inputs((33, 70), 130, torch.float16, device, bias), activation)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
@@ -216,6 +217,27 @@ def test_autotuned_pointer_kernel(monkeypatch, device):
     monkeypatch.setattr(MM, "TMA", False)
     # fp16 on a GPU: autotuning fp32 (exact "ieee" dots) over every config would mostly time compilation
     check(*inputs((33, 70), 130, torch.float16 if ON_GPU else torch.float32, device), "gelu")
+
+
+@pytest.mark.parametrize("i", range(len(MM._POINTER_CONFIGS)))
+def test_every_pointer_config(i, monkeypatch, device):
+    """The autotuner may pick any config (the suite's GPU runs tune over the first two only): each must be
+    right, forward and the backward's dx and dW (with the bias's row sums)."""
+    monkeypatch.setattr(MM, "AUTOTUNE_MIN_MACS", 0)
+    monkeypatch.setattr(MM, "TMA", False)
+    monkeypatch.setattr(MM._matmul_kernel, "configs", [MM._POINTER_CONFIGS[i]])
+    monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another config is reused
+    check(*inputs((2, 150, 100), 270, torch.float16 if ON_GPU else torch.float32, device), "gelu")
+
+
+@tma_capable
+@pytest.mark.parametrize("i", range(len(MM._TMA_CONFIGS)))
+def test_every_tma_config(i, monkeypatch, device):
+    """The same for the TMA kernel, all three layouts, ragged M and N."""
+    monkeypatch.setattr(MM, "TMA", True)
+    monkeypatch.setattr(MM._matmul_tma_kernel, "configs", [MM._TMA_CONFIGS[i]])
+    monkeypatch.setattr(runtime, "_launchers", {})
+    check(*inputs((2, 150, 128), 272, torch.float16 if ON_GPU else torch.float32, device), "gelu")
 
 
 @tma_capable

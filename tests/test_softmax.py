@@ -36,6 +36,9 @@ def check_fwd_bwd(x: torch.Tensor, dim: int = -1, causal: bool = False, dy: torc
     (dx64,) = torch.autograd.grad(y64, x64, dy.double())
 
     tol = tolerance(x.dtype)
+    # values average 1/n over a row of n: an absolute tolerance made for values near 1 would pass a
+    # kernel that dropped a whole column, so it shrinks with the row
+    tol = dict(rtol=tol["rtol"], atol=tol["atol"] / max(1, x.shape[dim]))
     assert y.dtype == x.dtype and y.shape == x.shape
     torch.testing.assert_close(y.double(), y64, **tol)
     torch.testing.assert_close(dx.double(), dx64, **tol)
@@ -53,6 +56,9 @@ def check_fwd_bwd(x: torch.Tensor, dim: int = -1, causal: bool = False, dy: torc
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_backward(shape, dtype, device):
     check_fwd_bwd(torch.randn(shape, device=device, dtype=dtype) * 3)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    x[..., -1] = 4.0  # the last column (the masked tail's neighbour) dominates its row
+    check_fwd_bwd(x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -111,6 +117,27 @@ def test_rows_of_all_minus_inf_match_pytorch(device):
     y, ref = softmax(x), torch.softmax(x, -1)
     assert torch.isnan(y[1]).all() and torch.isnan(ref[1]).all()
     torch.testing.assert_close(y[[0, 2, 3]], ref[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["one-block", "online"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_of_all_minus_inf_backward_match_pytorch(online, dtype, monkeypatch, device):
+    """Forward and backward, NaN where PyTorch has NaN and the same values elsewhere, on both paths."""
+    if online:
+        monkeypatch.setattr(S, "MAX_FUSED_BLOCK", 256)
+        monkeypatch.setattr(S, "ONLINE_BLOCK", 128)
+    x = torch.randn(4, 1000, device=device, dtype=dtype)
+    x[1] = float("-inf")
+    x[2, :500] = float("-inf")
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, ref = softmax(ours), torch.softmax(theirs, -1)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy)
+    tol = tolerance(dtype)
+    tol = dict(rtol=tol["rtol"], atol=tol["atol"] / 1000)
+    torch.testing.assert_close(y, ref, equal_nan=True, **tol)
+    torch.testing.assert_close(ours.grad, theirs.grad, equal_nan=True, **tol)
 
 
 def test_single_element_and_empty(device):
