@@ -133,6 +133,23 @@ def test_one_row_and_one_dimensional_input(device):
     assert y.shape == (24,)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_few_rows_in_16_bits_take_the_skinny_tiles(rows, monkeypatch, device):
+    """Generation's products (a token or a few at a time) in fp16: narrow tiles, a K tail, ragged N."""
+    tiles = []
+    launch = runtime.launch
+
+    def spy(kernel, grid, *args, **meta):
+        tiles.append(meta.get("BLOCK_N"))
+        return launch(kernel, grid, *args, **meta)
+    monkeypatch.setattr(runtime, "launch", spy)
+    check(*inputs((rows, 300), 70, torch.float16, device), "gelu")  # K = 300: one step of 256 and a tail
+    assert tiles[0] == MM.SKINNY_CONFIG["BLOCK_N"]  # the forward; its fp32 twin keeps SMALL_CONFIG:
+    tiles.clear()
+    check(*inputs((rows, 300), 70, torch.float32, device), "gelu")
+    assert tiles[0] == MM.SMALL_CONFIG["BLOCK_N"]
+
+
 def test_gelu_is_finite_for_large_inputs(device):
     """The sigmoid form must neither overflow nor produce NaN far out in the tails."""
     x, w, b = inputs((8, 16), 32, torch.float32, device, scale=60.0)
