@@ -276,3 +276,17 @@ def test_p_may_be_a_numpy_or_tensor_scalar(device):
     x = torch.randn(1000, device=device)
     for p in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25).item()):
         assert torch.equal(dropout(x, p, seed=3), dropout(x, 0.25, seed=3))
+
+
+@pytest.mark.parametrize("i", range(len(D._configs())))
+def test_every_autotune_config_draws_the_reference_mask(i, monkeypatch, device):
+    """Whatever block the autotuner picks (the suite's GPU runs tune over two), the mask is the reference's,
+    over a length that leaves every block size a ragged tail."""
+    from triton_transformer import runtime
+    monkeypatch.setattr(D._dropout_kernel, "configs", [D._configs()[i]])
+    monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another block is reused
+    n = 3 * 8192 + 37
+    x = torch.ones(n, device=device)
+    y = dropout(x, 0.3, seed=123)
+    assert torch.equal((y != 0).cpu(), D.reference_mask((n,), 0.3, 123))
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
