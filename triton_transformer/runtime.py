@@ -47,7 +47,6 @@ if INTERPRET:
 DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
 
 
-
 def default_dtype() -> torch.dtype:
     """The dtype a chapter benchmarks in: bf16 where the GPU has it, fp16 on older GPUs (T4), fp32 on CPU."""
     if DEVICE.type == "cpu":
@@ -228,7 +227,7 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     if t.layout is not torch.strided:
         raise TypeError(f"{name} is a {str(t.layout).replace('torch.', '')} tensor; the kernels take dense (strided) "
                         "tensors (.to_dense())")
-    if t.is_cuda and _capability(t.get_device()) < ((8, 0) if t.dtype is torch.bfloat16 else (7, 0)):
+    if t.is_cuda and capability(where) < ((8, 0) if t.dtype is torch.bfloat16 else (7, 0)):
         props = _cuda_properties(t.get_device())
         if props.major < 7:  # what torch.compile says too: Triton has no code generator for older GPUs
             raise RuntimeError(f"{props.name} has compute capability {props.major}.{props.minor}; Triton compiles "

@@ -277,6 +277,11 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    @property
+    def recorded_step(self) -> bool:
+        """Whether a `DecodeGraph` drives this cache: positions and the keys seen live on the device."""
+        return self.position is not None
+
     def write_at_position(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """The static step's `update`: write one token's keys and values at `position`; return the first `span`
         rows of the cache, with the mask of those the token may see."""
@@ -307,7 +312,7 @@ class Attention(nn.Module):
             out = _triton_attention_qkv(qkv, self.heads, mask, self.causal, p)
             return project(out, self.to_out, use_triton)
         q, k, v = split_heads(qkv, self.heads)  # three (b, heads, n, dim_head) views, no copy
-        if cache is not None and cache.position is not None:
+        if cache is not None and cache.recorded_step:
             # one token in a recorded step (DecodeGraph): it attends over a fixed span of the cache, the keys it
             # may see masked by `seen`, instead of over a slice whose length the host would choose
             k, v, seen = cache.write_at_position(self.layer, k, v)
@@ -486,7 +491,7 @@ class Transformer(nn.Module):
             raise ValueError("a KV cache needs causal=True: without it, old positions would see new tokens")
 
         n = x.shape[1]
-        static = cache is not None and cache.position is not None  # a DecodeGraph step: positions on the device
+        static = cache is not None and cache.recorded_step  # a DecodeGraph step: positions on the device
         h = self.token_emb(x) + self.pos_emb(cache.position if static else
                                              torch.arange(start, start + n, device=x.device))
         r = None  # each block's last output is added to h inside the next norm
