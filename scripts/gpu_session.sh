@@ -13,6 +13,7 @@
 #   profile=B,T,D,L,V         benchmarks/profile_step.py --shape B T D L V --providers triton
 #   train=ARGS                python train.py ARGS (commas become spaces), e.g. train=--bench,--steps,2000
 #   py=SCRIPT,ARGS            python SCRIPT ARGS (a probe of the moment)
+#   scaling=N[,N]             bash scripts/scaling.sh N ...   (data-parallel runs on a machine with N GPUs)
 # Each stage gets the time left until the budget's end; none starts with less than 20 s left.
 # Logs: $OUT/<n>-<stage>.log. Results: $OUT/<gpu>.jsonl and $OUT/train_logs.tgz (three folders deep
 # would not come back as files).
@@ -45,6 +46,7 @@ for stage in "$@"; do
         py) cmd=(python3 $items) ;;
         profile) cmd=(python3 benchmarks/profile_step.py --shape $items --providers triton) ;;
         train) cmd=(python3 train.py $items) ;;
+        scaling) cmd=(bash scripts/scaling.sh $items) ;;
         *) echo "unknown stage $name" > "$log"; continue ;;
     esac
     echo "== ${cmd[*]} (budget ${left}s)" > "$log"
