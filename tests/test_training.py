@@ -509,6 +509,39 @@ def test_cuda_graph_steps_equal_eager_steps(corpus_file, tmp_path, use_triton):
     assert graphed.val_loss == eager.val_loss
 
 
+def test_graph_step_accumulates_micro_batches_into_its_flat_buffer():
+    """CudaGraphStep's semantics (run eagerly here, `record=False`): micro-batches add their gradients of
+    loss / micro_batches into the flat buffer, which the first micro-batch of the next step starts from zero."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    forward = lambda x, labels: torch.nn.functional.mse_loss(lin(x), labels)  # noqa: E731
+    batches = [(torch.randn(4, 5), torch.randn(4, 3)) for _ in range(4)]
+    step = training.CudaGraphStep(forward, lin.parameters(), None, record=False, micro_batches=2)
+    for first_step in (True, False):
+        pair = batches[:2] if first_step else batches[2:]
+        for m, (x, y) in enumerate(pair):
+            step(x, y, first=m == 0, last=m == 1)
+        got = [p.grad.clone() for p in lin.parameters()]
+        lin.zero_grad(set_to_none=True)
+        for x, y in pair:
+            (forward(x, y) / 2).backward()
+        want = [p.grad for p in lin.parameters()]
+        assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-7) for g, w in zip(got, want))
+        assert step.flat.data_ptr() == step.grads[0].data_ptr()  # .grad are views of the one buffer
+
+
+@pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_accumulates_micro_batches_as_eager_steps_do(corpus_file, tmp_path):
+    """With gradient accumulation the replays add into one flat gradient buffer, zeroed before each step's first
+    micro-batch: the same bits as eager backwards adding into .grad, and a different run from one micro-batch."""
+    kw = dict(steps=5, batch_size=2, grad_accum=3, eval_every=5, sample_len=0, device="auto", use_triton=True)
+    eager = training.train(cfg(corpus_file, tmp_path / "eager", cuda_graph=False, **kw))
+    graphed = training.train(cfg(corpus_file, tmp_path / "graph", cuda_graph=True, **kw))
+    single = training.train(cfg(corpus_file, tmp_path / "single", cuda_graph=True, **{**kw, "grad_accum": 1}))
+    assert losses(graphed.log_path) == losses(eager.log_path)
+    assert graphed.val_loss == eager.val_loss != single.val_loss
+
+
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
     kw = dict(steps=8, batch_size=2, eval_every=4, sample_len=0, device="auto", use_triton=True, cuda_graph=True)
@@ -541,7 +574,7 @@ def test_cuda_graph_says_when_a_run_cannot_be_recorded():
     assert training.CudaGraphStep.unsupported(ok, gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(ok, cpu, None) == "no CUDA device"
     assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, None) == "dropout > 0"
-    assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, None) == "gradient accumulation"
+    assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(ok, gpu, torch.float16) == "fp16 loss scaling"
 
 

@@ -636,7 +636,10 @@ def _all_reduce(t: torch.Tensor, d: Dist, op="avg") -> torch.Tensor:
     if d.world > 1:
         import torch.distributed as dist
 
-        if op == "avg":
+        if op == "avg" and dist.get_backend() == "nccl":
+            # NCCL divides as it reduces: no second pass over the buffer (79 MB of gradients for the seed model)
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        elif op == "avg":  # gloo has no AVG
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t /= d.world
         else:
@@ -722,26 +725,29 @@ class CudaGraphStep:
       parameters in place;
     * nothing chooses on the host: Triton autotunes and compiles during the first `warmup` calls, which run
       eagerly, and no kernel of the step reads a value back to the CPU;
-    * the gradients are *written*, not accumulated over calls: they were None (or, with `all_reduce`, zeroed
-      inside the graph) when the graph was recorded, so there is no gradient accumulation over micro-batches,
-      and `__call__` re-attaches them to the parameters should anything have set ``.grad`` to None;
+    * the gradients are *written* by a replay, into tensors that were None when the graph was recorded, and
+      `__call__` re-attaches them to the parameters should anything have set ``.grad`` to None. With several
+      micro-batches per step (`micro_batches`) or several processes they live in one flat buffer instead (each
+      ``.grad`` a view of it), zeroed before a step's first micro-batch, outside the graph: the recorded
+      backward adds into it, so replays accumulate the micro-batches' gradients as eager backwards would;
     * no randomness: a dropout seed is a Python integer, recorded into the graph, so every replay would draw
       the same mask. `unsupported` says when a run cannot be graphed; training then runs eagerly.
 
-    Several processes: DDP's all-reduce hooks cannot be recorded, so with `all_reduce` the gradients live in one
-    flat fp32 buffer instead (each parameter's ``.grad`` a view of it, zeroed at the start of the step, which
-    the backward accumulates into) and ``all_reduce(buffer)`` averages it over the processes after each replay:
-    one collective per step, no copies. With ``record=False`` every call runs eagerly (the same semantics
-    without a GPU; the tests use it on CPU).
+    Several processes: DDP's all-reduce hooks cannot be recorded, so with `all_reduce` the flat buffer is
+    averaged over the processes by ``all_reduce(buffer)`` after the step's last micro-batch: one collective per
+    step, no copies. With ``record=False`` every call runs eagerly (the same semantics without a GPU; the tests
+    use it on CPU).
     """
 
     def __init__(self, forward, params, amp_dtype: torch.dtype | None, warmup: int = 2, all_reduce=None,
-                 record: bool = True):
-        """`forward(x, labels=y)` returns the loss; `params` are the parameters it trains."""
+                 record: bool = True, micro_batches: int = 1):
+        """`forward(x, labels=y)` returns the loss; `params` are the parameters it trains. Each of a step's
+        `micro_batches` calls backpropagates its loss divided by their number, so the gradients they add up
+        to are those of the mean loss."""
         self.forward, self.params, self.amp_dtype, self.warmup = forward, list(params), amp_dtype, warmup
-        self.all_reduce, self.record = all_reduce, record
+        self.all_reduce, self.record, self.micro_batches = all_reduce, record, micro_batches
         self.calls, self.graph, self.peak_bytes, self.flat = 0, None, None, None
-        if all_reduce is not None:
+        if all_reduce is not None or micro_batches > 1:
             dtypes = {p.dtype for p in self.params}
             if len(dtypes) != 1:
                 raise TrainingError(f"one flat gradient buffer needs parameters of one dtype, got {dtypes}")
@@ -754,13 +760,11 @@ class CudaGraphStep:
     def unsupported(cfg: TrainConfig, device: torch.device, amp_dtype) -> str | None:
         """Why this run cannot use a CUDA graph, or None if it can."""
         reasons = [(device.type != "cuda", "no CUDA device"), (cfg.dropout > 0, "dropout > 0"),
-                   (cfg.grad_accum > 1, "gradient accumulation"),
                    (amp_dtype == torch.float16, "fp16 loss scaling"), (cfg.compile, "torch.compile")]
         return next((why for bad, why in reasons if bad), None)
 
     def _forward_backward(self, x, y, cache: bool) -> torch.Tensor:
         if self.flat is not None:
-            self.flat.zero_()
             for p, g in zip(self.params, self.grads):
                 p.grad = g  # the backward adds into the flat buffer, in place
         # autocast's weight cache must stay off while recording: cached casts would outlive the graph's pool
@@ -768,21 +772,24 @@ class CudaGraphStep:
                else contextlib.nullcontext())
         with amp:
             loss = self.forward(x, labels=y)
-        loss.backward()
+        (loss / self.micro_batches if self.micro_batches > 1 else loss).backward()
         if self.flat is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise TrainingError("autograd replaced a gradient instead of accumulating into the flat buffer")
         return loss.detach()
 
-    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
-        if self.all_reduce is not None:
+    def _reduce(self, loss: torch.Tensor, last: bool) -> torch.Tensor:
+        if self.all_reduce is not None and last:
             self.all_reduce(self.flat)  # averages over the processes, outside the graph
         return loss
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Run forward and backward on (x, y); returns the loss (a tensor the next call overwrites)."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, first: bool = True, last: bool = True) -> torch.Tensor:
+        """Run forward and backward on (x, y), the `first` and/or `last` micro-batch of a step; returns the loss
+        (a tensor the next call overwrites)."""
+        if self.flat is not None and first:
+            self.flat.zero_()  # a new step: its micro-batches' gradients add up from zero
         if self.graph is None and (self.calls < self.warmup or not self.record):
             self.calls += 1
-            return self._reduce(self._forward_backward(x, y, cache=True))
+            return self._reduce(self._forward_backward(x, y, cache=True), last)
         if self.graph is None:
             self.static_x, self.static_y = x.clone(), y.clone()
             if self.flat is None:
@@ -805,7 +812,7 @@ class CudaGraphStep:
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:
                 p.grad = g
-        return self._reduce(self.static_loss)
+        return self._reduce(self.static_loss, last)
 
 
 def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: TrainConfig, d: Dist, amp, step: int,
@@ -821,8 +828,8 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
         j = d.rank * cfg.grad_accum + m  # global micro-batch index: the same batches for any number of processes
         x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, j),
                          cfg.seq_len, d.device)
-        if graphed is not None:  # (grad_accum is 1) the recorded forward and backward, + the all-reduce
-            loss_sum += graphed(x, y).float()
+        if graphed is not None:  # the recorded forward and backward (+ the all-reduce after the last)
+            loss_sum += graphed(x, y, first=m == 0, last=m == cfg.grad_accum - 1).float()
             continue
         # DDP all-reduces gradients during backward; only the last micro-batch needs to
         sync = m == cfg.grad_accum - 1 or d.world == 1
@@ -1071,9 +1078,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         # all-reduce of a flat buffer ("flat", what a graph needs) or by DistributedDataParallel ("ddp").
         why_not = CudaGraphStep.unsupported(cfg, d.device, amp_dtype) if cfg.cuda_graph else "--no-cuda-graph"
         flat = d.world > 1 and (cfg.data_parallel == "flat" or (cfg.data_parallel == "auto" and why_not is None))
-        if flat and (cfg.grad_accum > 1 or amp_dtype == torch.float16 or cfg.compile):
-            raise TrainingError("--data-parallel flat runs one micro-batch per step without fp16 loss scaling or "
-                                "torch.compile; use --data-parallel ddp")
+        if flat and (amp_dtype == torch.float16 or cfg.compile):
+            raise TrainingError("--data-parallel flat runs without fp16 loss scaling or torch.compile; "
+                                "use --data-parallel ddp")
         grad_params = [p for p in raw_model.parameters() if p.requires_grad]
         graphed = None
         if flat:
@@ -1082,9 +1089,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             for p in raw_model.parameters():  # every process starts from rank 0's weights, as DDP would
                 dist.broadcast(p.data, 0)
             graphed = CudaGraphStep(model, grad_params, amp_dtype, all_reduce=lambda t: _all_reduce(t, d),
-                                    record=why_not is None)
+                                    record=why_not is None, micro_batches=cfg.grad_accum)
         elif why_not is None and d.world == 1:
-            graphed = CudaGraphStep(model, grad_params, amp_dtype)
+            graphed = CudaGraphStep(model, grad_params, amp_dtype, micro_batches=cfg.grad_accum)
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
