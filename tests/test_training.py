@@ -530,6 +530,39 @@ def test_graph_step_accumulates_micro_batches_into_its_flat_buffer():
         assert step.flat.data_ptr() == step.grads[0].data_ptr()  # .grad are views of the one buffer
 
 
+def test_graph_step_averages_its_gradients_in_buckets_as_the_backward_writes_them(monkeypatch):
+    """Several processes, one micro-batch: the flat buffer is averaged in buckets of whole parameters, each
+    started by the hook of its last gradient, the last layer's first; a parameter the loss never reaches still
+    has its bucket started, after the backward; the step waits for all of them. (`start_average` stands in for
+    the collective here: it records what it was given and halves it, as averaging over two equal copies would.)"""
+    monkeypatch.setattr(training, "BUCKET_BYTES", 4 * 16)  # 16 fp32 values
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    unused = torch.nn.Parameter(torch.ones(7))
+    params = [unused, *layers.parameters()]
+    started, finished = [], []
+
+    def start_average(t):
+        started.append((t.data_ptr(), t.numel(), t.clone()))
+        return lambda: finished.append(t.mul_(0.5).data_ptr())
+
+    forward = lambda x, labels: torch.nn.functional.mse_loss(layers(x), labels)  # noqa: E731
+    step = training.CudaGraphStep(forward, params, None, record=False, start_average=start_average)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    step(x, y)
+    flat = step.flat
+    spans = sorted((ptr - flat.data_ptr()) // 4 for ptr, _, _ in started)
+    assert len(started) == len(step.buckets) == 4 and sorted(finished) == sorted(p for p, _, _ in started)
+    assert sum(n for _, n, _ in started) == flat.numel() and spans[0] == 0  # the buckets tile the buffer
+    assert started[-1][0] == step.grads[0].data_ptr()  # the unused parameter's bucket: started after the backward
+    assert started[0][0] > started[1][0]  # the first bucket started holds the last layer's gradients
+    assert not started[0][2].eq(0).all()  # ... started once they were written
+    want = torch.autograd.grad(forward(x, y), list(layers.parameters()))
+    for g, w in zip(step.grads[1:], want):
+        torch.testing.assert_close(g, w / 2)
+    assert step.grads[0].eq(0).all()
+
+
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 def test_cuda_graph_accumulates_micro_batches_as_eager_steps_do(corpus_file, tmp_path):
     """With gradient accumulation the replays add into one flat gradient buffer, zeroed before each step's first
