@@ -795,8 +795,22 @@ class CudaGraphStep:
                 end, members = start, []
         self.bucket_of = {i: b for b, (_, members) in enumerate(self.buckets) for i in members}
         self.collecting = False
-        for i, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(lambda _, i=i: self._gradient_written(i))
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda _, i=i: self._gradient_written(i))
+                      for i, p in enumerate(self.params)]
+
+    def release(self) -> None:
+        """Free the recorded graph and take the hooks off the parameters (train() calls this as it ends).
+
+        A graph that recorded collectives must go before its process group does: NCCL keeps what the graph's
+        replays need until the graph is destroyed, and tearing the group down first can wait for that forever.
+        """
+        for hook in getattr(self, "hooks", []):
+            hook.remove()
+        self.hooks = []
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.graph = None
 
     def _gradient_written(self, i: int) -> None:
         if not self.collecting:  # a backward that is not this step's (the hooks stay on the parameters)
@@ -1048,7 +1062,7 @@ def check_config(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> TrainResult:
     """Train (or resume) one run; see the module docstring. `resume`: True for out_dir/ckpt.pt, or a path."""
     d = setup_distributed(cfg)  # joins the process group under torchrun and stays in it (see shutdown_distributed)
-    bar = None
+    bar = graphed = None
     try:
 
         def say(msg):
@@ -1325,6 +1339,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
     finally:
         if bar is not None:
             bar.close()
+        if graphed is not None:
+            graphed.release()
 
 
 # ============================================================================ benchmark rows and logs
