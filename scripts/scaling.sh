@@ -7,9 +7,10 @@
 # Short runs of the seed's model, 16 sequences per GPU per micro-batch:
 #   1. one GPU, one micro-batch per step: the single-GPU throughput (a CUDA graph, as train.py runs it);
 # and for each N given:
-#   2. N GPUs, one micro-batch each: N times the tokens per step (CUDA graph + one all-reduce per step);
+#   2. N GPUs, one micro-batch each: N times the tokens per step (a CUDA graph that records the gradients'
+#      all-reduces, started bucket by bucket during the backward);
 #   3. one GPU accumulating N micro-batches: the same global batch as run 2, drawn in the same order, so
-#      its loss curve must lie on run 2's (eager: a graph cannot accumulate).
+#      its loss curve must lie on run 2's (the graph replayed once per micro-batch).
 # Scaling efficiency = tokens/s of run 2 / (N x run 1). Each run appends a train_run row (with "gpus",
 # "grad_accum" and "scaling") to benchmarks/results/<gpu>.jsonl and its log to
 # benchmarks/results/train_logs/<gpu>/scaling/. Chapter 8 plots them.

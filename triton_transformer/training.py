@@ -20,8 +20,8 @@ is what ``python train.py`` runs. Read it top to bottom:
    loss in bits per byte; a sample of generated text; a JSON-lines log;
    checkpoints written atomically; Ctrl-C saves before exiting.
 5. **Data parallel** under ``torchrun``: one process per GPU, each with its own shard of
-   every step's batch (one all-reduce of a flat gradient buffer after a step replayed as a
-   CUDA graph, DistributedDataParallel otherwise), rank 0 logging and checkpointing.
+   every step's batch (a flat gradient buffer averaged in buckets by all-reduces recorded in
+   the step's CUDA graph, DistributedDataParallel otherwise), rank 0 logging and checkpointing.
 6. **Benchmark rows**: `benchmark` trains one configuration with one provider
    (triton, torch, torch.compile) and returns a ``train_run`` results row.
 """
@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -769,7 +770,7 @@ class CudaGraphStep:
         to are those of the mean loss."""
         self.forward, self.params, self.amp_dtype, self.warmup = forward, list(params), amp_dtype, warmup
         self.start_average, self.record, self.micro_batches = start_average, record, micro_batches
-        self.calls, self.graph, self.peak_bytes, self.flat, self.buckets = 0, None, None, None, []
+        self.calls, self.graph, self.peak_bytes, self.flat, self.buckets, self.hooks = 0, None, None, None, [], []
         if start_average is not None or micro_batches > 1:
             dtypes = {p.dtype for p in self.params}
             if len(dtypes) != 1:
@@ -785,7 +786,7 @@ class CudaGraphStep:
         """Cut the flat buffer into buckets of whole parameters, from its end: the backward produces the last
         layers' gradients first. A hook on each parameter starts its bucket once all of them are written."""
         limit = max(1, BUCKET_BYTES // self.flat.element_size())
-        ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+        ends = list(itertools.accumulate(sizes))
         end, members = ends[-1] if ends else 0, []
         for i in reversed(range(len(sizes))):
             members.append(i)
@@ -804,7 +805,7 @@ class CudaGraphStep:
         A graph that recorded collectives must go before its process group does: NCCL keeps what the graph's
         replays need until the graph is destroyed, and tearing the group down first can wait for that forever.
         """
-        for hook in getattr(self, "hooks", []):
+        for hook in self.hooks:
             hook.remove()
         self.hooks = []
         if self.graph is not None:
@@ -1152,8 +1153,8 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         model = raw_model
         if cfg.compile:
             model = torch.compile(model)
-        # The step: a recorded CUDA graph where possible; under several processes, gradients averaged by one
-        # all-reduce of a flat buffer ("flat", what a graph needs) or by DistributedDataParallel ("ddp").
+        # The step: a recorded CUDA graph where possible; under several processes, gradients averaged in buckets
+        # of a flat buffer, recorded with the backward ("flat", what a graph needs), or by DDP ("ddp").
         why_not = CudaGraphStep.unsupported(cfg, d.device, amp_dtype) if cfg.cuda_graph else "--no-cuda-graph"
         flat = d.world > 1 and (cfg.data_parallel == "flat" or (cfg.data_parallel == "auto" and why_not is None))
         if flat and (amp_dtype == torch.float16 or cfg.compile):
