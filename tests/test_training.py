@@ -522,12 +522,13 @@ def test_graph_step_accumulates_micro_batches_into_its_flat_buffer():
         for m, (x, y) in enumerate(pair):
             step(x, y, first=m == 0, last=m == 1)
         got = [p.grad.clone() for p in lin.parameters()]
+        # the parameters' .grad are the views of the one buffer that the micro-batches added into
+        assert all(p.grad.data_ptr() == g.data_ptr() for p, g in zip(lin.parameters(), step.grads))
         lin.zero_grad(set_to_none=True)
         for x, y in pair:
             (forward(x, y) / 2).backward()
         want = [p.grad for p in lin.parameters()]
         assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-7) for g, w in zip(got, want))
-        assert step.flat.data_ptr() == step.grads[0].data_ptr()  # .grad are views of the one buffer
 
 
 def test_graph_step_averages_its_gradients_in_buckets_as_the_backward_writes_them(monkeypatch):
@@ -540,10 +541,11 @@ def test_graph_step_averages_its_gradients_in_buckets_as_the_backward_writes_the
     layers = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
     unused = torch.nn.Parameter(torch.ones(7))
     params = [unused, *layers.parameters()]
-    started, finished = [], []
+    started, finished, during_backward = [], [], []
 
     def start_average(t):
         started.append((t.data_ptr(), t.numel(), t.clone()))
+        during_backward.append(step.collecting)  # started by a hook, while the backward runs?
         return lambda: finished.append(t.mul_(0.5).data_ptr())
 
     forward = lambda x, labels: torch.nn.functional.mse_loss(layers(x), labels)  # noqa: E731
@@ -555,12 +557,17 @@ def test_graph_step_averages_its_gradients_in_buckets_as_the_backward_writes_the
     assert len(started) == len(step.buckets) == 4 and sorted(finished) == sorted(p for p, _, _ in started)
     assert sum(n for _, n, _ in started) == flat.numel() and spans[0] == 0  # the buckets tile the buffer
     assert started[-1][0] == step.grads[0].data_ptr()  # the unused parameter's bucket: started after the backward
+    assert during_backward == [True, True, True, False]  # the others by their hooks, as the backward wrote them
     assert started[0][0] > started[1][0]  # the first bucket started holds the last layer's gradients
     assert not started[0][2].eq(0).all()  # ... started once they were written
     want = torch.autograd.grad(forward(x, y), list(layers.parameters()))
     for g, w in zip(step.grads[1:], want):
         torch.testing.assert_close(g, w / 2)
     assert step.grads[0].eq(0).all()
+    step.release()  # the hooks come off the parameters: a later backward starts nothing, even mid-collection
+    step.left, step.collecting = [len(members) for _, members in step.buckets], True
+    forward(x, y).backward()
+    assert len(started) == 4
 
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")

@@ -103,7 +103,8 @@ class TrainConfig:
     use_triton: bool = True
     compile: bool = False
     cuda_graph: bool = True         # replay each step's forward+backward as one CUDA graph (see CudaGraphStep)
-    data_parallel: str = "auto"     # several processes: "flat" (one all-reduce per step, graphable), "ddp", or
+    data_parallel: str = "auto"     # several processes: "flat" (bucketed all-reduces of one flat gradient buffer,
+                                    # recorded in the step's graph), "ddp", or
                                     # "auto" (flat when the step can be a CUDA graph, else ddp)
     # optimisation
     batch_size: int = 16            # sequences per micro-batch per process (the seed: 4, accumulated 4 times)
@@ -802,8 +803,9 @@ class CudaGraphStep:
     def release(self) -> None:
         """Free the recorded graph and take the hooks off the parameters (train() calls this as it ends).
 
-        A graph that recorded collectives must go before its process group does: NCCL keeps what the graph's
-        replays need until the graph is destroyed, and tearing the group down first can wait for that forever.
+        A graph that recorded collectives must go before its process group does: NCCL keeps resources for them
+        until the graph is destroyed. Without this, a 4-GPU run (H200s, torch 2.11) trained to the end and then
+        did not exit; with it, it does.
         """
         for hook in self.hooks:
             hook.remove()
@@ -854,6 +856,7 @@ class CudaGraphStep:
                 self._start_bucket(b)
         for finish in self.finishers:  # the step's own stream waits for every bucket (the host does not)
             finish()
+        self.finishers = []  # (the collectives' handles: a recording's would otherwise outlive it)
         return loss.detach()
 
     def _reduce(self, loss: torch.Tensor, last: bool) -> torch.Tensor:
@@ -1341,7 +1344,10 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         if bar is not None:
             bar.close()
         if graphed is not None:
-            graphed.release()
+            try:
+                graphed.release()
+            except Exception as err:  # never in place of the error that ended the run, if one did
+                print(f"train: freeing the step's CUDA graph failed: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 # ============================================================================ benchmark rows and logs
@@ -1499,8 +1505,9 @@ def argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=B, help="torch.compile the model")
     g.add_argument("--cuda-graph", action=B, help="replay each step as a CUDA graph (default on where possible)")
     g.add_argument("--data-parallel", choices=["auto", "flat", "ddp"],
-                   help="under torchrun: one all-reduce of a flat gradient buffer per step (flat, which a CUDA "
-                        "graph can use) or DistributedDataParallel (ddp); auto picks flat when the step is a graph")
+                   help="under torchrun: a flat gradient buffer averaged in buckets as the backward finishes them "
+                        "(flat, which a CUDA graph can record) or DistributedDataParallel (ddp); auto picks flat "
+                        "when the step is a graph")
     g = p.add_argument_group("optimisation")
     for name in ("batch-size", "grad-accum", "steps", "warmup-steps", "seed", "stop-at"):
         g.add_argument(f"--{name}", type=int)
