@@ -623,8 +623,10 @@ def test_cuda_graph_accumulates_micro_batches_as_eager_steps_do(corpus_file, tmp
 
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
-def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path):
-    kw = dict(steps=8, batch_size=2, eval_every=4, sample_len=0, device="auto", use_triton=True, cuda_graph=True)
+@pytest.mark.parametrize("grad_accum", [1, 3])  # 3: the resumed run records its graph in the middle of a step
+def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path, grad_accum):
+    kw = dict(steps=8, batch_size=2, grad_accum=grad_accum, eval_every=4, sample_len=0, device="auto",
+              use_triton=True, cuda_graph=True)
     full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
     training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
     resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)

@@ -754,7 +754,7 @@ class CudaGraphStep:
     * no randomness: a dropout seed is a Python integer, recorded into the graph, so every replay would draw
       the same mask. `unsupported` says when a run cannot be graphed; training then runs eagerly.
 
-    Several processes: DDP's all-reduce hooks cannot be recorded, so the flat buffer is averaged over the
+    Several processes: DDP's all-reduce hooks are built for eager steps, so the flat buffer is averaged over the
     processes here, with `start_average(tensor)` (which starts the collective and returns the function that
     waits for it), no copies. With one micro-batch per step the buffer goes in buckets of about `BUCKET_BYTES`,
     each started by a hook as soon as the backward has written its last gradient, and the step waits for them
