@@ -477,6 +477,15 @@ def test_ddp_two_processes_match_one_process_accumulating(scheme, corpus_file, t
         assert ddp[step] == pytest.approx(one[step], rel=1e-4), (step, ddp, one)
 
 
+def _rank_problem(rank: int):
+    """(layers, forward, x, y): the same weights on every rank, each rank its own batch."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    forward = lambda x, labels: torch.nn.functional.mse_loss(layers(x), labels)  # noqa: E731
+    torch.manual_seed(1 + rank)
+    return layers, forward, torch.randn(8, 6), torch.randn(8, 3)
+
+
 def _bucketed_average_worker(rank: int, port: int, out: str) -> None:
     """One of two gloo processes: a graph step (run eagerly) whose flat buffer is averaged in small buckets."""
     import torch.distributed as dist
@@ -484,14 +493,11 @@ def _bucketed_average_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     training.BUCKET_BYTES = 4 * 4  # buckets of at least 4 values: three of them
-    torch.manual_seed(0)  # the same weights on both ranks
-    layers = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    forward = lambda x, labels: torch.nn.functional.mse_loss(layers(x), labels)  # noqa: E731
+    layers, forward, x, y = _rank_problem(rank)
     d = training.Dist(rank, 2, rank, torch.device("cpu"))
     step = training.CudaGraphStep(forward, layers.parameters(), None, record=False,
                                   start_average=lambda t: training._start_average(t, d))
-    torch.manual_seed(1 + rank)  # each rank its own batch
-    step(torch.randn(8, 6), torch.randn(8, 3))
+    step(x, y)
     torch.save({"buckets": len(step.buckets), "grads": [g.clone() for g in step.grads]}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -502,13 +508,10 @@ def test_bucketed_average_over_two_processes_is_the_mean_gradient(tmp_path):
     import torch.multiprocessing as mp
 
     mp.start_processes(_bucketed_average_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     grads = []
     for rank in range(2):
-        torch.manual_seed(1 + rank)
-        x, y = torch.randn(8, 6), torch.randn(8, 3)
-        grads.append(torch.autograd.grad(torch.nn.functional.mse_loss(layers(x), y), list(layers.parameters())))
+        layers, forward, x, y = _rank_problem(rank)
+        grads.append(torch.autograd.grad(forward(x, y), list(layers.parameters())))
     mean = [(a + b) / 2 for a, b in zip(*grads)]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -1164,7 +1164,6 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             raise TrainingError("--data-parallel flat runs without fp16 loss scaling or torch.compile; "
                                 "use --data-parallel ddp")
         grad_params = [p for p in raw_model.parameters() if p.requires_grad]
-        graphed = None
         if flat:
             import torch.distributed as dist
 
