@@ -290,3 +290,89 @@ def test_every_autotune_config_draws_the_reference_mask(i, monkeypatch, device):
     y = dropout(x, 0.3, seed=123)
     assert torch.equal((y != 0).cpu(), D.reference_mask((n,), 0.3, 123))
     torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
+
+
+# ---------------------------------------------------------------- seeds a CUDA graph can replay
+
+def test_replayable_seeds_key_each_mask_by_its_salt_and_the_base(device):
+    """Inside `replayable_seeds(base)` the n-th dropout without a seed is keyed by salt(n) ^ base, read from
+    the tensor when the kernel runs: the forward and the backward agree, a new value in base gives new masks,
+    an explicit seed keeps its own mask, and a dropout outside the block draws from torch's generator."""
+    x = torch.randn(3, 1001, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    base = torch.tensor([123456789012345], dtype=torch.int64, device=device)
+    with D.replayable_seeds(base):
+        y1 = dropout(x, 0.3)
+        y2 = dropout(x, 0.3)
+        fixed = dropout(x, 0.3, seed=5)  # takes no salt: the next dropout is still the block's third
+        y3 = dropout(x, 0.3)
+    salts = [D._salt(n) for n in (1, 2, 3)]
+    assert len(set(salts)) == 3
+    for y, salt in zip((y1, y2, y3), salts):
+        torch.testing.assert_close(y, expected(x.detach(), 0.3, salt ^ 123456789012345).to(x.dtype))
+    torch.testing.assert_close(fixed, expected(x.detach(), 0.3, 5).to(x.dtype))
+    (dx,) = torch.autograd.grad(y1, x, dy)
+    torch.testing.assert_close(dx, expected(dy, 0.3, salts[0] ^ 123456789012345).to(x.dtype))
+    base.fill_(-77)  # what a training step writes before each replay
+    with D.replayable_seeds(base):
+        z = dropout(x, 0.3)
+    torch.testing.assert_close(z, expected(x.detach(), 0.3, salts[0] ^ -77).to(x.dtype))
+    torch.manual_seed(4)
+    outside = dropout(x, 0.3)
+    torch.manual_seed(4)
+    assert torch.equal(outside, dropout(x, 0.3, seed=D.draw_seed()))
+
+
+def test_replayable_seeds_key_attention_dropout_too(device):
+    """Attention's dropout takes the block's next salt as `dropout` does: forward and all three gradients are
+    those of the explicit seed salt ^ base, and attention without dropout takes no salt."""
+    A = importlib.import_module("triton_transformer.attention")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 37, 16, device=device, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    base = torch.tensor([-987654321987], dtype=torch.int64, device=device)
+    with D.replayable_seeds(base):
+        A.attention(q, k, v, causal=True)  # no dropout: no salt
+        o = A.attention(q, k, v, causal=True, dropout_p=0.3)
+    got = (o, *torch.autograd.grad(o, (q, k, v), do))
+    o_ref = A.attention(q, k, v, causal=True, dropout_p=0.3, seed=D._salt(1) ^ -987654321987)
+    want = (o_ref, *torch.autograd.grad(o_ref, (q, k, v), do))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    qkv = torch.randn(2, 37, 3 * 2 * 16, device=device, requires_grad=True)
+    with D.replayable_seeds(base):
+        packed = A.attention_qkv(qkv, 2, causal=True, dropout_p=0.3)
+    assert torch.equal(packed, A.attention_qkv(qkv, 2, causal=True, dropout_p=0.3, seed=D._salt(1) ^ -987654321987))
+
+
+def test_replayable_seeds_reject_a_bad_base(device):
+    with pytest.raises(TypeError, match="replayable_seeds: base has dtype int32"):
+        with D.replayable_seeds(torch.zeros(1, dtype=torch.int32, device=device)):
+            pass
+    with pytest.raises(ValueError, match="must hold one int64"):
+        with D.replayable_seeds(torch.zeros(2, dtype=torch.int64, device=device)):
+            pass
+    assert D._replayable == []  # a failed block leaves nothing open
+
+
+@cuda_only
+def test_dropout_in_a_cuda_graph_without_replayable_seeds_is_refused():
+    """Recorded with a Python-int seed drawn at recording time, every replay would apply one mask: refused,
+    with the way out named. Inside `replayable_seeds`, each replay reads the base and draws a new mask."""
+    x = torch.randn(4096, device="cuda")
+    dropout(x, 0.5)  # compiled and tuned before recording
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="replayable_seeds"):
+        with torch.cuda.graph(graph):
+            dropout(x, 0.5)
+    base = torch.zeros(1, dtype=torch.int64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with D.replayable_seeds(base), torch.cuda.graph(graph):
+        y = dropout(x, 0.5)
+    masks = []
+    for value in (1, 2, 1):
+        base.fill_(value)
+        graph.replay()
+        masks.append((y != 0).cpu())
+        assert torch.equal(masks[-1], D.reference_mask(x.shape, 0.5, D._salt(1) ^ value))
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])

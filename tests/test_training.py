@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from triton_transformer import runtime, training
+from triton_transformer import Transformer, runtime, training
 from triton_transformer.training import CheckpointError, DataError, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -625,11 +625,51 @@ def test_cuda_graph_accumulates_micro_batches_as_eager_steps_do(corpus_file, tmp
     assert graphed.val_loss == eager.val_loss != single.val_loss
 
 
+def _dropout_steps(record: bool, use_triton: bool, calls: int = 5):
+    """The losses and gradients of `calls` CudaGraphStep calls on one batch, with dropout, no update between them."""
+    torch.manual_seed(0)
+    dev = runtime.DEVICE
+    model = Transformer(num_tokens=64, max_seq_len=32, dim=32, depth=2, heads=2, dim_head=16, causal=True,
+                        attn_dropout=0.2, ff_dropout=0.2, use_triton=use_triton).to(dev)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    step = training.CudaGraphStep(model, list(model.parameters()), amp, record=record, dropout=True)
+    x, y = torch.randint(0, 64, (2, 32), device=dev), torch.randint(0, 64, (2, 32), device=dev)
+    out = []
+    for _ in range(calls):
+        loss = step(x, y)
+        out.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    return out, step
+
+
+def test_graph_step_draws_new_dropout_masks_every_call():
+    """With dropout, every call of the step writes a new seed, drawn from torch's generator, into its seed base:
+    the same batch gives another loss at every call, and the same generator state the same calls again."""
+    first, step = _dropout_steps(record=False, use_triton=True, calls=3)
+    again, _ = _dropout_steps(record=False, use_triton=True, calls=3)
+    assert step.seed_base is not None and len({loss for loss, _ in first}) == 3
+    assert [loss for loss, _ in first] == [loss for loss, _ in again]
+
+
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("grad_accum", [1, 3])  # 3: the resumed run records its graph in the middle of a step
-def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path, grad_accum):
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_cuda_graph_replays_draw_the_masks_of_eager_steps(use_triton):
+    """Recorded with dropout, each replay draws new masks (the kernels read their key from the seed base, or
+    PyTorch advances its generator's offset), the masks the same calls draw eagerly: same losses, same gradients."""
+    graphed, step = _dropout_steps(record=True, use_triton=use_triton)
+    eager, _ = _dropout_steps(record=False, use_triton=use_triton)
+    assert step.graph is not None  # calls 3 to 5 were replays
+    assert len({loss for loss, _ in graphed}) == len(graphed)
+    for (loss_g, grads_g), (loss_e, grads_e) in zip(graphed, eager):
+        assert loss_g == loss_e
+        assert all(torch.equal(a, b) for a, b in zip(grads_g, grads_e))
+
+
+@pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+# grad_accum 3: the resumed run records its graph in the middle of a step; dropout: the replays' masks resume too
+@pytest.mark.parametrize("grad_accum,dropout", [(1, 0.0), (3, 0.0), (1, 0.1)])
+def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path, grad_accum, dropout):
     kw = dict(steps=8, batch_size=2, grad_accum=grad_accum, eval_every=4, sample_len=0, device="auto",
-              use_triton=True, cuda_graph=True)
+              use_triton=True, cuda_graph=True, dropout=dropout)
     full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
     training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
     resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)
@@ -658,7 +698,7 @@ def test_cuda_graph_says_when_a_run_cannot_be_recorded():
     ok = TrainConfig()
     assert training.CudaGraphStep.unsupported(ok, gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(ok, cpu, None) == "no CUDA device"
-    assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, None) == "dropout > 0"
+    assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(ok, gpu, torch.float16) == "fp16 loss scaling"
 

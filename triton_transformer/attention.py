@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask, keep_mask_2d
+from .dropout import keep_mask, keep_mask_2d, next_seed, normalize_seed, philox_key
 from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, launch,
                       no_double_backward, positive_int, pow2_at_least_16)
 
@@ -201,11 +201,13 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                      stride_mb, stride_mn,
-                     H, N_Q, N_K, D, qk_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
+                     H, N_Q, N_K, D, qk_scale, seed, seed_base_ptr, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
+                     SEED_BASE: tl.constexpr,
                      STORE_L: tl.constexpr,
                      BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # causal work grows with the row: start the longest programs first
@@ -326,10 +328,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                           stride_dkb, stride_dkh, stride_dkn, stride_mb, stride_mn,
-                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
+                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, seed_base_ptr, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
+                          SEED_BASE: tl.constexpr,
                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     pid_n = tl.program_id(0)  # causal: low key blocks have the most work and already come first
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -435,10 +439,12 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                         stride_dqb, stride_dqh, stride_dqn, stride_ob, stride_oh, stride_on, stride_mb, stride_mn,
-                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
+                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, seed_base_ptr, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
+                        SEED_BASE: tl.constexpr,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -550,10 +556,11 @@ def _fit_out(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0, need_lse=True,
-                      config=None, out=None):
+                      config=None, out=None, seed_base=None):
     """O (B, H, N_q, D) and, when `need_lse`, the base-2 log-sum-exp L (B*H, N_q) fp32 of every row.
 
-    O is a new contiguous tensor, or `out`: any (B, H, N_q, D) view with unit stride along D.
+    O is a new contiguous tensor, or `out`: any (B, H, N_q, D) view with unit stride along D. With
+    `seed_base` (a one-element int64 tensor) the dropout key is ``seed ^ seed_base`` (`dropout.replayable_seeds`).
     """
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
@@ -566,9 +573,10 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     grid = lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     args = (q, k, v, o, lse, km, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn,
-            H, N_Q, N_K, D, scale * LOG2E, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
-            pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
-    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0, STORE_L=need_lse,
+            H, N_Q, N_K, D, scale * LOG2E, seed, lse if seed_base is None else seed_base, float(dropout_p),
+            1.0 / (1.0 - dropout_p), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
+    consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
+                  SEED_BASE=seed_base is not None, STORE_L=need_lse,
                   BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION=dot_precision(q.dtype))
     if config is None and N_Q <= DECODE_ROWS and not causal:
         config = DECODE_CONFIG
@@ -579,7 +587,7 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
 
 
 def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0.0, scale=None, seed=0,
-                       configs=(None, None), grads=None):
+                       configs=(None, None), grads=None, seed_base=None):
     """dQ, dK, dV from dO and what the forward saved (q, k, v, o and the log-sum-exp).
 
     They are new contiguous tensors, or the (dq, dk, dv) views `grads`, unit stride along D,
@@ -606,9 +614,9 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
         dq, dk, dv = grads
     km, smb, smn = _mask_args(mask, q)
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
-                  BLOCK_D=block_d, EVEN_D=even_d, PRECISION=dot_precision(q.dtype))
-    common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, float(dropout_p), 1.0 / (1.0 - dropout_p),
-              pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
+                  SEED_BASE=seed_base is not None, BLOCK_D=block_d, EVEN_D=even_d, PRECISION=dot_precision(q.dtype))
+    common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, lse if seed_base is None else seed_base, float(dropout_p),
+              1.0 / (1.0 - dropout_p), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     macs = B * H * N_Q * N_K * D
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
@@ -628,27 +636,28 @@ class AttentionFunction(torch.autograd.Function):
     """Fused attention. Saves q, k, v, o and the row log-sum-exp (B*H*N_q floats), never an N x N matrix."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal, dropout_p, scale, seed):
-        o, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True)
+    def forward(ctx, q, k, v, mask, causal, dropout_p, scale, seed, seed_base=None):
+        o, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True, seed_base=seed_base)
         ctx.save_for_backward(q, k, v, o, lse, mask)
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, ctx.seed_base = causal, dropout_p, scale, seed, seed_base
         return o
 
     @staticmethod
     @no_double_backward
     def backward(ctx, do):
         q, k, v, o, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
+                                        seed_base=ctx.seed_base)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _philox_key(dropout_p: float, seed: int | None) -> int:
-    """The dropout seed as the kernels' signed 64-bit Philox key (as dropout() normalises it)."""
+def _philox_key(dropout_p: float, seed: int | None, x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """The dropout's key as the kernels take it, (seed, seed base): as `dropout` draws it (`dropout.next_seed`)."""
     if seed is not None:
         seed = as_int("attention: seed", seed)
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))  # CPU generator: no GPU sync
-    return (int(seed or 0) + 2**63) % 2**64 - 2**63
+    if dropout_p == 0:  # no mask: nothing to draw, and a replayable block's salts stay in step
+        return normalize_seed(seed or 0), None
+    return next_seed(seed, x)
 
 
 def _check_inputs(q, k, v, mask, dropout_p) -> float:
@@ -711,10 +720,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     elif scale == 0:  # every score is 0: attention is a plain average of v (over the unmasked keys)
         q, scale = q * 0.0, 1.0
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    seed = _philox_key(dropout_p, seed)
+    seed, seed_base = _philox_key(dropout_p, seed, q)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return AttentionFunction.apply(q, k, v, mask, bool(causal), float(dropout_p), scale, seed)
-    o, _ = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False)
+        return AttentionFunction.apply(q, k, v, mask, bool(causal), float(dropout_p), scale, seed, seed_base)
+    o, _ = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False, seed_base=seed_base)
     return o
 
 
@@ -742,14 +751,15 @@ class PackedAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv, heads, mask, causal, dropout_p, scale, seed):
+    def forward(ctx, qkv, heads, mask, causal, dropout_p, scale, seed, seed_base=None):
         q, k, v = split_heads(qkv, heads)
         B, H, N, D = q.shape
         out = qkv.new_empty((B, N, H, D))
         _, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True,
-                                   out=out.transpose(1, 2))
+                                   out=out.transpose(1, 2), seed_base=seed_base)
         ctx.save_for_backward(qkv, out, lse, mask)
         ctx.heads, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = heads, causal, dropout_p, scale, seed
+        ctx.seed_base = seed_base
         return out.view(B, N, H * D)
 
     @staticmethod
@@ -759,8 +769,9 @@ class PackedAttentionFunction(torch.autograd.Function):
         B, N, H, D = out.shape
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
         attention_backward(dout.reshape(B, N, H, D).transpose(1, 2), *split_heads(qkv, H), out.transpose(1, 2),
-                           lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, grads=split_heads(dqkv, H))
-        return dqkv, None, None, None, None, None, None
+                           lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, grads=split_heads(dqkv, H),
+                           seed_base=ctx.seed_base)
+        return dqkv, None, None, None, None, None, None, None
 
 
 def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = None, causal: bool = False,
@@ -788,9 +799,10 @@ def attention_qkv(qkv: torch.Tensor, heads: int, mask: torch.Tensor | None = Non
         o = attention(q, k, v, mask, causal, dropout_p, scale, seed=seed)
         return o.transpose(1, 2).reshape(B, N, H * D)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    seed = _philox_key(dropout_p, seed)
+    seed, seed_base = _philox_key(dropout_p, seed, qkv)
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return PackedAttentionFunction.apply(qkv, heads, mask, bool(causal), float(dropout_p), scale, seed)
+        return PackedAttentionFunction.apply(qkv, heads, mask, bool(causal), float(dropout_p), scale, seed, seed_base)
     out = qkv.new_empty((B, N, H, D))
-    attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False, out=out.transpose(1, 2))
+    attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=False, out=out.transpose(1, 2),
+                      seed_base=seed_base)
     return out.view(B, N, H * D)

@@ -24,6 +24,7 @@ indices are unique up to 2**66: no wrap-around at 2**32 elements.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -119,11 +120,25 @@ def _configs():
     ]
 
 
+@triton.jit
+def philox_key(seed, seed_base_ptr, SEED_BASE: tl.constexpr):
+    """The Philox key of a mask: ``seed``, XOR the int64 stored at ``seed_base_ptr`` when ``SEED_BASE``.
+
+    The second form is the one a CUDA graph can replay with new masks: the key's varying part is read
+    from memory when the kernel runs, not recorded with its arguments (see `replayable_seeds`).
+    """
+    if SEED_BASE:
+        seed = seed ^ tl.load(seed_base_ptr)
+    return seed
+
+
 @autotune(_configs(), key=["n_elements"])
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_kernel(x_ptr, y_ptr, n_elements, p, scale, seed, BLOCK: tl.constexpr):
+def _dropout_kernel(x_ptr, y_ptr, n_elements, p, scale, seed, seed_base_ptr, SEED_BASE: tl.constexpr,
+                    BLOCK: tl.constexpr):
     # A block of the flat tensor is a one-row tile, so the mask comes from the same helper attention
     # uses. Every config gives the same output: the mask depends on (seed, element index), not BLOCK.
+    seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: tensors of more than 2**31 elements
     offs = tl.arange(0, BLOCK)[None, :]
     in_bounds = offs < n_elements - start
@@ -150,11 +165,71 @@ def draw_seed() -> int:
     return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
 
 
-def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+# ---------------------------------------------------------------- seeds a CUDA graph can replay
+
+#: The `replayable_seeds` blocks open now, innermost last: [base tensor, dropouts drawn so far].
+_replayable: list = []
+
+
+@contextlib.contextmanager
+def replayable_seeds(base: torch.Tensor):
+    """Inside this block, every mask drawn without an explicit seed (`dropout`, attention's dropout) is keyed
+    by ``salt ^ base``: ``base`` a one-element int64 tensor that the kernels read when they run, the salt a
+    constant fixed by the call's place in the block (the n-th dropout of the block takes salt n).
+
+    Why: a CUDA graph records every kernel's arguments, so a seed passed as a Python int would replay the
+    same mask at every step. Recorded inside this block, a step's kernels read the varying part of their
+    key from ``base``; write a new value there before each replay (``base.fill_(draw_seed())``, outside
+    the graph) and each replay draws new masks, while the forward and the backward of one replay read the
+    same value and agree. Eager calls inside the block key their masks the same way, so a training run
+    draws the same masks whether a step was recorded, replayed or run eagerly.
+    """
+    check_tensor("replayable_seeds: base", base, dtypes=(torch.int64,))
+    if base.numel() != 1:
+        raise ValueError(f"replayable_seeds: base must hold one int64, got shape {tuple(base.shape)}")
+    _replayable.append([base, 0])
+    try:
+        yield base
+    finally:
+        _replayable.pop()
+
+
+def _salt(n: int) -> int:
+    """The n-th salt of a `replayable_seeds` block: SplitMix64's output n, as a signed int64.
+
+    Well-mixed 64-bit constants, so that the keys ``salt ^ base`` of a step's dropouts share no
+    structure (consecutive integers would differ in a bit or two of the key).
+    """
+    z = (n * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return normalize_seed(z ^ (z >> 31))
+
+
+def next_seed(seed, x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """The (seed, seed base) of a dropout on `x`: the caller's seed as it is; else, inside `replayable_seeds`,
+    the block's next salt and its base tensor; else a seed drawn from torch's CPU generator."""
+    if seed is not None:
+        return normalize_seed(seed), None
+    if _replayable:
+        block = _replayable[-1]
+        block[1] += 1
+        if block[0].device != x.device:
+            raise ValueError(f"replayable_seeds: the base is on {block[0].device}, the dropout's input on {x.device}")
+        return _salt(block[1]), block[0]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("dropout without a seed while a CUDA graph is being recorded: the graph would replay "
+                           "one mask forever. Record inside `with replayable_seeds(base):` and write a new seed "
+                           "into base before each replay (or pass seed= to keep one mask on purpose)")
+    return draw_seed(), None
+
+
+def dropout_forward(x: torch.Tensor, p: float, seed: int, seed_base: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the mask of (seed, p) to x, scaled by 1/(1-p): the whole forward, and (on dy) the whole backward.
 
     Non-contiguous x is copied first: the mask follows the element's index in
-    row-major order of the logical shape, whatever the memory layout.
+    row-major order of the logical shape, whatever the memory layout. With `seed_base` (a one-element
+    int64 tensor) the key is ``seed ^ seed_base``, read by the kernel (`replayable_seeds`).
     """
     if p >= 1.0:  # every element dropped; times 0 rather than zeros, so a NaN or inf stays NaN as in F.dropout
         return x * 0
@@ -164,24 +239,24 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if n == 0:
         return y
     grid = lambda meta: (cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    launch(_dropout_kernel, grid, x_c, y, n, float(p), 1.0 / (1.0 - p), seed)
+    launch(_dropout_kernel, grid, x_c, y, n, float(p), 1.0 / (1.0 - p), seed,
+           x_c if seed_base is None else seed_base, SEED_BASE=seed_base is not None)
     return y
 
 
 class DropoutFunction(torch.autograd.Function):
-    """Saves two Python numbers, the seed and p: zero bytes per element."""
+    """Saves two Python numbers, the seed and p (and the seed base, one int64): zero bytes per element."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        ctx.p = p
-        ctx.seed = seed
-        return dropout_forward(x, p, seed)
+    def forward(ctx, x: torch.Tensor, p: float, seed: int, seed_base: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.p, ctx.seed, ctx.seed_base = p, seed, seed_base
+        return dropout_forward(x, p, seed, seed_base)
 
     @staticmethod
     @no_double_backward
     def backward(ctx, dy: torch.Tensor):
         # d(x * m * s)/dx = m * s: the backward is dropout of dy with the same seed.
-        return dropout_forward(dy, ctx.p, ctx.seed), None, None
+        return dropout_forward(dy, ctx.p, ctx.seed, ctx.seed_base), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | None = None) -> torch.Tensor:
@@ -200,8 +275,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | 
     check_tensor("dropout input", x, dtypes=FLOAT_DTYPES)
     if not training or p == 0:
         return x
-    seed = draw_seed() if seed is None else normalize_seed(seed)
-    return DropoutFunction.apply(x, float(p), seed)
+    seed, seed_base = next_seed(seed, x)
+    return DropoutFunction.apply(x, float(p), seed, seed_base)
 
 
 # ---------------------------------------------------------------- reference (tests and the chapter)

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from . import runtime  # noqa: E402
 from .attention import MAX_HEAD_DIM  # noqa: E402
+from .dropout import draw_seed, replayable_seeds  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_TOKENS = 256  # bytes
@@ -751,8 +752,15 @@ class CudaGraphStep:
       micro-batches per step (`micro_batches`) or several processes they live in one flat buffer instead (each
       ``.grad`` a view of it), zeroed before a step's first micro-batch, outside the graph: the recorded
       backward adds into it, so replays accumulate the micro-batches' gradients as eager backwards would;
-    * no randomness: a dropout seed is a Python integer, recorded into the graph, so every replay would draw
-      the same mask. `unsupported` says when a run cannot be graphed; training then runs eagerly.
+    * new dropout masks at every replay, although a kernel's arguments are recorded once: with ``dropout=True``
+      every call writes a fresh seed, drawn from torch's CPU generator, into the one-element tensor
+      ``seed_base``, and the forward and backward run inside `dropout.replayable_seeds`, so the Triton
+      kernels read their Philox key from it when they run (PyTorch's own dropout is recorded with a device-side
+      offset that each replay advances). Eager calls key their masks the same way, so a step draws the same
+      masks recorded or not, and a resumed run, whose generator the checkpoint restores, draws the masks the
+      run it continues would have.
+
+    `unsupported` says when a run cannot be graphed; training then runs eagerly.
 
     Several processes: DDP's all-reduce hooks are built for eager steps, so the flat buffer is averaged over the
     processes here, with `start_average(tensor)` (which starts the collective and returns the function that
@@ -765,12 +773,13 @@ class CudaGraphStep:
     """
 
     def __init__(self, forward, params, amp_dtype: torch.dtype | None, warmup: int = 2, start_average=None,
-                 record: bool = True, micro_batches: int = 1):
+                 record: bool = True, micro_batches: int = 1, dropout: bool = False):
         """`forward(x, labels=y)` returns the loss; `params` are the parameters it trains. Each of a step's
         `micro_batches` calls backpropagates its loss divided by their number, so the gradients they add up
-        to are those of the mean loss."""
+        to are those of the mean loss. `dropout`: the forward draws dropout masks (see the class docstring)."""
         self.forward, self.params, self.amp_dtype, self.warmup = forward, list(params), amp_dtype, warmup
         self.start_average, self.record, self.micro_batches = start_average, record, micro_batches
+        self.seed_base = torch.zeros(1, dtype=torch.int64, device=self.params[0].device) if dropout else None
         self.calls, self.graph, self.peak_bytes, self.flat, self.buckets, self.hooks = 0, None, None, None, [], []
         if start_average is not None or micro_batches > 1:
             dtypes = {p.dtype for p in self.params}
@@ -830,8 +839,8 @@ class CudaGraphStep:
     @staticmethod
     def unsupported(cfg: TrainConfig, device: torch.device, amp_dtype) -> str | None:
         """Why this run cannot use a CUDA graph, or None if it can."""
-        reasons = [(device.type != "cuda", "no CUDA device"), (cfg.dropout > 0, "dropout > 0"),
-                   (amp_dtype == torch.float16, "fp16 loss scaling"), (cfg.compile, "torch.compile")]
+        reasons = [(device.type != "cuda", "no CUDA device"), (amp_dtype == torch.float16, "fp16 loss scaling"),
+                   (cfg.compile, "torch.compile")]
         return next((why for bad, why in reasons if bad), None)
 
     def _forward_backward(self, x, y, cache: bool) -> torch.Tensor:
@@ -841,7 +850,8 @@ class CudaGraphStep:
         # autocast's weight cache must stay off while recording: cached casts would outlive the graph's pool
         amp = (torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=cache) if self.amp_dtype
                else contextlib.nullcontext())
-        with amp:
+        seeds = replayable_seeds(self.seed_base) if self.seed_base is not None else contextlib.nullcontext()
+        with amp, seeds:
             loss = self.forward(x, labels=y)
         self.left, self.finishers = [len(members) for _, members in self.buckets], []
         self.collecting = bool(self.buckets)
@@ -867,6 +877,8 @@ class CudaGraphStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, first: bool = True, last: bool = True) -> torch.Tensor:
         """Run forward and backward on (x, y), the `first` and/or `last` micro-batch of a step; returns the loss
         (a tensor the next call overwrites)."""
+        if self.seed_base is not None:
+            self.seed_base.fill_(draw_seed())  # this call's dropout masks (a replay reads it; see the class docstring)
         if self.flat is not None and first:
             self.flat.zero_()  # a new step: its micro-batches' gradients add up from zero
         if self.graph is None and (self.calls < self.warmup or not self.record):
@@ -1170,9 +1182,10 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             for p in raw_model.parameters():  # every process starts from rank 0's weights, as DDP would
                 dist.broadcast(p.data, 0)
             graphed = CudaGraphStep(model, grad_params, amp_dtype, start_average=lambda t: _start_average(t, d),
-                                    record=why_not is None, micro_batches=cfg.grad_accum)
+                                    record=why_not is None, micro_batches=cfg.grad_accum, dropout=cfg.dropout > 0)
         elif why_not is None and d.world == 1:
-            graphed = CudaGraphStep(model, grad_params, amp_dtype, micro_batches=cfg.grad_accum)
+            graphed = CudaGraphStep(model, grad_params, amp_dtype, micro_batches=cfg.grad_accum,
+                                    dropout=cfg.dropout > 0)
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

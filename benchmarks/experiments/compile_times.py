@@ -57,9 +57,11 @@ def compile_seconds(kernel, pointers, constexprs, config) -> float:
 
 
 def cases(dtype):
-    attn = dict(CAUSAL=True, HAS_MASK=False, DROPOUT=False, DROP_GROUPED=False, BLOCK_D=64, EVEN_D=True)
-    side = {"L": "fp32", "DELTA": "fp32", "KM": "i8"}
-    tensors = lambda *names: {n: side.get(n, dtype) for n in names}  # noqa: E731
+    attn = dict(CAUSAL=True, HAS_MASK=False, DROPOUT=False, DROP_GROUPED=False, SEED_BASE=False, BLOCK_D=64,
+                EVEN_D=True)
+    side = {"L": "fp32", "DELTA": "fp32", "KM": "i8", "seed_base_ptr": "i64"}
+    # (seed_base_ptr: attention's; a name the kernel does not take is never looked up)
+    tensors = lambda *names: {n: side.get(n, dtype) for n in (*names, "seed_base_ptr")}  # noqa: E731
     yield ("attention fwd", attention._attn_fwd, tensors("Q", "K", "V", "O", "L", "KM"), {**attn, "STORE_L": True},
            attention._FWD_EXACT_FP32)
     yield ("attention dK/dV", attention._attn_bwd_dkdv, tensors("Q", "K", "V", "DO", "DK", "DV", "L", "DELTA", "KM"),

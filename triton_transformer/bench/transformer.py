@@ -11,7 +11,10 @@ provider's peak memory:
 * ``torch.compile``: ``torch.compile(model)`` called with ``use_triton=False``.
 
 Shapes are [batch, seq, dim, depth, num_tokens], causal, heads = dim // 64 of
-64 dimensions: the seed's model, then GPT-2 small. Rows carry ``tokens`` and
+64 dimensions: the seed's model, then GPT-2 small. ``transformer_train_step_dropout`` is the
+seed's model with GPT-2's dropout of 0.1 (attention and feed-forward), where the Triton step is
+replayed with its masks keyed from device memory (`dropout.replayable_seeds`); its extra provider
+``triton eager`` is the same step run without a graph, as every dropout run was before. Rows carry ``tokens`` and
 (derived by `bench.run_case`) ``tokens_per_s``; TFLOP/s counts the matmul FLOPs
 of `Transformer.flops_per_token` (causal attention at half).
 """
@@ -27,9 +30,11 @@ from . import Case
 
 SHAPES = [(16, 1024, 512, 6, 256), (16, 1024, 768, 12, 50304)]
 QUICK = [(2, 128, 128, 2, 256)]
+#: GPT-2's dropout probability, for the dropout case (the seed's model)
+DROPOUT = 0.1
 
 
-def train_step(forward, optimizer, x, y, dtype, cuda_graph=False):
+def train_step(forward, optimizer, x, y, dtype, cuda_graph=False, dropout=False):
     """One zero-argument training step: autocast forward + loss, backward, AdamW, drop the gradients.
 
     Forward and backward are `training.CudaGraphStep`'s: eager, or with `cuda_graph` replayed as one
@@ -37,7 +42,7 @@ def train_step(forward, optimizer, x, y, dtype, cuda_graph=False):
     up do_bench.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    forward_backward = CudaGraphStep(forward, params, dtype, record=cuda_graph)
+    forward_backward = CudaGraphStep(forward, params, dtype, record=cuda_graph, dropout=dropout)
 
     def step():
         forward_backward(x, y)
@@ -51,28 +56,38 @@ def train_step(forward, optimizer, x, y, dtype, cuda_graph=False):
     return step
 
 
+def _case(shape, dtype, device, dropout: float = 0.0):
+    batch, seq, dim, depth, num_tokens = shape
+    torch.manual_seed(0)
+    model = Transformer(num_tokens=num_tokens, max_seq_len=seq, dim=dim, depth=depth, heads=dim // 64,
+                        dim_head=64, causal=True, attn_dropout=dropout, ff_dropout=dropout).to(device)
+    # a small learning rate keeps hundreds of timed steps on random tokens well away from overflow
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    compiled = torch.compile(model)
+    x = torch.randint(0, num_tokens, (batch, seq), device=device)
+    y = torch.randint(0, num_tokens, (batch, seq), device=device)
+    # The Triton provider goes last: its graph keeps its memory pool for as long as it lives, which
+    # must not count in the other providers' peak memory.
+    graph, drop = device.type == "cuda", dropout > 0
+    providers = {
+        "torch": train_step(functools.partial(model, use_triton=False), optimizer, x, y, dtype),
+        "torch.compile": train_step(functools.partial(compiled, use_triton=False), optimizer, x, y, dtype),
+    }
+    if drop:
+        providers["triton eager"] = train_step(functools.partial(model, use_triton=True), optimizer, x, y, dtype,
+                                               dropout=True)
+    providers["triton"] = train_step(functools.partial(model, use_triton=True), optimizer, x, y, dtype, graph, drop)
+    return Case("transformer_train_step_dropout" if drop else "transformer_train_step", "fwdbwd", list(shape), dtype,
+                providers=providers, flops=model.flops_per_token(seq) * batch * seq,
+                extra={"tokens": batch * seq, **({"dropout": dropout} if drop else {})})
+
+
 def cases(quick: bool = False):
     dtype = runtime.default_dtype()
     device = runtime.DEVICE
-    for batch, seq, dim, depth, num_tokens in QUICK if quick else SHAPES:
-        torch.manual_seed(0)
-        model = Transformer(num_tokens=num_tokens, max_seq_len=seq, dim=dim, depth=depth, heads=dim // 64,
-                            dim_head=64, causal=True).to(device)
-        # a small learning rate keeps hundreds of timed steps on random tokens well away from overflow
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        compiled = torch.compile(model)
-        x = torch.randint(0, num_tokens, (batch, seq), device=device)
-        y = torch.randint(0, num_tokens, (batch, seq), device=device)
-        # The Triton provider goes last: its graph keeps its memory pool for as long as it lives, which
-        # must not count in the other providers' peak memory.
-        graph = device.type == "cuda"
-        providers = {
-            "torch": train_step(functools.partial(model, use_triton=False), optimizer, x, y, dtype),
-            "torch.compile": train_step(functools.partial(compiled, use_triton=False), optimizer, x, y, dtype),
-            "triton": train_step(functools.partial(model, use_triton=True), optimizer, x, y, dtype, graph),
-        }
-        yield Case("transformer_train_step", "fwdbwd", [batch, seq, dim, depth, num_tokens], dtype,
-                   providers=providers,
-                   flops=model.flops_per_token(seq) * batch * seq, extra={"tokens": batch * seq})
-        del model, optimizer, compiled, providers, x, y
+    for shape in QUICK if quick else SHAPES:
+        yield _case(shape, dtype, device)
+        torch._dynamo.reset()
+    for shape in QUICK if quick else SHAPES[:1]:
+        yield _case(shape, dtype, device, DROPOUT)
         torch._dynamo.reset()
