@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import runtime
+from ..dropout import replayable_seeds
 
 #: One colour per provider in every plot of the book.
 PROVIDER_COLORS = {
@@ -93,7 +94,8 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
     CUDA graph, each time after the same L2 flush do_bench does, and a second graph holds the flushes
     alone; their replay times differ by `reps` calls of `fn` as the GPU runs them. A provider whose
     call cannot be recorded (it reads a value back to the host, say) gets None. Rows carry this as
-    `gpu_ms`, a diagnostic next to `ms`: where the two differ, the host is the bottleneck.
+    `gpu_ms`, a diagnostic next to `ms`: where the two differ, the host is the bottleneck. Our dropouts
+    are recorded as a training step records them, keyed from memory (`dropout.replayable_seeds`).
     """
     def calls(with_fn: bool):
         for _ in range(reps):
@@ -110,13 +112,14 @@ def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) 
         flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=runtime.DEVICE)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # recording wants its warm-up off the default stream
+        base = torch.zeros(1, dtype=torch.int64, device=runtime.DEVICE)
+        with replayable_seeds(base), torch.cuda.stream(side):  # recording wants its warm-up off the default stream
             calls(True)
         torch.cuda.current_stream().wait_stream(side)
         graphs = {}
         for with_fn in (True, False):
             graphs[with_fn] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[with_fn]):
+            with replayable_seeds(base), torch.cuda.graph(graphs[with_fn]):
                 calls(with_fn)
         times = {True: [], False: []}
         for _ in range(5):
