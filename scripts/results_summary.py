@@ -28,6 +28,7 @@ HEADLINES = [  # (kernel, pass, shape, baseline providers)
     ("cross_entropy", "fwdbwd", [8192, 50304]),
     ("transformer_train_step", "fwdbwd", [16, 1024, 512, 6, 256]),
     ("transformer_train_step", "fwdbwd", [16, 1024, 768, 12, 50304]),
+    ("transformer_train_step_dropout", "fwdbwd", [16, 1024, 512, 6, 256]),  # p = 0.1, the step replayed as a graph
     ("train_run", "fwdbwd", [16, 1024, 512, 6, 256]),  # 2000 steps of train.py's loop, evaluation included
 ]
 BASELINES = ["torch", "torch.compile", "cublas", "sdpa"]
