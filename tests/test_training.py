@@ -648,7 +648,8 @@ def _differ(grads_a, grads_b) -> bool:
 
 def test_graph_step_draws_new_dropout_masks_every_call():
     """With dropout, every call of the step writes a new seed, drawn from torch's generator, into its seed base:
-    the same batch gives another loss at every call, and the same generator state the same calls again."""
+    the same batch gets other masks (other gradients) at every call, and the same generator state the same
+    calls again."""
     first, step = _dropout_steps(record=False, use_triton=True, calls=3)
     again, _ = _dropout_steps(record=False, use_triton=True, calls=3)
     assert step.seed_base is not None
