@@ -346,14 +346,26 @@ def test_replayable_seeds_key_attention_dropout_too(device):
     assert torch.equal(packed, A.attention_qkv(qkv, 2, causal=True, dropout_p=0.3, seed=D._salt(1) ^ -987654321987))
 
 
-def test_replayable_seeds_reject_a_bad_base(device):
+def test_replayable_seeds_reject_a_bad_base_a_nested_block_and_a_rewritten_base(device):
     with pytest.raises(TypeError, match="replayable_seeds: base has dtype int32"):
         with D.replayable_seeds(torch.zeros(1, dtype=torch.int32, device=device)):
             pass
     with pytest.raises(ValueError, match="must hold one int64"):
         with D.replayable_seeds(torch.zeros(2, dtype=torch.int64, device=device)):
             pass
-    assert D._replayable == []  # a failed block leaves nothing open
+    base = torch.zeros(1, dtype=torch.int64, device=device)
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with D.replayable_seeds(base):
+            with D.replayable_seeds(base):
+                pass
+    assert D._replayable == []  # the outer block closed on the way out
+    # the base rewritten between a forward and its backward would give the backward another mask: refused
+    x = torch.randn(100, device=device, requires_grad=True)
+    with D.replayable_seeds(base):
+        y = dropout(x, 0.5)
+    base.fill_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 @cuda_only

@@ -4,6 +4,7 @@ Everything here runs on the CPU with a tiny model on the PyTorch path (the
 Triton path's numerics are the other chapters' tests), in seconds.
 """
 
+import importlib
 import math
 import os
 import signal
@@ -542,10 +543,12 @@ def test_bench_without_a_gpu_is_a_clear_error(corpus_file, tmp_path):
 # ---------------------------------------------------------------- CUDA graphs
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("use_triton", [True, False])
-def test_cuda_graph_steps_equal_eager_steps(corpus_file, tmp_path, use_triton):
-    """Replaying the recorded step trains exactly as running it eagerly: same kernels, same order, same bits."""
-    kw = dict(steps=6, batch_size=2, eval_every=6, sample_len=0, device="auto", use_triton=use_triton)
+@pytest.mark.parametrize("use_triton,dropout", [(True, 0.0), (False, 0.0), (True, 0.1), (False, 0.1)])
+def test_cuda_graph_steps_equal_eager_steps(corpus_file, tmp_path, use_triton, dropout):
+    """Replaying the recorded step trains exactly as running it eagerly: same kernels, same order, same bits,
+    and with dropout the same masks (eager steps key them from a seed base too)."""
+    kw = dict(steps=6, batch_size=2, eval_every=6, sample_len=0, device="auto", use_triton=use_triton,
+              dropout=dropout)
     eager = training.train(cfg(corpus_file, tmp_path / "eager", cuda_graph=False, **kw))
     graphed = training.train(cfg(corpus_file, tmp_path / "graph", cuda_graph=True, **kw))
     assert losses(graphed.log_path) == losses(eager.log_path)
@@ -646,16 +649,34 @@ def _differ(grads_a, grads_b) -> bool:
     return not all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
-def test_graph_step_draws_new_dropout_masks_every_call():
-    """With dropout, every call of the step writes a new seed, drawn from torch's generator, into its seed base:
-    the same batch gets other masks (other gradients) at every call, and the same generator state the same
-    calls again."""
+def test_graph_step_draws_new_dropout_masks_every_call(monkeypatch):
+    """With dropout, every call of the step writes a new seed, drawn from torch's generator, into its seed base,
+    and its masks are keyed by that base alone: the same base gives the same gradients, another base others.
+    Unpatched, the same batch gets other masks at every call, and the same generator state the same calls."""
+    bases = iter([11, 12, 11])
+    monkeypatch.setattr(training, "draw_seed", lambda: next(bases))
+    keyed, step = _dropout_steps(record=False, use_triton=True, calls=3)
+    assert step.seed_base.item() == 11
+    assert _differ(keyed[0][1], keyed[1][1]) and not _differ(keyed[0][1], keyed[2][1])
+    monkeypatch.undo()
     first, step = _dropout_steps(record=False, use_triton=True, calls=3)
     again, _ = _dropout_steps(record=False, use_triton=True, calls=3)
     assert step.seed_base is not None
     assert all(_differ(a[1], b[1]) for a, b in zip(first, first[1:]))  # new masks at every call
     assert [loss for loss, _ in first] == [loss for loss, _ in again]
     assert not any(_differ(a[1], b[1]) for a, b in zip(first, again))
+
+
+def test_eager_steps_key_their_dropout_masks_as_a_recorded_step_does(corpus_file, tmp_path, monkeypatch):
+    """A step run eagerly (here: on the CPU) draws one seed per micro-batch into a seed base and keys its masks
+    from it, as CudaGraphStep does, so whether a step is replayed changes no mask: no dropout draws a seed of
+    its own (dropout.draw_seed is never called)."""
+    dropout_module = importlib.import_module("triton_transformer.dropout")
+    drawn = []
+    monkeypatch.setattr(training, "draw_seed", lambda: drawn.append(len(drawn)) or len(drawn))
+    monkeypatch.setattr(dropout_module, "draw_seed", lambda: pytest.fail("a dropout drew its own seed"))
+    training.train(cfg(corpus_file, tmp_path, steps=2, grad_accum=2, dropout=0.1, sample_len=0, use_triton=True))
+    assert len(drawn) == 4  # two steps of two micro-batches
 
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
@@ -674,10 +695,11 @@ def test_cuda_graph_replays_draw_the_masks_of_eager_steps(use_triton):
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 # grad_accum 3: the resumed run records its graph in the middle of a step; dropout: the replays' masks resume too
 @pytest.mark.parametrize("grad_accum,dropout", [(1, 0.0), (3, 0.0), (1, 0.1)])
-def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path, grad_accum, dropout):
+def test_cuda_graph_resume_equals_uninterrupted(corpus_file, tmp_path, grad_accum, dropout, capsys):
     kw = dict(steps=8, batch_size=2, grad_accum=grad_accum, eval_every=4, sample_len=0, device="auto",
               use_triton=True, cuda_graph=True, dropout=dropout)
     full = training.train(cfg(corpus_file, tmp_path / "full", **kw))
+    assert "runs eagerly" not in capsys.readouterr().out  # the steps were replayed
     training.train(cfg(corpus_file, tmp_path / "part", stop_at=4, **kw))
     resumed = training.train(cfg(corpus_file, tmp_path / "part", **kw), resume=True)
     assert losses(resumed.log_path) == losses(full.log_path) and resumed.val_loss == full.val_loss

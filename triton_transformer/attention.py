@@ -638,16 +638,16 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, dropout_p, scale, seed, seed_base=None):
         o, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True, seed_base=seed_base)
-        ctx.save_for_backward(q, k, v, o, lse, mask)
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, ctx.seed_base = causal, dropout_p, scale, seed, seed_base
+        ctx.save_for_backward(q, k, v, o, lse, mask, seed_base)
+        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
         return o
 
     @staticmethod
     @no_double_backward
     def backward(ctx, do):
-        q, k, v, o, lse, mask = ctx.saved_tensors
+        q, k, v, o, lse, mask, seed_base = ctx.saved_tensors
         dq, dk, dv = attention_backward(do, q, k, v, o, lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
-                                        seed_base=ctx.seed_base)
+                                        seed_base=seed_base)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -757,20 +757,19 @@ class PackedAttentionFunction(torch.autograd.Function):
         out = qkv.new_empty((B, N, H, D))
         _, lse = attention_forward(q, k, v, mask, causal, dropout_p, scale, seed, need_lse=True,
                                    out=out.transpose(1, 2), seed_base=seed_base)
-        ctx.save_for_backward(qkv, out, lse, mask)
+        ctx.save_for_backward(qkv, out, lse, mask, seed_base)
         ctx.heads, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = heads, causal, dropout_p, scale, seed
-        ctx.seed_base = seed_base
         return out.view(B, N, H * D)
 
     @staticmethod
     @no_double_backward
     def backward(ctx, dout):
-        qkv, out, lse, mask = ctx.saved_tensors
+        qkv, out, lse, mask, seed_base = ctx.saved_tensors
         B, N, H, D = out.shape
         dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
         attention_backward(dout.reshape(B, N, H, D).transpose(1, 2), *split_heads(qkv, H), out.transpose(1, 2),
                            lse, mask, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed, grads=split_heads(dqkv, H),
-                           seed_base=ctx.seed_base)
+                           seed_base=seed_base)
         return dqkv, None, None, None, None, None, None, None
 
 

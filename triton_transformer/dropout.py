@@ -183,10 +183,16 @@ def replayable_seeds(base: torch.Tensor):
     the graph) and each replay draws new masks, while the forward and the backward of one replay read the
     same value and agree. Eager calls inside the block key their masks the same way, so a training run
     draws the same masks whether a step was recorded, replayed or run eagerly.
+
+    Blocks do not nest (an inner block's salts would repeat the outer one's), and the base must not change
+    between a forward and its backward: the autograd functions save it, so autograd refuses such a backward.
     """
     check_tensor("replayable_seeds: base", base, dtypes=(torch.int64,))
     if base.numel() != 1:
         raise ValueError(f"replayable_seeds: base must hold one int64, got shape {tuple(base.shape)}")
+    if _replayable:
+        raise RuntimeError("replayable_seeds blocks do not nest: an inner block's salts would repeat the outer "
+                           "block's, and so would its masks")
     _replayable.append([base, 0])
     try:
         yield base
@@ -249,14 +255,16 @@ class DropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, seed: int, seed_base: torch.Tensor | None = None) -> torch.Tensor:
-        ctx.p, ctx.seed, ctx.seed_base = p, seed, seed_base
+        ctx.p, ctx.seed = p, seed
+        ctx.save_for_backward(seed_base)  # saved, so a base rewritten before the backward is an error, not a new mask
         return dropout_forward(x, p, seed, seed_base)
 
     @staticmethod
     @no_double_backward
     def backward(ctx, dy: torch.Tensor):
         # d(x * m * s)/dx = m * s: the backward is dropout of dy with the same seed.
-        return dropout_forward(dy, ctx.p, ctx.seed, ctx.seed_base), None, None, None
+        (seed_base,) = ctx.saved_tensors
+        return dropout_forward(dy, ctx.p, ctx.seed, seed_base), None, None, None
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | None = None) -> torch.Tensor:

@@ -918,6 +918,11 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
     only when it logs.
     """
     loss_sum = torch.zeros((), device=d.device)
+    # Eager steps key their dropout masks as a recorded step does (CudaGraphStep: one seed per micro-batch
+    # into a base, the forward inside replayable_seeds), so whether a step is replayed changes no mask.
+    # (torch.compile traces the forward; there dropout keeps drawing a seed per call.)
+    seed_base = (torch.zeros(1, dtype=torch.int64, device=d.device)
+                 if graphed is None and cfg.dropout > 0 and not cfg.compile else None)
     for m in range(cfg.grad_accum):
         j = d.rank * cfg.grad_accum + m  # global micro-batch index: the same batches for any number of processes
         x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, j),
@@ -927,8 +932,11 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
             continue
         # DDP all-reduces gradients during backward; only the last micro-batch needs to
         sync = m == cfg.grad_accum - 1 or d.world == 1
+        if seed_base is not None:
+            seed_base.fill_(draw_seed())
+        seeds = replayable_seeds(seed_base) if seed_base is not None else contextlib.nullcontext()
         with contextlib.nullcontext() if sync else model.no_sync():
-            with amp():
+            with amp(), seeds:
                 loss = model(x, labels=y)
             # the mean over the whole batch, not the sum of the micro-batches' means
             scaler.scale(loss / cfg.grad_accum).backward()
