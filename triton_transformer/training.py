@@ -910,19 +910,15 @@ class CudaGraphStep:
 
 
 def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: TrainConfig, d: Dist, amp, step: int,
-               params, graphed: CudaGraphStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               params, graphed: CudaGraphStep | None = None,
+               seed_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step: `grad_accum` micro-batches per process, clip, AdamW, schedule.
 
     Returns the step's mean loss and the gradient's norm before clipping (None without clipping), as
     0-dim tensors on the device: reading them with .item() would wait for the GPU, so the loop does that
-    only when it logs.
+    only when it logs. `seed_base`: eager steps with dropout key their masks from it (see `train`).
     """
     loss_sum = torch.zeros((), device=d.device)
-    # Eager steps key their dropout masks as a recorded step does (CudaGraphStep: one seed per micro-batch
-    # into a base, the forward inside replayable_seeds), so whether a step is replayed changes no mask.
-    # (torch.compile traces the forward; there dropout keeps drawing a seed per call.)
-    seed_base = (torch.zeros(1, dtype=torch.int64, device=d.device)
-                 if graphed is None and cfg.dropout > 0 and not cfg.compile else None)
     for m in range(cfg.grad_accum):
         j = d.rank * cfg.grad_accum + m  # global micro-batch index: the same batches for any number of processes
         x, y = get_batch(data, batch_starts(len(data), cfg.seq_len, cfg.batch_size, cfg.seed, step, j),
@@ -932,7 +928,7 @@ def train_step(model, optimizer, scheduler, scaler, data: np.ndarray, cfg: Train
             continue
         # DDP all-reduces gradients during backward; only the last micro-batch needs to
         sync = m == cfg.grad_accum - 1 or d.world == 1
-        if seed_base is not None:
+        if seed_base is not None:  # eager steps key their dropout masks as CudaGraphStep does (see train)
             seed_base.fill_(draw_seed())
         seeds = replayable_seeds(seed_base) if seed_base is not None else contextlib.nullcontext()
         with contextlib.nullcontext() if sync else model.no_sync():
@@ -1198,6 +1194,11 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        # Eager steps key their dropout masks as a recorded step does (CudaGraphStep: one seed per micro-batch
+        # into a base, the forward inside replayable_seeds), so whether a step is replayed changes no mask.
+        # (torch.compile traces the forward; there dropout keeps drawing a seed per call.)
+        seed_base = (torch.zeros(1, dtype=torch.int64, device=d.device)
+                     if graphed is None and cfg.dropout > 0 and not cfg.compile else None)
         if graphed is None or not graphed.record:
             if d.device.type == "cuda" and cfg.cuda_graph:
                 say(f"note: each step runs eagerly, not as a CUDA graph ({why_not or 'DDP'})")
@@ -1279,7 +1280,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         with _StopRequest(say, step_aside=d.world == 1) as stop:
             while step < cfg.steps:
                 step_loss, grad_norm = train_step(model, optimizer, scheduler, scaler, corpus.train, cfg, d, amp,
-                                                  step, grad_params, graphed)
+                                                  step, grad_params, graphed, seed_base)
                 loss_sum += step_loss
                 step += 1
                 tokens_seen += tokens_per_step
