@@ -668,14 +668,15 @@ def test_graph_step_draws_new_dropout_masks_every_call(monkeypatch):
 
 
 def test_eager_steps_key_their_dropout_masks_as_a_recorded_step_does(corpus_file, tmp_path, monkeypatch):
-    """A step run eagerly (here: on the CPU) draws one seed per micro-batch into a seed base and keys its masks
-    from it, as CudaGraphStep does, so whether a step is replayed changes no mask: no dropout draws a seed of
-    its own (dropout.draw_seed is never called)."""
+    """A step run eagerly (--no-cuda-graph; on the CPU, under the interpreter) draws one seed per micro-batch into
+    a seed base and keys its masks from it, as CudaGraphStep does, so whether a step is replayed changes no mask:
+    no dropout draws a seed of its own (dropout.draw_seed is never called)."""
     dropout_module = importlib.import_module("triton_transformer.dropout")
     drawn = []
     monkeypatch.setattr(training, "draw_seed", lambda: drawn.append(len(drawn)) or len(drawn))
     monkeypatch.setattr(dropout_module, "draw_seed", lambda: pytest.fail("a dropout drew its own seed"))
-    training.train(cfg(corpus_file, tmp_path, steps=2, grad_accum=2, dropout=0.1, sample_len=0, use_triton=True))
+    training.train(cfg(corpus_file, tmp_path, steps=2, grad_accum=2, dropout=0.1, sample_len=0, use_triton=True,
+                       device="auto", cuda_graph=False))
     assert len(drawn) == 4  # two steps of two micro-batches
 
 

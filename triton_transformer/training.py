@@ -1196,9 +1196,10 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
         # Eager steps key their dropout masks as a recorded step does (CudaGraphStep: one seed per micro-batch
         # into a base, the forward inside replayable_seeds), so whether a step is replayed changes no mask.
-        # (torch.compile traces the forward; there dropout keeps drawing a seed per call.)
+        # (torch.compile traces the forward; there dropout keeps drawing a seed per call. PyTorch's own dropout
+        # reads no base: it draws from its generator, recorded or not.)
         seed_base = (torch.zeros(1, dtype=torch.int64, device=d.device)
-                     if graphed is None and cfg.dropout > 0 and not cfg.compile else None)
+                     if graphed is None and cfg.dropout > 0 and cfg.use_triton and not cfg.compile else None)
         if graphed is None or not graphed.record:
             if d.device.type == "cuda" and cfg.cuda_graph:
                 say(f"note: each step runs eagerly, not as a CUDA graph ({why_not or 'DDP'})")
