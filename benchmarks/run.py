@@ -4,6 +4,7 @@
     python benchmarks/run.py softmax layer_norm
     python benchmarks/run.py softmax --quick # one small case each, to check the runner
     python benchmarks/run.py softmax --dry-run  # measure and print, write nothing
+    python benchmarks/run.py transformer --only transformer_train_step_dropout  # some cases of a family
 
 Each family's cases live in triton_transformer/bench/<family>.py, so a chapter
 that calls bench.show(<family>) measures exactly what this script records.
@@ -26,6 +27,8 @@ def main() -> int:
     parser.add_argument("kernels", nargs="*", help=f"families to run (default: all of {families})")
     parser.add_argument("--quick", action="store_true", help="one small case per family")
     parser.add_argument("--dry-run", action="store_true", help="print, do not write results")
+    parser.add_argument("--only", nargs="+", default=(), metavar="KERNEL",
+                        help="run only the cases of these kernel names (e.g. feed_forward_dropout)")
     args = parser.parse_args()
     unknown = set(args.kernels) - set(families)
     if unknown:
@@ -35,7 +38,7 @@ def main() -> int:
         return 2
     print(bench.versions())
     for family in args.kernels or families:
-        bench.measure(family, quick=args.quick, record=not args.dry_run)  # rows are written case by case
+        bench.measure(family, quick=args.quick, record=not args.dry_run, only=args.only)  # rows are written case by case
     return 0
 
 

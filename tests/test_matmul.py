@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from conftest import ON_GPU, count_launches, cuda_only
 
+from triton_transformer import dropout as tt_dropout
 from triton_transformer import feed_forward, linear, runtime
 from triton_transformer.testing import max_error, tolerance
 
 # the module (the package's `linear` name is the function), for its knobs: TMA, SPLIT_K, AUTOTUNE_MIN_MACS
 MM = importlib.import_module("triton_transformer.matmul")
+D = importlib.import_module("triton_transformer.dropout")
 
 ACTIVATIONS = [None, "relu", "relu_squared", "gelu"]
 
@@ -324,12 +326,14 @@ def test_bias_gradient_comes_from_the_dW_matmul(monkeypatch, device):
 
 # ---------------------------------------------------------------- feed_forward: act' in the epilogue of the dh GEMM
 
-def ff_check(x, w1, b1, w2, b2, activation, frozen=()):
+def ff_check(x, w1, b1, w2, b2, activation, frozen=(), dropout_p=0.0, seed=None):
     """feed_forward against float64, and at least as close to it as our two linears composed.
 
     The two linears round dh = dy W2 to x's dtype before multiplying by act'; the fused backward rounds
     dz = (dy W2) act' once. So in 16 bits the fused gradients are as accurate or better; in fp32 both
-    are exact to the tolerance. `frozen`: names of inputs that get no gradient.
+    are exact to the tolerance. `frozen`: names of inputs that get no gradient. With `dropout_p` (and a
+    seed) the hidden layer is dropped: the composition is linear, dropout, linear, and the reference
+    applies the mask of `dropout.reference_mask`.
     """
     names = ["x", "w1", "b1", "w2", "b2"]
     given = {n: t for n, t in zip(names, (x, w1, b1, w2, b2)) if t is not None}
@@ -341,10 +345,14 @@ def ff_check(x, w1, b1, w2, b2, activation, frozen=()):
         return [y, *torch.autograd.grad(y, [leaves[n] for n in trained], dy.to(y.dtype))]
 
     dy = torch.randn(*x.shape[:-1], w2.shape[0], device=x.device, dtype=x.dtype)
-    ours = run(lambda t: t, lambda *a: feed_forward(*a, activation))
-    two = run(lambda t: t, lambda x, w1, b1, w2, b2: linear(linear(x, w1, b1, activation), w2, b2))
+    hidden = (*x.shape[:-1], w1.shape[0])
+    keep = D.reference_mask(hidden, dropout_p, seed).to(x.device) if dropout_p else torch.ones(hidden, dtype=torch.bool)
+    kept = keep.to(x.device).double() / (1.0 - dropout_p)
+    ours = run(lambda t: t, lambda *a: feed_forward(*a, activation, dropout_p=dropout_p, seed=seed))
+    two = run(lambda t: t, lambda x, w1, b1, w2, b2: linear(tt_dropout(linear(x, w1, b1, activation), dropout_p,
+                                                                       seed=seed), w2, b2))
     ref = run(lambda t: t.to(x.dtype).double(),
-              lambda x, w1, b1, w2, b2: F.linear(act_ref(F.linear(x, w1, b1), activation), w2, b2))
+              lambda x, w1, b1, w2, b2: F.linear(act_ref(F.linear(x, w1, b1), activation) * kept, w2, b2))
     tol = tolerance(x.dtype, matmul=True)
     for name, a, b, r in zip(["y", *trained], ours, two, ref):
         assert a.shape == r.shape and a.dtype == b.dtype, name
@@ -377,6 +385,75 @@ def test_feed_forward_tma(monkeypatch, hidden, device):
     _, w2, b2 = inputs((1, hidden), 48, torch.float32, device)
     for activation in ("relu_squared", "gelu"):
         ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), activation)
+
+
+def dropout_calls(monkeypatch):
+    """A list that gets one entry per run of the dropout kernel's host function (forward or backward)."""
+    calls, forward = [], D.dropout_forward
+    monkeypatch.setattr(D, "dropout_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("hidden", [72, 70], ids=["grouped-mask", "per-element-mask"])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
+def test_feed_forward_dropout(monkeypatch, activation, hidden, device):
+    """Dropout between the projections: the values and gradients of linear, dropout, linear with the same seed.
+    relu and relu^2 drop inside the first GEMM's epilogue and the backward takes the mask from the dropped
+    output's zeros (no dropout kernel either way); gelu and no activation compose the three calls. A hidden
+    width that is a multiple of 4 shares a Philox call among four columns, 70 takes one per element."""
+    x = torch.randn(2, 17, 50, device=device)[..., :40]
+    _, w1, b1 = inputs((1, 40), hidden, torch.float32, device)
+    _, w2, b2 = inputs((1, hidden), 33, torch.float32, device)
+    drops = dropout_calls(monkeypatch)
+    fused = activation in ("relu", "relu_squared")
+    ff_check(x, w1, b1, w2, b2, activation, dropout_p=0.3, seed=1234)
+    monkeypatch.undo()
+    drops = dropout_calls(monkeypatch)
+    leaves = [t.detach().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    feed_forward(*leaves, activation, dropout_p=0.3, seed=1234).sum().backward()
+    assert len(drops) == (0 if fused else 2), activation
+
+
+@pytest.mark.parametrize("hidden", [72, 70], ids=["tma-stores", "pointer-stores"])
+@tma_capable
+def test_feed_forward_dropout_tma(monkeypatch, hidden, device):
+    """Both TMA epilogues drop the hidden layer (two half-width tiles of the mask where h is stored through
+    descriptors) and take act' from the dropped output; bf16 on a GPU, where relu^2 is fused."""
+    monkeypatch.setattr(MM, "TMA", True)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    if ON_GPU and hidden % 8:
+        hidden = 76  # bf16 rows of 76 (152 bytes): not 16-byte aligned either
+    x, w1, b1 = inputs((2, 17, 64), hidden, torch.float32, device)
+    _, w2, b2 = inputs((1, hidden), 48, torch.float32, device)
+    for activation in ("relu_squared", "relu"):
+        assert MM.fused_dropout(MM.ACTIVATIONS[activation], dtype, 0.2)
+        ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), activation,
+                 dropout_p=0.2, seed=-99)
+
+
+def test_feed_forward_dropout_keys(device):
+    """Without a seed the mask is drawn as `dropout` draws it; inside `replayable_seeds` it is keyed by the
+    block's salt and the base, read by the kernel when it runs (a CUDA graph can replay it with new masks).
+    No grad: the same fused forward, nothing saved. A p outside [0, 1] is refused."""
+    x, w1, b1 = inputs((9, 24), 40, torch.float32, device)
+    _, w2, b2 = inputs((1, 40), 16, torch.float32, device)
+    torch.manual_seed(5)
+    drawn = feed_forward(x, w1, b1, w2, b2, dropout_p=0.5)
+    torch.manual_seed(5)
+    torch.testing.assert_close(drawn, feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, seed=D.draw_seed()))
+    base = torch.tensor([77], dtype=torch.int64, device=device)
+    with D.replayable_seeds(base):
+        keyed = feed_forward(x, w1, b1, w2, b2, dropout_p=0.5)
+    torch.testing.assert_close(keyed, feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, seed=D._salt(1) ^ 77))
+    assert not torch.allclose(keyed, drawn)
+    w1.requires_grad_()
+    with torch.no_grad():
+        y = feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, seed=3)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, seed=3).detach())
+    for p in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p has to be between 0 and 1"):
+            feed_forward(x, w1, b1, w2, b2, dropout_p=p)
 
 
 def test_feed_forward_autotuned_pointer_kernel(monkeypatch, device):

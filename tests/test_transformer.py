@@ -191,30 +191,36 @@ def test_dropout_follows_training_mode(device, use_triton):
         assert not torch.allclose(model(x, use_triton=use_triton), plain(x, use_triton=use_triton))
 
 
-def test_feed_forward_is_one_node_without_dropout(device, monkeypatch):
-    """The Triton path runs a feed-forward as `feed_forward` (no elementwise kernel for the squared ReLU's
-    derivative) unless dropout sits between its projections in training; the gradients agree either way."""
+def test_feed_forward_is_one_node(device, monkeypatch):
+    """The Triton path runs a feed-forward as one `feed_forward` node, with its dropout too: no elementwise
+    kernel for the squared ReLU's derivative, none for the dropout (masked in the first GEMM's epilogue).
+    FUSED_FEED_FORWARD off composes linear, dropout, linear; with the same seeds both draw the same masks,
+    and the losses and gradients agree."""
+    import importlib
+
     import triton_transformer.matmul as MM
 
+    D = importlib.import_module("triton_transformer.dropout")  # the package's `dropout` is the function
+
     passes = count_launches(monkeypatch, MM._act_bwd_kernel)
+    drops, forward = [], D.dropout_forward
+    monkeypatch.setattr(D, "dropout_forward", lambda *a, **k: drops.append(1) or forward(*a, **k))
     x = ids(device)
-    for ff_dropout, elementwise in ((0.0, False), (0.3, True)):
-        passes.clear()
+    for ff_dropout in (0.0, 0.3):
         torch.manual_seed(0)
         model = tiny(device, ff_dropout=ff_dropout)
-        run(model, x, True)
-        assert bool(passes) is elementwise, ff_dropout
-    # the same model both ways (no dropout): FUSED_FEED_FORWARD off composes linear, linear
-    torch.manual_seed(0)
-    model = tiny(device)
-    fused = run(model, x, True)
-    monkeypatch.setattr("triton_transformer.transformer.FUSED_FEED_FORWARD", False)
-    passes.clear()
-    composed = run(model, x, True)
-    assert passes
-    torch.testing.assert_close(fused[0], composed[0])
-    for name in fused[1]:
-        torch.testing.assert_close(fused[1][name], composed[1][name], rtol=1e-4, atol=1e-5, msg=name)
+        results = {}
+        for fused in (True, False):
+            monkeypatch.setattr("triton_transformer.transformer.FUSED_FEED_FORWARD", fused)
+            passes.clear()
+            drops.clear()
+            torch.manual_seed(1)  # the same drawn seeds both ways
+            results[fused] = run(model, x, True)
+            assert bool(passes) is not fused and bool(drops) is (not fused and ff_dropout > 0), (fused, ff_dropout)
+        torch.testing.assert_close(results[True][0], results[False][0])
+        for name in results[True][1]:
+            torch.testing.assert_close(results[True][1][name], results[False][1][name], rtol=1e-4, atol=1e-5,
+                                       msg=name)
 
 
 def test_initialisation():

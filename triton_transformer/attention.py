@@ -44,7 +44,7 @@ Dropout on P happens inside the kernels with the dropout chapter's
 ``dropout(torch.ones(B, H, N_q, N_k), p, seed=seed) != 0`` and the backward
 regenerates it; nothing is stored and no counter wraps (64-bit indices). When N_k
 is a multiple of 4, ``keep_mask_2d`` computes the same mask with one Philox call per
-four columns.
+four columns; ``keep_tile`` picks between the two for a tile of P.
 Kept probabilities are scaled by 1 / (1 - p) (applied to O, dV and dP).
 
 Head dims up to 128 of any size (padded to a power of two >= 16 inside, with masked
@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask, keep_mask_2d, next_seed, normalize_seed, philox_key
+from .dropout import keep_tile, next_seed, normalize_seed, philox_key
 from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, launch,
                       no_double_backward, positive_int, pow2_at_least_16)
 
@@ -96,22 +96,6 @@ def _store_tile(ptrs, x, rows, n_rows, cols, n_cols, CHECK_COLS: tl.constexpr):
         tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
     else:
         tl.store(ptrs, x, mask=rows[:, None] < n_rows)
-
-
-@triton.jit
-def _keep_tile(seed, row_base, rows, col_start, N_K, dropout_p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
-    """Dropout's keep mask of the [rows, col_start : col_start + BLOCK_N] tile of P.
-
-    P[b, h, i, j] takes the mask of element ((b * H + h) * N_q + i) * N_k + j of a contiguous
-    (B, H, N_q, N_k) tensor (row_base = (b * H + h) * N_q, int64). When N_k is a multiple of 4,
-    `keep_mask_2d` shares one Philox call among four neighbouring columns (same mask, ~4x cheaper).
-    """
-    row_offsets = (row_base + rows) * N_K
-    if GROUPED:
-        keep = keep_mask_2d(seed, row_offsets, col_start, dropout_p, BLOCK_N)
-    else:
-        keep = keep_mask(seed, row_offsets[:, None] + col_start + tl.arange(0, BLOCK_N)[None, :], dropout_p)
-    return keep
 
 
 # ----------------------------------------------------------------------------- forward
@@ -155,7 +139,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, stride_kn, stride_vn, 
         l_i = l_i * alpha + tl.sum(p, 1)                    # the normaliser counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
+            keep = keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
             p = tl.where(keep, p, 0.0)
         v = _load_tile(v_ptrs + start_n * stride_vn, cols, N_K, offs_d, D, MASKED, not EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -300,7 +284,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, L, DELTA, stride_qn, stride_d
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             # the mask comes out (queries, keys); transposed through int8 (bool tiles in shared memory are fragile)
-            keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
+            keep = keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
             keep = tl.trans(keep.to(tl.int8)) != 0
             dv = tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)  # dP of the undropped P
@@ -420,7 +404,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, km_ptrs, stride_kn, str
             p = tl.where(km[None, :] != 0, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
+            keep = keep_tile(seed, row_base, offs_m, start_n, N_K, dropout_p, BLOCK_N, DROP_GROUPED)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)

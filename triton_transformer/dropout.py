@@ -108,6 +108,24 @@ def keep_mask_2d(seed, row_offsets, col_start, p, BN: tl.constexpr):
     return (r >= _threshold(p)) & (p < 1.0)
 
 
+@triton.jit
+def keep_tile(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    """The keep mask of the [rows, col_start : col_start + BLOCK_N] tile of a row-major matrix of `n_cols` columns.
+
+    Element (r, c) takes the mask of element ``(row_base + r) * n_cols + c`` of a contiguous tensor,
+    as `dropout` draws it (``row_base``: int64, so that the index may pass 2**31). Attention drops its
+    probabilities P[b, h, i, j] with row_base = (b * H + h) * N_q; a GEMM drops its output tile with
+    row_base = the tile's first row. GROUPED (n_cols and col_start multiples of 4) takes
+    `keep_mask_2d`, one Philox call per four columns; otherwise `keep_mask`, one per element.
+    """
+    row_offsets = (row_base + rows) * n_cols
+    if GROUPED:
+        keep = keep_mask_2d(seed, row_offsets, col_start, p, BLOCK_N)
+    else:
+        keep = keep_mask(seed, row_offsets[:, None] + col_start + tl.arange(0, BLOCK_N)[None, :], p)
+    return keep
+
+
 def _configs():
     # First config: the one the interpreter keeps (runtime.autotune) and that a T4 runs happily.
     return [

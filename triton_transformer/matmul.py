@@ -61,7 +61,9 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, no_double_backward
+from .dropout import dropout as tt_dropout
+from .dropout import keep_tile, next_seed, philox_key
+from .runtime import FLOAT_DTYPES, as_float, cdiv, check_tensor, no_double_backward
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -162,7 +164,7 @@ _TMA_CONFIGS = [
 
 # The autotuner re-tunes for every new value of its key. Keying on the exact M, N, K would re-tune
 # for every batch size (generation changes M at each step); we key on their powers of two instead.
-_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "ACT_GRAD", "SPLIT_K"]
+_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "ACT_GRAD", "SPLIT_K", "DROPOUT"]
 
 # ---------------------------------------------------------------- shared pieces of the kernels
 
@@ -229,6 +231,29 @@ def _activation_grad(s, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _grad_at_input(s, ACT_GRAD: tl.constexpr, DROPPED: tl.constexpr, drop_scale):
+    """The factor that takes a gradient at an activation's output to its input: act'(z), from s (`_activation_grad`).
+
+    DROPPED: the output was dropped too, d = act(z) * keep * drop_scale, and s is d itself (relu and relu^2
+    only). Then dd/dz = keep * drop_scale * act'(z) = drop_scale * act'(s / drop_scale): where an element
+    was dropped, s = 0 and act'(0) = 0 carries the mask, which the backward never regenerates.
+    """
+    if DROPPED:
+        g = drop_scale * _activation_grad(s / drop_scale, ACT_GRAD)
+    else:
+        g = _activation_grad(s, ACT_GRAD)
+    return g
+
+
+@triton.jit
+def _dropped(y, seed, row0, rows, col0, N, dropout_p, drop_scale, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    """y * keep * drop_scale for the output tile at (row0 + rows, col0 + [0, BLOCK_N)) of an (M, N) matrix: the mask
+    `dropout` draws for a contiguous (M, N) tensor with this seed. A dropped inf or NaN stays NaN, as there."""
+    keep = keep_tile(seed, row0.to(tl.int64), rows, col0, N, dropout_p, BLOCK_N, GROUPED)
+    return y * tl.where(keep, drop_scale, 0.0)
+
+
+@triton.jit
 def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Tile index -> (row tile, column tile), walking GROUP_M row tiles down each column before moving right.
 
@@ -247,15 +272,17 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
+              seed, dropout_p, drop_scale,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, ACT_GRAD: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Bias, optional store of the pre-activation, activation and the one store of the tile.
+              DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bias, optional store of the pre-activation, activation, dropout and the one store of the tile.
 
     All of it happens on the fp32 accumulator in registers: fused, the bias and the activation
     cost no memory traffic; unfused, each would read and write the whole (M, N) output again.
     ACT_GRAD (an activation code) multiplies the tile by act'(s) instead, s read from z_ptr: a
     product that is the gradient at an activation's output leaves as the gradient at its input.
-    Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
+    DROPOUT drops the activated tile (`_dropped`); with ACT_GRAD it says that s is such a dropped output
+    (`_grad_at_input`). Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
     may exceed 2**31 (logits of a large batch over a 50K vocabulary).
     """
     row0 = pid_m * BLOCK_M
@@ -270,8 +297,10 @@ def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_
     if STORE_Z:
         tl.store(z_tile, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if ACT_GRAD != 0:
-        acc = acc * _activation_grad(tl.load(z_tile, mask=mask, other=0.0).to(tl.float32), ACT_GRAD)
+        acc = acc * _grad_at_input(tl.load(z_tile, mask=mask, other=0.0).to(tl.float32), ACT_GRAD, DROPOUT, drop_scale)
     y = _activation(acc, ACTIVATION, c_ptr.dtype.element_ty != tl.float32)
+    if DROPOUT and ACT_GRAD == 0:
+        y = _dropped(y, seed, row0, rm, col0, N, dropout_p, drop_scale, BLOCK_N, DROP_GROUPED)
     c_tile = c_ptr + split.to(tl.int64) * stride_cs + row0.to(tl.int64) * stride_cm + col0
     tl.store(c_tile + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -286,15 +315,16 @@ def _exact_fp32(config) -> bool:
 
 
 @runtime.autotune(configs=_POINTER_CONFIGS, key=_TUNE_KEY + ["ROW_SUM"], exact_fp32=_exact_fp32)
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
                    M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn,
                    stride_cm, stride_cs, stride_zm,
                    M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only (see _TUNE_KEY)
+                   seed, seed_base_ptr, dropout_p, drop_scale,  # dropout of the output (see _epilogue)
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
                    ACT_GRAD: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                   ROW_SUM: tl.constexpr,
+                   ROW_SUM: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, SEED_BASE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[split] = act(A @ B + bias) over the K tiles of this split; A (M, K) and B (K, N) of any strides.
 
@@ -353,13 +383,14 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
             tl.store(row_sum_ptr + split * M + rows, first, mask=rows < M)
 
     _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
-              HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, BLOCK_M, BLOCK_N)
+              philox_key(seed, seed_base_ptr, SEED_BASE), dropout_p, drop_scale,
+              HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc,
+def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, seed, dropout_p, drop_scale,
                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, ACT_GRAD: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The epilogue with TMA stores, in two half-width sub-tiles.
 
     A TMA store is asynchronous: the tile is copied to shared memory and the TMA unit writes it
@@ -381,23 +412,33 @@ def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc,
         # Loaded here, where the waits stall the program: about 40 us of a 160 us dh GEMM at a GPT-2
         # feed-forward (16384 x 3072), against 108 us for the elementwise pass it replaces. Loading s
         # with pointers before the K loop, to overlap it, held a whole tile in registers: 264 us.
-        left = left * _activation_grad(z_desc.load([off_m, off_n]).to(tl.float32), ACT_GRAD)
-        right = right * _activation_grad(z_desc.load([off_m, off_n + BLOCK_N // 2]).to(tl.float32), ACT_GRAD)
+        left = left * _grad_at_input(z_desc.load([off_m, off_n]).to(tl.float32), ACT_GRAD, DROPOUT, drop_scale)
+        right = right * _grad_at_input(z_desc.load([off_m, off_n + BLOCK_N // 2]).to(tl.float32), ACT_GRAD, DROPOUT,
+                                       drop_scale)
     low_precision = c_desc.dtype != tl.float32
-    c_desc.store([off_m, off_n], _activation(left, ACTIVATION, low_precision).to(c_desc.dtype))
-    c_desc.store([off_m, off_n + BLOCK_N // 2], _activation(right, ACTIVATION, low_precision).to(c_desc.dtype))
+    left = _activation(left, ACTIVATION, low_precision)
+    right = _activation(right, ACTIVATION, low_precision)
+    if DROPOUT and ACT_GRAD == 0:
+        rows = tl.arange(0, BLOCK_M)
+        left = _dropped(left, seed, off_m, rows, off_n, N, dropout_p, drop_scale, BLOCK_N // 2, DROP_GROUPED)
+        right = _dropped(right, seed, off_m, rows, off_n + BLOCK_N // 2, N, dropout_p, drop_scale, BLOCK_N // 2,
+                         DROP_GROUPED)
+    c_desc.store([off_m, off_n], left.to(c_desc.dtype))
+    c_desc.store([off_m, off_n + BLOCK_N // 2], right.to(c_desc.dtype))
 
 
 @runtime.autotune(configs=_TMA_CONFIGS, key=_TUNE_KEY + ["TMA_STORE"])
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
                        M, N, K,
                        stride_cm, stride_cs, stride_zm,
                        M_KEY, N_KEY, K_KEY, LAYOUT,  # autotuning key only
+                       seed, seed_base_ptr, dropout_p, drop_scale,  # dropout of the output (see _epilogue)
                        A_T: tl.constexpr, B_T: tl.constexpr,
                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
                        ACT_GRAD: tl.constexpr, SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr,
-                       TMA_STORE: tl.constexpr,
+                       TMA_STORE: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
+                       SEED_BASE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The same product with TMA loads, persistent: NUM_SMS programs stride over (split, tile) work items.
 
@@ -411,6 +452,7 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     for work in tl.range(tl.program_id(0), num_tiles * SPLIT_K, NUM_SMS, flatten=True):
         split = work // num_tiles  # split-major: programs running together share the same K range
         pid_m, pid_n = _tile_coords(work % num_tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -431,11 +473,12 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
                 b = b_desc.load([off_k, off_n])
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if TMA_STORE:
-            _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, HAS_BIAS, ACTIVATION, STORE_Z,
-                          ACT_GRAD, BLOCK_M, BLOCK_N)
+            _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, seed, dropout_p, drop_scale, HAS_BIAS,
+                          ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED, BLOCK_M, BLOCK_N)
         else:
             _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
-                      HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, BLOCK_M, BLOCK_N)
+                      seed, dropout_p, drop_scale, HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED,
+                      BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------- backward helpers and reductions
@@ -544,7 +587,8 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
            store_z: bool = False, out_dtype: torch.dtype | None = None,
            row_sum: torch.Tensor | None = None,
-           grad_of: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           grad_of: tuple[int, torch.Tensor] | None = None,
+           dropout: tuple[float, int, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(a @ b + bias), z or None) for 2-D `a` (M, K) and `b` (K, N) of any strides, in a's dtype.
 
     The building block of `linear` (no autograd here, no input checks: `linear` does those).
@@ -554,6 +598,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     pointer kernel from the tiles of `a` it loads anyway. ``grad_of=(activation, s)``, with s what
     the forward saved for that activation (see `_activation_grad`), returns (a @ b) * act'(s): when
     a @ b is the gradient at an activation's output, the gradient at its input, in the same pass.
+    ``dropout=(p, seed, seed_base)`` drops the activated output as `dropout.dropout` would with that key
+    (the mask of a contiguous (M, N) tensor); with `grad_of` it says instead that s is such a dropped
+    relu or relu^2 output, whose zeros carry the mask (`_grad_at_input`).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -564,7 +611,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
             row_sum.copy_(a.sum(1, dtype=torch.float32))
         return c, z
     # split-K only for plain products (dW): bias and activation need the full sum
-    split = 1 if (bias is not None or activation or store_z or grad_of) else _split_k(M, N, K, a.device)
+    split = 1 if (bias is not None or activation or store_z or grad_of or dropout) else _split_k(M, N, K, a.device)
     split = min(split, max(1, cdiv(K, 32)))
     out = c if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
     # one fp32 partial row sum per split, added up below; written in place when there is one, in fp32
@@ -579,8 +626,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         s = s if s.stride(1) == 1 else s.contiguous()
     zs = z if z is not None else s
     z_arg = zs if zs is not None else c
+    p, seed, seed_base = dropout if dropout is not None else (0.0, 0, None)
+    drop_args = (seed, seed_base if seed_base is not None else c, float(p), 1.0 / (1.0 - p))
     common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, ACT_GRAD=act_grad,
-                  SPLIT_K=split, PRECISION=runtime.dot_precision(a.dtype))
+                  SPLIT_K=split, PRECISION=runtime.dot_precision(a.dtype), DROPOUT=dropout is not None,
+                  DROP_GROUPED=N % 4 == 0, SEED_BASE=seed_base is not None)
     stride_cm = out.stride(-2)
     stride_zm = zs.stride(0) if zs is not None else 0
     keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))
@@ -608,7 +658,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
             # box to the winning tile; later ones take runtime.launch's cached path, where Triton's
             # launcher builds the TMA descriptors from the compiled kernel's own block sizes.
             runtime.launch(_matmul_tma_kernel, grid, a_desc, b_desc, out, bias_arg, z_arg, c_desc, z_desc, M, N, K,
-                           stride_cm, stride_cs, stride_zm, *keys, 2 * a_t + b_t,
+                           stride_cm, stride_cs, stride_zm, *keys, 2 * a_t + b_t, *drop_args,
                            A_T=a_t, B_T=b_t, NUM_SMS=sms, TMA_STORE=tma_store, **common)
         except Exception as err:  # a Triton without working TMA support: say so once, then use pointers
             if TMA is True:
@@ -620,7 +670,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     if desc_a is None or desc_b is None:
         args = (a, b, out, bias_arg, z_arg, sums if sums is not None else c, M, N, K,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                stride_cm, stride_cs, stride_zm, *keys, 2 * int(a.stride(0) == 1) + int(b.stride(1) != 1))
+                stride_cm, stride_cs, stride_zm, *keys, 2 * int(a.stride(0) == 1) + int(b.stride(1) != 1),
+                *drop_args)
         # every BLOCK_K of the configs divides 128, so K % 128 == 0 means no K tail in any config
         even_k = K % 128 == 0
         if big:
@@ -763,15 +814,20 @@ class FeedForwardFunction(torch.autograd.Function):
     a block), reads it back with the saved h to form dz = dh * act'(.), and writes dz. Here the
     GEMM that produces dh multiplies by act' in its epilogue (`matmul(..., grad_of=...)`) and writes
     dz directly: one (rows x hidden) write and one read fewer per step, and no elementwise kernel.
+
+    With ``dropout=(p, seed, seed_base)`` (relu and relu^2 from their output only: `fused_dropout`) h is the
+    dropped activation, masked in the first GEMM's epilogue; its zeros carry the mask into the backward's
+    act' (`_grad_at_input`), so the backward never regenerates it and needs no seed.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation: int):
+    def forward(ctx, x, w1, b1, w2, b2, activation: int, dropout=None):
         need_x, need_w1, need_b1 = ctx.needs_input_grad[:3]
         x2 = _rows(x)
         w1c, w2c = _as_dtype_of(w1, x), _as_dtype_of(w2, x)
         keep_z, ctx.grad_code = _grad_source(activation, x2.dtype)
-        h, z = matmul(x2, w1c.t(), b1, activation, store_z=keep_z)
+        h, z = matmul(x2, w1c.t(), b1, activation, store_z=keep_z, dropout=dropout)
+        ctx.dropout = dropout[:2] + (None,) if dropout is not None else None  # the backward reads p only
         y2, _ = matmul(h, w2c.t(), b2)
         # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z (`_grad_source`). W2 is needed for any
         # gradient of the first layer; x only for dW1, W1 only for dx.
@@ -793,11 +849,12 @@ class FeedForwardFunction(torch.autograd.Function):
         dw2, db2 = _param_grads(dy2, h, need_w2, need_b2, w2_dtype, b2_dtype)
         if need_x or need_w1 or need_b1:
             act = ctx.activation
-            dz = matmul(dy2, w2, grad_of=(ctx.grad_code, z if z is not None else h) if act else None)[0]  # (dy W2) act'
+            dz = matmul(dy2, w2, grad_of=(ctx.grad_code, z if z is not None else h) if act else None,
+                        dropout=ctx.dropout)[0]  # (dy W2) act', and the mask with its scale if h was dropped
             if need_x:
                 dx = matmul(dz, w1)[0].view(ctx.x_shape)
             dw1, db1 = _param_grads(dz, x2, need_w1, need_b1, w1_dtype, b1_dtype)
-        return dx, dw1, db1, dw2, db2, None
+        return dx, dw1, db1, dw2, db2, None, None
 
 
 def _as_dtype_of(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -864,21 +921,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _unflatten(y2, x)
 
 
-def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                 b2: torch.Tensor | None, activation: str | None = "relu_squared") -> torch.Tensor:
-    """``linear(linear(x, w1, b1, activation), w2, b2)``, with a backward that fuses act' into a GEMM.
+def fused_dropout(activation: int, dtype: torch.dtype, p: float) -> bool:
+    """Whether `feed_forward` drops its hidden layer inside the first GEMM (else: `linear`, `dropout`, `linear`).
 
-    The same values and gradients as the two calls (`FeedForwardFunction` says what it saves in
-    memory traffic); w1: (hidden, in_features), w2: (out_features, hidden). A transformer block's
-    feed-forward without dropout between its projections (with dropout, compose `linear`, `dropout`,
-    `linear`).
+    The fused backward reads the mask from the dropped output's zeros, which needs an activation whose
+    derivative comes from its output and is 0 where the output is (relu, relu^2), stored as the output
+    (`_grad_source`: not relu^2 in fp16, which keeps z); p = 1 leaves no output to scale back.
+    """
+    return 0.0 < p < 1.0 and activation in (RELU, RELU_SQUARED) and not _grad_source(activation, dtype)[0]
+
+
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, activation: str | None = "relu_squared", dropout_p: float = 0.0,
+                 seed: int | None = None) -> torch.Tensor:
+    """``linear(dropout(linear(x, w1, b1, activation), dropout_p, seed=seed), w2, b2)``, fused.
+
+    The same values and gradients as those calls (`FeedForwardFunction` says what it saves in memory
+    traffic); w1: (hidden, in_features), w2: (out_features, hidden). The backward multiplies by act' inside
+    a GEMM. A transformer block's feed-forward: with relu or relu^2 the dropout (`dropout_p` > 0, the mask
+    of `dropout.dropout` with `seed`, or a drawn one) happens in the first GEMM's epilogue too; with other
+    activations the three calls run as they are.
     """
     act = _check_activation("feed_forward", activation)
     _check_layer("feed_forward", x, None, "x", w1, b1, "w1", "b1")
     _check_layer("feed_forward", x, w1.shape[0], "the hidden layer (w1's out_features)", w2, b2, "w2", "b2")
+    p = as_float("feed_forward: dropout_p", dropout_p)
+    if math.isnan(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"feed_forward: dropout_p has to be between 0 and 1, but got {dropout_p!r}")
+    if p > 0 and not fused_dropout(act, x.dtype, p):
+        return linear(tt_dropout(linear(x, w1, b1, activation), p, seed=seed), w2, b2)
+    dropout = (p, *next_seed(seed, x)) if p > 0 else None
     tensors = [t for t in (x, w1, b1, w2, b2) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _unflatten(FeedForwardFunction.apply(x, w1, b1, w2, b2, act), x)
-    h, _ = matmul(_rows(x), _as_dtype_of(w1, x).t(), b1, act)
+        return _unflatten(FeedForwardFunction.apply(x, w1, b1, w2, b2, act, dropout), x)
+    h, _ = matmul(_rows(x), _as_dtype_of(w1, x).t(), b1, act, dropout=dropout)
     y2, _ = matmul(h, _as_dtype_of(w2, x).t(), b2)
     return _unflatten(y2, x)

@@ -111,8 +111,9 @@ class TransformerConfig:
 # compiled graphs, instead of being traced through their launchers.
 
 
-#: The Triton path runs a feed-forward without dropout as one `feed_forward` node (False: two `linear`
-#: calls with an elementwise pass for act' between them; chapters 4 and 7 time both).
+#: The Triton path runs a feed-forward as one `feed_forward` node, its dropout in the first GEMM's epilogue
+#: (False: two `linear` calls with an elementwise pass for act', and dropout's, between them; chapters 4 and
+#: 7 time both).
 FUSED_FEED_FORWARD = True
 
 
@@ -147,13 +148,14 @@ def _triton_linear(x, weight, bias, activation):
 
 
 @torch.compiler.disable
-def _triton_feed_forward(x, w1, b1, w2, b2, activation):
+def _triton_feed_forward(x, w1, b1, w2, b2, activation, dropout_p):
     # Both projections in one autograd node: its backward multiplies by act' inside the GEMM that
-    # forms the hidden layer's gradient (see `matmul.FeedForwardFunction`). Parameters as in _triton_linear.
+    # forms the hidden layer's gradient, and the dropout between them happens in the first one's
+    # epilogue (see `matmul.FeedForwardFunction`). Parameters as in _triton_linear.
     dt = _autocast_dtype(x)
     if dt is not None:
         x = x.to(dt)
-    return tt_feed_forward(x, w1, b1, w2, b2, activation)
+    return tt_feed_forward(x, w1, b1, w2, b2, activation, dropout_p=dropout_p)
 
 
 @torch.compiler.disable
@@ -349,9 +351,9 @@ class FeedForward(nn.Module):
         is fused into the first projection's epilogue, and its derivative into the backward's GEMMs.
         Returns (output, bias still to add), as `project`."""
         p = self.dropout if self.training else 0.0
-        if use_triton and p == 0.0 and FUSED_FEED_FORWARD:  # the output's bias goes on, as in `project`
+        if use_triton and FUSED_FEED_FORWARD:  # the output's bias goes on, as in `project`
             return _triton_feed_forward(x, self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, None,
-                                        "relu_squared"), self.proj_out.bias
+                                        "relu_squared", p), self.proj_out.bias
         h = linear(x, self.proj_in, use_triton, activation="relu_squared")
         h = dropout(h, self.dropout, self.training, use_triton)
         return project(h, self.proj_out, use_triton)

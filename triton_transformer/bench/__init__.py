@@ -271,8 +271,8 @@ def warm_up_gpu(seconds: float = 1.0) -> None:
     _WARM = True
 
 
-def measure(kernel: str, quick: bool = False, record: bool | None = None) -> list[dict]:
-    """Run every case of `kernel` on the GPU; return the rows.
+def measure(kernel: str, quick: bool = False, record: bool | None = None, only: Iterable[str] = ()) -> list[dict]:
+    """Run every case of `kernel` on the GPU (`only`: just the cases of these kernel names); return the rows.
 
     With `record` each case's rows are appended to the results file as soon as they are measured, so a
     run cut short by a time limit keeps what it measured. By default a chapter records only when
@@ -285,6 +285,8 @@ def measure(kernel: str, quick: bool = False, record: bool | None = None) -> lis
     warm_up_gpu()
     rows = []
     for case in cases_of(kernel, quick):
+        if only and case.kernel not in only:
+            continue
         case_rows = run_case(case)
         if record and case_rows:
             print(f"  recorded {len(case_rows)} rows in {append(case_rows)}")
@@ -314,7 +316,7 @@ def append(rows: list[dict], path: Path | None = None) -> Path:
 
 
 #: Kernels a family's cases yield beyond its own name and its "<family>_..." variants.
-FAMILY_ALIASES = {"linear": ("feed_forward",)}
+FAMILY_ALIASES = {"linear": ("feed_forward", "feed_forward_dropout")}
 
 
 def _key(row: dict) -> tuple:

@@ -4,20 +4,24 @@ and a transformer's whole feed-forward, forward+backward.
 Shapes are [M, K, N]: x (M, K) times weight (N, K)^T. The first two are a GPT-2-small
 feed-forward (768 -> 3072 and back) over 16384 tokens, the third a square 8192 GEMM.
 `feed_forward` rows have shape [M, dim, hidden]: relu^2(x W1^T + b1) W2^T + b2, GPT-2 small's and
-the seed model's widths, 16384 tokens.
+the seed model's widths, 16384 tokens; `feed_forward_dropout` rows drop the hidden layer with GPT-2's
+p = 0.1 (a transformer block's feed-forward in training).
 
 Providers:
   triton         tt.linear
   cublas         torch.matmul(x, w.T): the GEMM alone, no bias or activation (the speed of light)
   torch          eager F.linear (+ bias, + F.gelu(approximate="tanh") for linear_gelu)
   torch.compile  torch.compile of the eager function
-  (feed_forward: triton is tt.feed_forward, cublas the two products alone, without bias or activation)
+  (feed_forward: triton is tt.feed_forward, cublas the two products alone, without bias or activation;
+   feed_forward_dropout: triton drops inside the first GEMM's epilogue, "triton unfused" composes
+   tt.linear, tt.dropout, tt.linear)
 """
 
 import torch
 import torch.nn.functional as F
 
 from .. import runtime
+from ..dropout import dropout as tt_dropout
 from ..matmul import feed_forward, linear
 from . import Case
 
@@ -34,8 +38,16 @@ def _torch_plain(x, w, b):
     return F.linear(x, w)
 
 
-def _torch_ff(x, w1, b1, w2, b2):
-    return F.linear(F.relu(F.linear(x, w1, b1)).square(), w2, b2)
+def _torch_ff(x, w1, b1, w2, b2, p=0.0):
+    return F.linear(F.dropout(F.relu(F.linear(x, w1, b1)).square(), p), w2, b2)
+
+
+def _triton_ff_unfused(x, w1, b1, w2, b2, p):
+    return linear(tt_dropout(linear(x, w1, b1, "relu_squared"), p), w2, b2)
+
+
+#: GPT-2's dropout probability, for the feed_forward_dropout rows
+DROPOUT = 0.1
 
 
 def _ff_cases(quick: bool):
@@ -50,13 +62,22 @@ def _ff_cases(quick: bool):
         compiled = torch.compile(_torch_ff, dynamic=False)
         # two products forward, four backward; bytes: x, y, dy, dx and the (m, h) hidden layer written,
         # read for dW2 and its gradient written and read twice, at the least
-        yield Case("feed_forward", "fwdbwd", [m, d, h], dtype, flops=12 * m * d * h,
-                   bytes=t[0].element_size() * (4 * m * d + 5 * m * h + 4 * d * h), grad_to_none=list(t), providers={
-                       "triton": lambda t=t, dy=dy: feed_forward(*t, "relu_squared").backward(dy),
-                       "cublas": lambda t=t, dy=dy: torch.matmul(torch.matmul(t[0], t[1].t()), t[3].t()).backward(dy),
-                       "torch": lambda t=t, dy=dy: _torch_ff(*t).backward(dy),
-                       "torch.compile": lambda t=t, dy=dy, c=compiled: c(*t).backward(dy),
-                   })
+        shape = dict(flops=12 * m * d * h, bytes=t[0].element_size() * (4 * m * d + 5 * m * h + 4 * d * h),
+                     grad_to_none=list(t))
+        yield Case("feed_forward", "fwdbwd", [m, d, h], dtype, **shape, providers={
+            "triton": lambda t=t, dy=dy: feed_forward(*t, "relu_squared").backward(dy),
+            "cublas": lambda t=t, dy=dy: torch.matmul(torch.matmul(t[0], t[1].t()), t[3].t()).backward(dy),
+            "torch": lambda t=t, dy=dy: _torch_ff(*t).backward(dy),
+            "torch.compile": lambda t=t, dy=dy, c=compiled: c(*t).backward(dy),
+        })
+        if not quick:
+            p = DROPOUT
+            yield Case("feed_forward_dropout", "fwdbwd", [m, d, h], dtype, **shape, extra={"dropout": p}, providers={
+                "triton": lambda t=t, dy=dy: feed_forward(*t, "relu_squared", dropout_p=p).backward(dy),
+                "triton unfused": lambda t=t, dy=dy: _triton_ff_unfused(*t, p).backward(dy),
+                "torch": lambda t=t, dy=dy: _torch_ff(*t, p).backward(dy),
+                "torch.compile": lambda t=t, dy=dy, c=compiled: c(*t, p).backward(dy),
+            })
         del t, dy
 
 
