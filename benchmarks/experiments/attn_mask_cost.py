@@ -1,0 +1,94 @@
+"""Where attention's dropout time goes: the same kernels with four ways of making the keep mask (GPU).
+
+    python3 benchmarks/experiments/attn_mask_cost.py            # every variant, each in its own process
+
+Causal attention at the seed model's shape (16 x 8 heads x 1024 tokens x 64, bf16), forward+backward GPU time
+(one call replayed as a CUDA graph, bench.measure_gpu_ms), at p = 0.1 (and once at p = 0), with
+`attention.keep_tile` swapped for:
+
+  grouped   the package's: one Philox call per four columns, its words joined into the tile (keep_mask_2d)
+  element   one Philox call per element (keep_mask): four times the integer work, no joining
+  pairs     one call per two columns, the pair's two words selected by its position (the same mask):
+            twice grouped's integer work, words joined in pairs, as a tile's registers hold neighbours
+  none      no random numbers, every element kept: what dropout costs beyond making the mask
+
+Each variant runs in a fresh process, so that Triton compiles the kernels with its keep_tile.
+Measured: see the commit that adds this file.
+"""
+import subprocess
+import sys
+
+VARIANTS = ["grouped", "pairs", "none", "element"]
+
+if len(sys.argv) == 1:
+    for v in VARIANTS:
+        subprocess.run([sys.executable, __file__, v], check=False)
+    sys.exit(0)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import triton_transformer as tt  # noqa: E402
+from triton_transformer import attention as A  # noqa: E402
+from triton_transformer import bench  # noqa: E402
+from triton_transformer import dropout as _  # noqa: E402,F401
+import importlib  # noqa: E402
+
+D = importlib.import_module("triton_transformer.dropout")
+
+
+@triton.jit
+def keep_element(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    row_offsets = (row_base + rows) * n_cols
+    return D.keep_mask(seed, row_offsets[:, None] + col_start + tl.arange(0, BLOCK_N)[None, :], p)
+
+
+@triton.jit
+def keep_pairs(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    # element e takes word e % 4 of Philox at counter e // 4; a pair (e, e + 1), e even, shares its counter
+    # and takes words 0, 1 or 2, 3 (needs n_cols and col_start even: GROUPED guarantees multiples of 4)
+    BM: tl.constexpr = rows.shape[0]
+    first = ((row_base + rows) * n_cols + col_start)[:, None] + 2 * tl.arange(0, BLOCK_N // 2)[None, :]
+    counter = first >> 2
+    upper = (first & 2) != 0
+    lo = counter.to(tl.uint32)
+    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    r = tl.reshape(tl.join(tl.where(upper, r2, r0), tl.where(upper, r3, r1)), [BM, BLOCK_N])
+    return (r >= D._threshold(p)) & (p < 1.0)
+
+
+@triton.jit
+def keep_none(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    BM: tl.constexpr = rows.shape[0]
+    return tl.full([BM, BLOCK_N], 1, tl.int1) & (p < 1.0)
+
+
+variant = sys.argv[1]
+A.keep_tile = {"grouped": D.keep_tile, "element": keep_element, "pairs": keep_pairs, "none": keep_none}[variant]
+
+B, H, N, Dh = 16, 8, 1024, 64
+q, k, v = (torch.randn(B, H, N, Dh, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+do = torch.randn(B, H, N, Dh, device="cuda", dtype=torch.bfloat16)
+
+
+@triton.jit
+def _both(out_ptr, seed, row_base, n_cols, p, BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.arange(0, BM)
+    offs = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(out_ptr + offs, D.keep_tile(seed, row_base, rows, 8, n_cols, p, BN, True).to(tl.int8))
+    tl.store(out_ptr + BM * BN + offs, keep_pairs(seed, row_base, rows, 8, n_cols, p, BN, True).to(tl.int8))
+
+
+if variant == "pairs":  # the same mask as the package's, tile for tile
+    masks = torch.empty(2, 64, 64, dtype=torch.int8, device="cuda")
+    _both[(1,)](masks, 1234567, 5 * 1024, 1024, 0.3, BM=64, BN=64)
+    print(f"pairs: the package's mask: {torch.equal(masks[0], masks[1])} (kept {masks[0].float().mean():.3f})")
+line = []
+for p in (0.0, 0.1) if variant == "grouped" else (0.1,):  # p = 0 compiles no mask: one baseline
+    fwd = bench.measure_gpu_ms(lambda p=p: tt.attention(q, k, v, causal=True, dropout_p=p))
+    fb = bench.measure_gpu_ms(lambda p=p: tt.attention(q, k, v, causal=True, dropout_p=p).backward(do), [q, k, v])
+    line.append(f"p {p}: fwd {fwd * 1e3:6.1f} us, fwd+bwd {fb * 1e3:6.1f} us")
+print(f"{variant:8} " + " | ".join(line), flush=True)
