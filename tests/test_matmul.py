@@ -372,21 +372,6 @@ def test_feed_forward(activation, bias, device):
     ff_check(x, w1, b1, w2, b2, activation)
 
 
-@pytest.mark.parametrize("hidden", [72, 70], ids=["tma-stores", "pointer-stores"])
-@tma_capable
-def test_feed_forward_tma(monkeypatch, hidden, device):
-    """The TMA kernel multiplies by act' in both epilogues: s read through a descriptor where h's rows are
-    16-byte aligned, through pointers where they are not (fp32 rows of 70)."""
-    monkeypatch.setattr(MM, "TMA", True)
-    dtype = torch.float16 if ON_GPU else torch.float32
-    if ON_GPU and hidden % 8:
-        hidden = 76  # fp16 rows of 76 (152 bytes): not 16-byte aligned either
-    x, w1, b1 = inputs((2, 17, 64), hidden, torch.float32, device)
-    _, w2, b2 = inputs((1, hidden), 48, torch.float32, device)
-    for activation in ("relu_squared", "gelu"):
-        ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), activation)
-
-
 def dropout_calls(monkeypatch):
     """A list that gets one entry per run of the dropout kernel's host function (forward or backward)."""
     calls, forward = [], D.dropout_forward
@@ -394,48 +379,58 @@ def dropout_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("hidden", [72, 70], ids=["grouped-mask", "per-element-mask"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-def test_feed_forward_dropout(monkeypatch, activation, hidden, device):
+def test_feed_forward_dropout(monkeypatch, activation, hidden, dtype, device):
     """Dropout between the projections: the values and gradients of linear, dropout, linear with the same seed.
     relu and relu^2 drop inside the first GEMM's epilogue and the backward takes the mask from the dropped
-    output's zeros (no dropout kernel either way); gelu and no activation compose the three calls. A hidden
-    width that is a multiple of 4 shares a Philox call among four columns, 70 takes one per element."""
-    x = torch.randn(2, 17, 50, device=device)[..., :40]
-    _, w1, b1 = inputs((1, 40), hidden, torch.float32, device)
-    _, w2, b2 = inputs((1, hidden), 33, torch.float32, device)
-    drops = dropout_calls(monkeypatch)
-    fused = activation in ("relu", "relu_squared")
-    ff_check(x, w1, b1, w2, b2, activation, dropout_p=0.3, seed=1234)
-    monkeypatch.undo()
+    output's zeros (no dropout kernel either way); gelu, no activation and fp16 relu^2 (which keeps z, not
+    its output) compose the three calls. A hidden width that is a multiple of 4 shares a Philox call among
+    four columns, 70 takes one per element. 150 rows of a non-contiguous x: three row tiles, the last ragged."""
+    x = torch.randn(3, 50, 50, device=device)[..., :40].to(dtype)
+    _, w1, b1 = inputs((1, 40), hidden, dtype, device)
+    _, w2, b2 = inputs((1, hidden), 33, dtype, device)
+    ff_check(x, w1, b1, w2, b2, activation, dropout_p=0.3, seed=2**40 + 5)
+    fused = activation in ("relu", "relu_squared") and not (activation == "relu_squared" and dtype == torch.float16)
+    assert MM.fused_dropout(MM.ACTIVATIONS[activation], dtype, 0.3) is fused
     drops = dropout_calls(monkeypatch)
     leaves = [t.detach().requires_grad_() for t in (x, w1, b1, w2, b2)]
     feed_forward(*leaves, activation, dropout_p=0.3, seed=1234).sum().backward()
     assert len(drops) == (0 if fused else 2), activation
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("hidden", [72, 70], ids=["tma-stores", "pointer-stores"])
 @tma_capable
-def test_feed_forward_dropout_tma(monkeypatch, hidden, device):
-    """Both TMA epilogues drop the hidden layer (two half-width tiles of the mask where h is stored through
-    descriptors) and take act' from the dropped output; bf16 on a GPU, where relu^2 is fused."""
+def test_feed_forward_tma(monkeypatch, hidden, dropout, device):
+    """The TMA kernel multiplies by act' in both epilogues: s read through a descriptor where h's rows are
+    16-byte aligned, through pointers where they are not (fp32 rows of 70). With dropout both epilogues drop
+    the hidden layer (each half-width box of a TMA store with the mask of its own columns) and take act' from
+    the dropped output: bf16 on a GPU, where relu^2 is fused; without, fp16, where relu^2 keeps z. 150 rows:
+    three row tiles, the last one ragged."""
     monkeypatch.setattr(MM, "TMA", True)
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    dtype = (torch.bfloat16 if dropout else torch.float16) if ON_GPU else torch.float32
     if ON_GPU and hidden % 8:
-        hidden = 76  # bf16 rows of 76 (152 bytes): not 16-byte aligned either
-    x, w1, b1 = inputs((2, 17, 64), hidden, torch.float32, device)
+        hidden = 74  # 16-bit rows of 74 (148 bytes): not 16-byte aligned either, and not a multiple of 4 columns
+    x, w1, b1 = inputs((3, 50, 64), hidden, torch.float32, device)
     _, w2, b2 = inputs((1, hidden), 48, torch.float32, device)
-    for activation in ("relu_squared", "relu"):
-        assert MM.fused_dropout(MM.ACTIVATIONS[activation], dtype, 0.2)
+    tma = count_launches(monkeypatch, MM._matmul_tma_kernel)
+    for activation in ("relu_squared", "relu") if dropout else ("relu_squared", "gelu"):
+        assert MM.fused_dropout(MM.ACTIVATIONS[activation], dtype, dropout) is (dropout > 0)
         ff_check(x.to(dtype), w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), activation,
-                 dropout_p=0.2, seed=-99)
+                 dropout_p=dropout, seed=-99)
+    assert tma
 
 
-def test_feed_forward_dropout_keys(device):
+@pytest.mark.parametrize("tma", [False, pytest.param(True, marks=tma_capable)], ids=["pointer", "tma"])
+def test_feed_forward_dropout_keys(monkeypatch, tma, device):
     """Without a seed the mask is drawn as `dropout` draws it; inside `replayable_seeds` it is keyed by the
-    block's salt and the base, read by the kernel when it runs (a CUDA graph can replay it with new masks).
-    No grad: the same fused forward, nothing saved. A p outside [0, 1] is refused."""
-    x, w1, b1 = inputs((9, 24), 40, torch.float32, device)
+    block's salt and the base, read by the kernel when it runs (a CUDA graph can replay it with new masks),
+    in both kernels. No grad: the same fused forward, nothing saved. A p outside [0, 1] is refused."""
+    monkeypatch.setattr(MM, "TMA", tma)
+    tma_launches = count_launches(monkeypatch, MM._matmul_tma_kernel)
+    x, w1, b1 = inputs((9, 32), 40, torch.float32, device)
     _, w2, b2 = inputs((1, 40), 16, torch.float32, device)
     torch.manual_seed(5)
     drawn = feed_forward(x, w1, b1, w2, b2, dropout_p=0.5)
@@ -454,6 +449,7 @@ def test_feed_forward_dropout_keys(device):
     for p in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="dropout_p has to be between 0 and 1"):
             feed_forward(x, w1, b1, w2, b2, dropout_p=p)
+    assert bool(tma_launches) is tma
 
 
 def test_feed_forward_autotuned_pointer_kernel(monkeypatch, device):

@@ -178,6 +178,14 @@ def normalize_seed(seed) -> int:
     return (s + 2**63) % 2**64 - 2**63
 
 
+def probability(what: str, p) -> float:
+    """p as a Python float in [0, 1] (a numpy or 0-dim tensor value too, as F.dropout accepts), else a clear error."""
+    value = as_float(what, p)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} has to be between 0 and 1, but got {p!r}")
+    return value
+
+
 def draw_seed() -> int:
     """A fresh seed from torch's default (CPU) generator: `torch.manual_seed` makes it reproducible."""
     return int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64))
@@ -191,7 +199,7 @@ _replayable: list = []
 
 @contextlib.contextmanager
 def replayable_seeds(base: torch.Tensor):
-    """Inside this block, every mask drawn without an explicit seed (`dropout`, attention's dropout) is keyed
+    """Inside this block, every mask drawn without an explicit seed (`dropout`, attention's, `feed_forward`'s) is keyed
     by ``salt ^ base``: ``base`` a one-element int64 tensor that the kernels read when they run, the salt a
     constant fixed by the call's place in the block (the n-th dropout of the block takes salt n).
 
@@ -203,7 +211,8 @@ def replayable_seeds(base: torch.Tensor):
     draws the same masks whether a step was recorded, replayed or run eagerly.
 
     Blocks do not nest (an inner block's salts would repeat the outer one's), and the base must not change
-    between a forward and its backward: the autograd functions save it, so autograd refuses such a backward.
+    between a forward and its backward: the autograd functions that regenerate a mask save it, so autograd
+    refuses such a backward (`feed_forward`'s backward reads its mask from the dropped output instead).
     """
     check_tensor("replayable_seeds: base", base, dtypes=(torch.int64,))
     if base.numel() != 1:
@@ -293,9 +302,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | 
     makes the result reproducible. ``training=False`` or ``p == 0`` returns ``x``
     itself; ``p == 1`` returns ``x * 0`` (zeros, NaN where x is NaN or infinite, as F.dropout; zero gradients).
     """
-    p = as_float("dropout probability", p)  # a numpy or 0-dim tensor value too, as F.dropout accepts
-    if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r}")
+    p = probability("dropout probability", p)
     if not isinstance(training, bool):  # "False" or None would silently pick a mode, as no F.dropout call can
         raise TypeError(f"dropout: training must be a bool, got {type(training).__name__}")
     check_tensor("dropout input", x, dtypes=FLOAT_DTYPES)

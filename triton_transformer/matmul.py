@@ -48,6 +48,9 @@ programs whose fp32 partial sums are added by that same small reduction kernel.
 autograd node. Its backward needs no elementwise kernel: the GEMM that forms the
 gradient at the activation's output multiplies by act' in its epilogue
 (`matmul(..., grad_of=...)`), and both bias gradients come from the dW GEMMs' row sums.
+A dropout between the projections happens in the first GEMM's epilogue too
+(`dropout.keep_tile`, the mask `dropout` would draw), and for relu and relu^2 the
+dropped activation's zeros carry the mask into that backward GEMM (`_grad_at_input`).
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ import triton.language as tl
 
 from . import runtime
 from .dropout import dropout as tt_dropout
-from .dropout import keep_tile, next_seed, philox_key
-from .runtime import FLOAT_DTYPES, as_float, cdiv, check_tensor, no_double_backward
+from .dropout import keep_tile, next_seed, philox_key, probability
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, no_double_backward
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -164,7 +167,8 @@ _TMA_CONFIGS = [
 
 # The autotuner re-tunes for every new value of its key. Keying on the exact M, N, K would re-tune
 # for every batch size (generation changes M at each step); we key on their powers of two instead.
-_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "ACT_GRAD", "SPLIT_K", "DROPOUT"]
+_TUNE_KEY = ["M_KEY", "N_KEY", "K_KEY", "LAYOUT", "HAS_BIAS", "ACTIVATION", "STORE_Z", "ACT_GRAD", "SPLIT_K", "DROPOUT",
+             "S_DROPPED"]
 
 # ---------------------------------------------------------------- shared pieces of the kernels
 
@@ -231,15 +235,21 @@ def _activation_grad(s, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _grad_at_input(s, ACT_GRAD: tl.constexpr, DROPPED: tl.constexpr, drop_scale):
+def _grad_at_input(s, ACT_GRAD: tl.constexpr, S_DROPPED: tl.constexpr, c):
     """The factor that takes a gradient at an activation's output to its input: act'(z), from s (`_activation_grad`).
 
-    DROPPED: the output was dropped too, d = act(z) * keep * drop_scale, and s is d itself (relu and relu^2
-    only). Then dd/dz = keep * drop_scale * act'(z) = drop_scale * act'(s / drop_scale): where an element
-    was dropped, s = 0 and act'(0) = 0 carries the mask, which the backward never regenerates.
+    S_DROPPED: the output was dropped too, d = act(z) * keep * c with c = 1 / (1 - p), and s is d itself
+    (relu and relu^2 only). Then dd/dz = keep * c * act'(z) = c * act'(d / c): where an element was
+    dropped, d = 0 and act'(0) = 0 carries the mask, which the backward never regenerates. Written
+    without the division: c [d > 0] for relu, c * 2 sqrt(d / c) = 2 sqrt(c d) for relu^2. (A dropped
+    element whose activation was inf or NaN is stored as NaN, and relu passes its gradient on, where
+    linear, dropout, linear would give 0; the row's output is NaN either way.)
     """
-    if DROPPED:
-        g = drop_scale * _activation_grad(s / drop_scale, ACT_GRAD)
+    if S_DROPPED:
+        if ACT_GRAD == 1:
+            g = tl.where(s <= 0.0, 0.0, c)
+        else:
+            g = 2.0 * tl.sqrt(tl.maximum(s * c, 0.0, propagate_nan=tl.PropagateNan.ALL))
     else:
         g = _activation_grad(s, ACT_GRAD)
     return g
@@ -274,15 +284,16 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
               seed, dropout_p, drop_scale,
               HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, ACT_GRAD: tl.constexpr,
-              DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, S_DROPPED: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Bias, optional store of the pre-activation, activation, dropout and the one store of the tile.
 
     All of it happens on the fp32 accumulator in registers: fused, the bias and the activation
     cost no memory traffic; unfused, each would read and write the whole (M, N) output again.
     ACT_GRAD (an activation code) multiplies the tile by act'(s) instead, s read from z_ptr: a
     product that is the gradient at an activation's output leaves as the gradient at its input.
-    DROPOUT drops the activated tile (`_dropped`); with ACT_GRAD it says that s is such a dropped output
-    (`_grad_at_input`). Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
+    DROPOUT drops the activated tile (`_dropped`, scaled by drop_scale); S_DROPPED says that s is such a
+    dropped output, drop_scale its scale (`_grad_at_input`). Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
     may exceed 2**31 (logits of a large batch over a 50K vocabulary).
     """
     row0 = pid_m * BLOCK_M
@@ -297,9 +308,10 @@ def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_
     if STORE_Z:
         tl.store(z_tile, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if ACT_GRAD != 0:
-        acc = acc * _grad_at_input(tl.load(z_tile, mask=mask, other=0.0).to(tl.float32), ACT_GRAD, DROPOUT, drop_scale)
+        acc = acc * _grad_at_input(tl.load(z_tile, mask=mask, other=0.0).to(tl.float32), ACT_GRAD, S_DROPPED,
+                                   drop_scale)
     y = _activation(acc, ACTIVATION, c_ptr.dtype.element_ty != tl.float32)
-    if DROPOUT and ACT_GRAD == 0:
+    if DROPOUT:
         y = _dropped(y, seed, row0, rm, col0, N, dropout_p, drop_scale, BLOCK_N, DROP_GROUPED)
     c_tile = c_ptr + split.to(tl.int64) * stride_cs + row0.to(tl.int64) * stride_cm + col0
     tl.store(c_tile + rm[:, None] * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty), mask=mask)
@@ -325,6 +337,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
                    ACT_GRAD: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                    ROW_SUM: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, SEED_BASE: tl.constexpr,
+                   S_DROPPED: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C[split] = act(A @ B + bias) over the K tiles of this split; A (M, K) and B (K, N) of any strides.
 
@@ -384,13 +397,14 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, z_ptr, row_sum_ptr,
 
     _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
               philox_key(seed, seed_base_ptr, SEED_BASE), dropout_p, drop_scale,
-              HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED, BLOCK_M, BLOCK_N)
+              HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED, S_DROPPED, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, seed, dropout_p, drop_scale,
                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, ACT_GRAD: tl.constexpr,
-                  DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr, S_DROPPED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The epilogue with TMA stores, in two half-width sub-tiles.
 
     A TMA store is asynchronous: the tile is copied to shared memory and the TMA unit writes it
@@ -398,7 +412,8 @@ def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, seed, dropout_
     twelve 64-wide steps) the store of a 128 x 256 tile weighs as much as a quarter of the loop,
     so overlapping it matters; halves need half the shared memory, which the pipeline's stages keep.
     The TMA unit also clips the boxes at the matrix's edges: no masks. With ACT_GRAD, s comes in
-    through z_desc in the same two boxes (zeros past the edges).
+    through z_desc in the same two boxes (zeros past the edges). DROPOUT and S_DROPPED as in `_epilogue`:
+    each half-width box gets the mask of its own columns.
     """
     if HAS_BIAS:
         cols = off_n + tl.arange(0, BLOCK_N)
@@ -412,13 +427,13 @@ def _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, seed, dropout_
         # Loaded here, where the waits stall the program: about 40 us of a 160 us dh GEMM at a GPT-2
         # feed-forward (16384 x 3072), against 108 us for the elementwise pass it replaces. Loading s
         # with pointers before the K loop, to overlap it, held a whole tile in registers: 264 us.
-        left = left * _grad_at_input(z_desc.load([off_m, off_n]).to(tl.float32), ACT_GRAD, DROPOUT, drop_scale)
-        right = right * _grad_at_input(z_desc.load([off_m, off_n + BLOCK_N // 2]).to(tl.float32), ACT_GRAD, DROPOUT,
-                                       drop_scale)
+        left = left * _grad_at_input(z_desc.load([off_m, off_n]).to(tl.float32), ACT_GRAD, S_DROPPED, drop_scale)
+        right = right * _grad_at_input(z_desc.load([off_m, off_n + BLOCK_N // 2]).to(tl.float32), ACT_GRAD,
+                                       S_DROPPED, drop_scale)
     low_precision = c_desc.dtype != tl.float32
     left = _activation(left, ACTIVATION, low_precision)
     right = _activation(right, ACTIVATION, low_precision)
-    if DROPOUT and ACT_GRAD == 0:
+    if DROPOUT:
         rows = tl.arange(0, BLOCK_M)
         left = _dropped(left, seed, off_m, rows, off_n, N, dropout_p, drop_scale, BLOCK_N // 2, DROP_GROUPED)
         right = _dropped(right, seed, off_m, rows, off_n + BLOCK_N // 2, N, dropout_p, drop_scale, BLOCK_N // 2,
@@ -438,7 +453,7 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
                        ACT_GRAD: tl.constexpr, SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, PRECISION: tl.constexpr,
                        TMA_STORE: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
-                       SEED_BASE: tl.constexpr,
+                       SEED_BASE: tl.constexpr, S_DROPPED: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The same product with TMA loads, persistent: NUM_SMS programs stride over (split, tile) work items.
 
@@ -474,11 +489,11 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if TMA_STORE:
             _epilogue_tma(acc, off_m, off_n, N, c_desc, bias_ptr, z_desc, seed, dropout_p, drop_scale, HAS_BIAS,
-                          ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED, BLOCK_M, BLOCK_N)
+                          ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED, S_DROPPED, BLOCK_M, BLOCK_N)
         else:
             _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_ptr, z_ptr, stride_zm,
                       seed, dropout_p, drop_scale, HAS_BIAS, ACTIVATION, STORE_Z, ACT_GRAD, DROPOUT, DROP_GROUPED,
-                      BLOCK_M, BLOCK_N)
+                      S_DROPPED, BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------- backward helpers and reductions
@@ -587,7 +602,7 @@ def _tma_wanted(dtype: torch.dtype, device: torch.device) -> bool:
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, activation: int = 0,
            store_z: bool = False, out_dtype: torch.dtype | None = None,
            row_sum: torch.Tensor | None = None,
-           grad_of: tuple[int, torch.Tensor] | None = None,
+           grad_of: tuple[int, torch.Tensor] | None = None, s_dropped: float | None = None,
            dropout: tuple[float, int, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(a @ b + bias), z or None) for 2-D `a` (M, K) and `b` (K, N) of any strides, in a's dtype.
 
@@ -599,8 +614,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     the forward saved for that activation (see `_activation_grad`), returns (a @ b) * act'(s): when
     a @ b is the gradient at an activation's output, the gradient at its input, in the same pass.
     ``dropout=(p, seed, seed_base)`` drops the activated output as `dropout.dropout` would with that key
-    (the mask of a contiguous (M, N) tensor); with `grad_of` it says instead that s is such a dropped
-    relu or relu^2 output, whose zeros carry the mask (`_grad_at_input`).
+    (the mask of a contiguous (M, N) tensor). ``s_dropped=1 / (1 - p)`` says that the s of `grad_of` is such
+    a dropped relu or relu^2 output, whose zeros carry the mask (`_grad_at_input`).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -626,11 +641,14 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
         s = s if s.stride(1) == 1 else s.contiguous()
     zs = z if z is not None else s
     z_arg = zs if zs is not None else c
+    if s_dropped is not None and act_grad not in (RELU, RELU_SQUARED):
+        raise ValueError(f"matmul: s_dropped needs relu or relu^2's output as s (grad_of code {act_grad})")
     p, seed, seed_base = dropout if dropout is not None else (0.0, 0, None)
-    drop_args = (seed, seed_base if seed_base is not None else c, float(p), 1.0 / (1.0 - p))
+    drop_scale = 1.0 / (1.0 - p) if dropout is not None else (s_dropped or 1.0)
+    drop_args = (seed, seed_base if seed_base is not None else c, float(p), float(drop_scale))
     common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, ACT_GRAD=act_grad,
                   SPLIT_K=split, PRECISION=runtime.dot_precision(a.dtype), DROPOUT=dropout is not None,
-                  DROP_GROUPED=N % 4 == 0, SEED_BASE=seed_base is not None)
+                  DROP_GROUPED=N % 4 == 0, SEED_BASE=seed_base is not None, S_DROPPED=s_dropped is not None)
     stride_cm = out.stride(-2)
     stride_zm = zs.stride(0) if zs is not None else 0
     keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))
@@ -827,7 +845,7 @@ class FeedForwardFunction(torch.autograd.Function):
         w1c, w2c = _as_dtype_of(w1, x), _as_dtype_of(w2, x)
         keep_z, ctx.grad_code = _grad_source(activation, x2.dtype)
         h, z = matmul(x2, w1c.t(), b1, activation, store_z=keep_z, dropout=dropout)
-        ctx.dropout = dropout[:2] + (None,) if dropout is not None else None  # the backward reads p only
+        ctx.s_dropped = 1.0 / (1.0 - dropout[0]) if dropout is not None else None  # the backward needs no seed
         y2, _ = matmul(h, w2c.t(), b2)
         # h feeds dW2 = dy^T h and, for relu and relu^2, act' too; gelu' needs z (`_grad_source`). W2 is needed for any
         # gradient of the first layer; x only for dW1, W1 only for dx.
@@ -850,7 +868,7 @@ class FeedForwardFunction(torch.autograd.Function):
         if need_x or need_w1 or need_b1:
             act = ctx.activation
             dz = matmul(dy2, w2, grad_of=(ctx.grad_code, z if z is not None else h) if act else None,
-                        dropout=ctx.dropout)[0]  # (dy W2) act', and the mask with its scale if h was dropped
+                        s_dropped=ctx.s_dropped)[0]  # (dy W2) act', and the mask with its scale if h was dropped
             if need_x:
                 dx = matmul(dz, w1)[0].view(ctx.x_shape)
             dw1, db1 = _param_grads(dz, x2, need_w1, need_b1, w1_dtype, b1_dtype)
@@ -936,8 +954,8 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
                  seed: int | None = None) -> torch.Tensor:
     """``linear(dropout(linear(x, w1, b1, activation), dropout_p, seed=seed), w2, b2)``, fused.
 
-    The same values and gradients as those calls (`FeedForwardFunction` says what it saves in memory
-    traffic); w1: (hidden, in_features), w2: (out_features, hidden). The backward multiplies by act' inside
+    The same values and gradients as those calls, up to rounding (`FeedForwardFunction` says what it saves
+    in memory traffic; `_grad_at_input` the one exception, a dropped inf or NaN); w1: (hidden, in_features), w2: (out_features, hidden). The backward multiplies by act' inside
     a GEMM. A transformer block's feed-forward: with relu or relu^2 the dropout (`dropout_p` > 0, the mask
     of `dropout.dropout` with `seed`, or a drawn one) happens in the first GEMM's epilogue too; with other
     activations the three calls run as they are.
@@ -945,9 +963,7 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     act = _check_activation("feed_forward", activation)
     _check_layer("feed_forward", x, None, "x", w1, b1, "w1", "b1")
     _check_layer("feed_forward", x, w1.shape[0], "the hidden layer (w1's out_features)", w2, b2, "w2", "b2")
-    p = as_float("feed_forward: dropout_p", dropout_p)
-    if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"feed_forward: dropout_p has to be between 0 and 1, but got {dropout_p!r}")
+    p = probability("feed_forward: dropout_p", dropout_p)
     if p > 0 and not fused_dropout(act, x.dtype, p):
         return linear(tt_dropout(linear(x, w1, b1, activation), p, seed=seed), w2, b2)
     dropout = (p, *next_seed(seed, x)) if p > 0 else None

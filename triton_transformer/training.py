@@ -1180,16 +1180,18 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
             raise TrainingError("--data-parallel flat runs without fp16 loss scaling or torch.compile; "
                                 "use --data-parallel ddp")
         grad_params = [p for p in raw_model.parameters() if p.requires_grad]
+        # Our kernels key their dropout masks from a seed base; PyTorch's dropout draws from its own generator
+        triton_dropout = cfg.dropout > 0 and cfg.use_triton
         if flat:
             import torch.distributed as dist
 
             for p in raw_model.parameters():  # every process starts from rank 0's weights, as DDP would
                 dist.broadcast(p.data, 0)
             graphed = CudaGraphStep(model, grad_params, amp_dtype, start_average=lambda t: _start_average(t, d),
-                                    record=why_not is None, micro_batches=cfg.grad_accum, dropout=cfg.dropout > 0)
+                                    record=why_not is None, micro_batches=cfg.grad_accum, dropout=triton_dropout)
         elif why_not is None and d.world == 1:
             graphed = CudaGraphStep(model, grad_params, amp_dtype, micro_batches=cfg.grad_accum,
-                                    dropout=cfg.dropout > 0)
+                                    dropout=triton_dropout)
         elif d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -1199,7 +1201,7 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         # (torch.compile traces the forward; there dropout keeps drawing a seed per call. PyTorch's own dropout
         # reads no base: it draws from its generator, recorded or not.)
         seed_base = (torch.zeros(1, dtype=torch.int64, device=d.device)
-                     if graphed is None and cfg.dropout > 0 and cfg.use_triton and not cfg.compile else None)
+                     if graphed is None and triton_dropout and not cfg.compile else None)
         if graphed is None or not graphed.record:
             if d.device.type == "cuda" and cfg.cuda_graph:
                 say(f"note: each step runs eagerly, not as a CUDA graph ({why_not or 'DDP'})")

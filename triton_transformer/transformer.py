@@ -112,8 +112,9 @@ class TransformerConfig:
 
 
 #: The Triton path runs a feed-forward as one `feed_forward` node, its dropout in the first GEMM's epilogue
-#: (False: two `linear` calls with an elementwise pass for act', and dropout's, between them; chapters 4 and
-#: 7 time both).
+#: (except in fp16, where relu^2 keeps z and `feed_forward` composes linear, dropout, linear: see
+#: `matmul.fused_dropout`). False: two `linear` calls with an elementwise pass for act', and dropout's,
+#: between them; chapters 4 and 7 time both.
 FUSED_FEED_FORWARD = True
 
 

@@ -283,15 +283,18 @@ def measure(kernel: str, quick: bool = False, record: bool | None = None, only: 
     if record is None:
         record = os.environ.get("TT_RECORD_BENCH") == "1" and not quick
     warm_up_gpu()
-    rows = []
+    rows, matched = [], 0
     for case in cases_of(kernel, quick):
         if only and case.kernel not in only:
             continue
+        matched += 1
         case_rows = run_case(case)
         if record and case_rows:
             print(f"  recorded {len(case_rows)} rows in {append(case_rows)}")
         rows += case_rows
         torch.cuda.empty_cache()
+    if only and not matched:
+        print(f"  no case of {kernel} is named {', '.join(only)}: nothing measured")
     return rows
 
 

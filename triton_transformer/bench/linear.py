@@ -14,7 +14,7 @@ Providers:
   torch.compile  torch.compile of the eager function
   (feed_forward: triton is tt.feed_forward, cublas the two products alone, without bias or activation;
    feed_forward_dropout: triton drops inside the first GEMM's epilogue, "triton unfused" composes
-   tt.linear, tt.dropout, tt.linear)
+   tt.linear, tt.dropout, tt.linear; in fp16, where feed_forward composes them too, the two are the same)
 """
 
 import torch
@@ -73,10 +73,10 @@ def _ff_cases(quick: bool):
         if not quick:
             p = DROPOUT
             yield Case("feed_forward_dropout", "fwdbwd", [m, d, h], dtype, **shape, extra={"dropout": p}, providers={
-                "triton": lambda t=t, dy=dy: feed_forward(*t, "relu_squared", dropout_p=p).backward(dy),
-                "triton unfused": lambda t=t, dy=dy: _triton_ff_unfused(*t, p).backward(dy),
-                "torch": lambda t=t, dy=dy: _torch_ff(*t, p).backward(dy),
-                "torch.compile": lambda t=t, dy=dy, c=compiled: c(*t, p).backward(dy),
+                "triton": lambda t=t, dy=dy, p=p: feed_forward(*t, "relu_squared", dropout_p=p).backward(dy),
+                "triton unfused": lambda t=t, dy=dy, p=p: _triton_ff_unfused(*t, p).backward(dy),
+                "torch": lambda t=t, dy=dy, p=p: _torch_ff(*t, p).backward(dy),
+                "torch.compile": lambda t=t, dy=dy, c=compiled, p=p: c(*t, p).backward(dy),
             })
         del t, dy
 
