@@ -64,8 +64,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .dropout import dropout as tt_dropout
-from .dropout import keep_tile, next_seed, philox_key, probability
+from .dropout import dropout as tt_dropout, keep_tile, next_seed, philox_key, probability
 from .runtime import FLOAT_DTYPES, cdiv, check_tensor, no_double_backward
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
@@ -293,8 +292,8 @@ def _epilogue(acc, pid_m, pid_n, split, M, N, c_ptr, stride_cm, stride_cs, bias_
     ACT_GRAD (an activation code) multiplies the tile by act'(s) instead, s read from z_ptr: a
     product that is the gradient at an activation's output leaves as the gradient at its input.
     DROPOUT drops the activated tile (`_dropped`, scaled by drop_scale); S_DROPPED says that s is such a
-    dropped output, drop_scale its scale (`_grad_at_input`). Outputs have unit column stride (we allocate them); row offsets are int64 so that M * N
-    may exceed 2**31 (logits of a large batch over a 50K vocabulary).
+    dropped output, drop_scale its scale (`_grad_at_input`). Outputs have unit column stride (we allocate
+    them); row offsets are int64 so that M * N may exceed 2**31 (logits of a large batch over a 50K vocabulary).
     """
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -955,10 +954,11 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     """``linear(dropout(linear(x, w1, b1, activation), dropout_p, seed=seed), w2, b2)``, fused.
 
     The same values and gradients as those calls, up to rounding (`FeedForwardFunction` says what it saves
-    in memory traffic; `_grad_at_input` the one exception, a dropped inf or NaN); w1: (hidden, in_features), w2: (out_features, hidden). The backward multiplies by act' inside
-    a GEMM. A transformer block's feed-forward: with relu or relu^2 the dropout (`dropout_p` > 0, the mask
-    of `dropout.dropout` with `seed`, or a drawn one) happens in the first GEMM's epilogue too; with other
-    activations the three calls run as they are.
+    in memory traffic; `_grad_at_input` names the one exception, a dropped inf or NaN). w1: (hidden,
+    in_features), w2: (out_features, hidden). The backward multiplies by act' inside a GEMM. A transformer
+    block's feed-forward: with relu or relu^2 the dropout (`dropout_p` > 0, the mask of `dropout.dropout`
+    with `seed`, or a drawn one) happens in the first GEMM's epilogue too (`fused_dropout` says when);
+    otherwise the three calls run as they are.
     """
     act = _check_activation("feed_forward", activation)
     _check_layer("feed_forward", x, None, "x", w1, b1, "w1", "b1")
