@@ -34,7 +34,7 @@ attention = importlib.import_module("triton_transformer.attention")
 matmul = importlib.import_module("triton_transformer.matmul")
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "inv_keep"}
+FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p", "inv_keep", "drop_scale"}
 
 
 def compile_seconds(kernel, pointers, constexprs, config) -> float:
@@ -70,7 +70,8 @@ def cases(dtype):
            attn, attention._DQ_EXACT_FP32)
     yield ("matmul (pointers)", matmul._matmul_kernel,
            tensors("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "z_ptr", "row_sum_ptr"),
-           dict(HAS_BIAS=False, ACTIVATION=0, STORE_Z=False, ACT_GRAD=0, SPLIT_K=1, EVEN_K=True, ROW_SUM=False),
+           dict(HAS_BIAS=False, ACTIVATION=0, STORE_Z=False, ACT_GRAD=0, SPLIT_K=1, EVEN_K=True, ROW_SUM=False,
+                DROPOUT=False, DROP_GROUPED=False, SEED_BASE=False, S_DROPPED=False),
            matmul._exact_fp32)
 
 
