@@ -400,6 +400,15 @@ def test_feed_forward_dropout(monkeypatch, activation, hidden, dtype, device):
     assert len(drops) == (0 if fused else 2), activation
 
 
+@pytest.mark.parametrize("frozen", [("x",), ("w1", "b1"), ("w2", "b2"), ("x", "w1", "b1")], ids=str)
+def test_feed_forward_dropout_frozen_inputs(frozen, device):
+    """Every gradient that is asked for, whichever are not: the dropped hidden layer feeds dW2 and, through the
+    dz GEMM's epilogue, dx, dW1 and db1 (relu^2, the fused path)."""
+    x, w1, b1 = inputs((70, 24), 40, torch.float32, device)
+    _, w2, b2 = inputs((1, 40), 16, torch.float32, device)
+    ff_check(x, w1, b1, w2, b2, "relu_squared", frozen, dropout_p=0.4, seed=31)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("hidden", [72, 70], ids=["tma-stores", "pointer-stores"])
 @tma_capable
