@@ -47,6 +47,10 @@ PROVIDER_ORDER = list(PROVIDER_COLORS)
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
+#: GPT-2's dropout probability: the dropout cases of the families (a transformer step, a feed-forward) use it
+DROPOUT = 0.1
+
+
 @dataclasses.dataclass
 class Case:
     """One benchmark point: a kernel, a pass and a shape, with one callable per provider.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import runtime
 from ..dropout import dropout as tt_dropout
 from ..matmul import feed_forward, linear
-from . import Case
+from . import DROPOUT, Case
 
 SHAPES = [[16384, 768, 3072], [16384, 3072, 768], [8192, 8192, 8192]]
 QUICK_SHAPES = [[2048, 512, 1024]]
@@ -44,10 +44,6 @@ def _torch_ff(x, w1, b1, w2, b2, p=0.0):
 
 def _triton_ff_unfused(x, w1, b1, w2, b2, p):
     return linear(tt_dropout(linear(x, w1, b1, "relu_squared"), p), w2, b2)
-
-
-#: GPT-2's dropout probability, for the feed_forward_dropout rows
-DROPOUT = 0.1
 
 
 def _ff_cases(quick: bool):

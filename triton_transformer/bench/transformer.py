@@ -26,12 +26,10 @@ import torch
 from .. import runtime
 from ..training import CudaGraphStep
 from ..transformer import Transformer
-from . import Case
+from . import DROPOUT, Case
 
 SHAPES = [(16, 1024, 512, 6, 256), (16, 1024, 768, 12, 50304)]
 QUICK = [(2, 128, 128, 2, 256)]
-#: GPT-2's dropout probability, for the dropout case (the seed's model)
-DROPOUT = 0.1
 
 
 def train_step(forward, optimizer, x, y, dtype, cuda_graph=False, dropout=False):
