@@ -24,7 +24,11 @@ separate caches do. The second run (separate caches) repeated grouped (61.9 / 25
 p = 0.1) and ran out of the call's time compiling the other variants. The kernels it compiled (the tuner's choices,
 all 4 warps and 3 stages, none spilling): forward 128 registers without dropout and 178 with it; dq 157 and
 156-163; dk/dv 160 and 207-254. Fewer programs fit an SM with dropout; whether that, and not the mask, is the
-cost is not settled. Left as it is: a probe, not a package change.
+cost was not settled here. Neither run measured a swapped mask: this probe imported `attention` from the
+package, which is the function of that name, not the module, so `A.keep_tile = ...` never reached the kernels and
+every variant ran the package's mask (hence four equal times). Fixed since (the module by importlib), not re-run.
+attn_rounds.py, written after, settles it for the forward: without the mask the dropout forward costs nothing
+extra (62.8 against 62.3 us) and Philox's rounds are most of its cost (7 us a round of the 100 it adds).
 """
 import subprocess
 import sys
@@ -45,12 +49,14 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import triton_transformer as tt  # noqa: E402
-from triton_transformer import attention as A  # noqa: E402
 from triton_transformer import bench  # noqa: E402
 from triton_transformer import dropout as _  # noqa: E402,F401
 import importlib  # noqa: E402
 
 D = importlib.import_module("triton_transformer.dropout")
+# the module: `from triton_transformer import attention` is the package's function of that name, on which
+# setting keep_tile changes nothing (the first two runs below did exactly that)
+A = importlib.import_module("triton_transformer.attention")
 
 
 @triton.jit

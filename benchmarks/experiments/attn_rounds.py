@@ -1,0 +1,118 @@
+"""What attention's dropout forward pays for its random numbers: Philox rounds and bits per element (GPU).
+
+    python3 benchmarks/experiments/attn_rounds.py            # every variant, each in its own process and cache
+
+Causal attention forward at the seed model's shape (16 x 8 heads x 1024 tokens x 64, bf16), GPU time of one call
+replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_tile` swapped for:
+
+  p0        no dropout at all (p = 0: the kernel compiled without its mask code)
+  g10       the package's mask: one Philox4x32-10 call per four elements (32 bits each)
+  g7, g4    the same with 7 and 4 rounds
+  h16       one call per eight elements, each word's two 16-bit halves compared with a 16-bit threshold
+  q8        one call per sixteen elements, 8-bit quarters (FlashAttention's choice)
+  none      every element kept: what the rest of the dropout path costs
+
+Only the amount of integer work matters here; h16 and q8 draw masks of their own (not the package's).
+
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of three; every variant tuned to 64 x 64 tiles,
+4 warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218), g7 140.5, g4 119.7,
+h16 142.5 (178), q8 126.2 (178). So the whole of dropout's cost in the forward is making the mask (keeping every
+element through the same code costs nothing), and most of it is Philox's rounds: about 7 us a round, 70 of the
+100 us; the rest (~29 us, what 0 rounds would leave) is the counter arithmetic, joining the words into the tile
+and moving the mask into the accumulator's layout. Fewer bits per element save less than the rounds they spare:
+16-bit halves (half the calls) 20 us, because splitting and joining eight values per call costs back most of the
+other half; FlashAttention's 8-bit quarters 36 us. The package keeps Philox4x32-10 and 32 bits: 7 rounds would
+change every mask (and the dropout chapter's generator) for ~20 us a kernel, and fewer bits would round p.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+VARIANTS = ["p0", "g10", "g7", "g4", "h16", "q8", "none"]
+
+if len(sys.argv) == 1:
+    for v in VARIANTS:  # a fresh Triton cache each: no variant can load another's compiled kernels
+        env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"tc_{v}_"))
+        subprocess.run([sys.executable, __file__, v], check=False, env=env)
+    sys.exit(0)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import importlib  # noqa: E402
+
+import triton_transformer as tt  # noqa: E402
+from triton_transformer import bench, runtime  # noqa: E402
+
+A = importlib.import_module("triton_transformer.attention")
+
+D = importlib.import_module("triton_transformer.dropout")
+
+
+@triton.jit
+def _words(seed, row_base, rows, col_start, n_cols, WIDTH: tl.constexpr, ROUNDS: tl.constexpr):
+    # Philox words for a [BM, WIDTH] tile, one call per four of them, joined as keep_mask_2d joins them
+    BM: tl.constexpr = rows.shape[0]
+    counter = (((row_base + rows) * n_cols + col_start) >> 2)[:, None] + tl.arange(0, WIDTH // 4)[None, :]
+    lo = counter.to(tl.uint32)
+    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero, ROUNDS)
+    return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, WIDTH])
+
+
+@triton.jit
+def keep_g7(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    return (_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 7) >= D._threshold(p)) & (p < 1.0)
+
+
+@triton.jit
+def keep_g4(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    return (_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 4) >= D._threshold(p)) & (p < 1.0)
+
+
+@triton.jit
+def keep_h16(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    BM: tl.constexpr = rows.shape[0]
+    w = _words(seed, row_base, rows, col_start // 2, n_cols // 2, BLOCK_N // 2, 10)
+    r = tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BM, BLOCK_N])
+    return (r >= (tl.maximum(p, 0.0) * 65536.0).to(tl.uint32)) & (p < 1.0)
+
+
+@triton.jit
+def keep_q8(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    BM: tl.constexpr = rows.shape[0]
+    w = _words(seed, row_base, rows, col_start // 4, n_cols // 4, BLOCK_N // 4, 10)
+    h = tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BM, BLOCK_N // 2])
+    r = tl.reshape(tl.join(h & 0xFF, h >> 8), [BM, BLOCK_N])
+    return (r >= (tl.maximum(p, 0.0) * 256.0).to(tl.uint32)) & (p < 1.0)
+
+
+@triton.jit
+def keep_none(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    BM: tl.constexpr = rows.shape[0]
+    return tl.full([BM, BLOCK_N], 1, tl.int1) & (p < 1.0)
+
+
+variant = sys.argv[1]
+A.keep_tile = {"p0": D.keep_tile, "g10": D.keep_tile, "g7": keep_g7, "g4": keep_g4, "h16": keep_h16,
+               "q8": keep_q8, "none": keep_none}[variant]
+p = 0.0 if variant == "p0" else 0.1
+
+B, H, N, Dh = 16, 8, 1024, 64
+q, k, v = (torch.randn(B, H, N, Dh, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+with torch.no_grad():
+    o = tt.attention(q, k, v, causal=True, dropout_p=p, seed=1)
+    kept = (o != 0).float().mean().item()
+    times = [bench.measure_gpu_ms(lambda: tt.attention(q, k, v, causal=True, dropout_p=p, seed=1)) for _ in range(3)]
+line = f"{variant:5} p {p}: fwd {1e3 * min(times):6.1f} us (max {1e3 * max(times):6.1f}), kept {kept:.3f}"
+line += f" | {A._attn_fwd.best_config}"
+for launcher in runtime._launchers.values():  # the config the tuner chose, and its registers
+    if launcher.jit.fn.__name__ == "_attn_fwd_kernel":
+        for compiled, _, _ in launcher.cache.values():
+            md = compiled.metadata
+            line += (f" | warps {md.num_warps} stages {md.num_stages} regs {compiled.n_regs} "
+                     f"spills {compiled.n_spills}")
+print(line, flush=True)
