@@ -218,10 +218,12 @@ def test_empty(device):
     x, w, b = inputs((0, 16), 8, torch.float32, device)
     x.requires_grad_()
     w.requires_grad_()
+    b.requires_grad_()
     y = linear(x, w, b, "relu")
     assert y.shape == (0, 8)
     y.sum().backward()
     assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, torch.zeros_like(b))  # an empty sum: db is allocated zeroed only when there are no rows
     # no input features (y = b), and no output features, with and without the bias's row sums in dW
     check(*inputs((3, 0), 8, torch.float32, device), None)
     check(*inputs((2, 3, 0), 8, torch.float32, device), "relu")

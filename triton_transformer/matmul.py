@@ -211,13 +211,17 @@ def _activation(z, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr = F
 
 
 @triton.jit
-def _activation_grad(s, ACTIVATION: tl.constexpr):
+def _activation_grad(s, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr):
     """act'(z) from what the forward saved (`_grad_source`): the output y for relu and relu^2, z for gelu.
 
     relu:   y > 0  <=>  z > 0, so act' = [y > 0]; written [not y <= 0] so that a NaN passes the gradient on
             as torch's relu backward does
     relu^2: act'(z) = 2 relu(z) = 2 sqrt(y), NaN where y is (code 4: 2 relu(z), from z itself)
-    gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2)
+    gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2).
+            For a 16-bit result (LOW_PRECISION_OUT) a compiled kernel takes the tanh form instead, with
+            t = tanh(u), u = z (K1 + K2 z^2) / 2: act' = (1 + t) / 2 + z (1 - t^2) (K1 + 3 K2 z^2) / 4, one
+            tanh.approx where the sigmoid form costs an exponential and two divisions per value (as
+            `_activation` does going forward; the elementwise backward was bound by them, not by memory).
     """
     if ACTIVATION == 1:
         g = tl.where(s <= 0.0, 0.0, 1.0)
@@ -226,8 +230,13 @@ def _activation_grad(s, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 4:
         g = 2.0 * tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 3:
-        sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s * s))
-        g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s * s)
+        s2 = s * s
+        if LOW_PRECISION_OUT and FAST_TANH:
+            t = _tanh_approx(0.5 * s * (GELU_K1 + GELU_K2 * s2))
+            g = 0.5 * (1.0 + t) + 0.25 * s * (1.0 - t * t) * (GELU_K1 + 3.0 * GELU_K2 * s2)
+        else:
+            sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s2))
+            g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s2)
     else:
         g = tl.full(s.shape, 1.0, tl.float32)
     return g
@@ -250,7 +259,7 @@ def _grad_at_input(s, ACT_GRAD: tl.constexpr, S_DROPPED: tl.constexpr, c):
         else:
             g = 2.0 * tl.sqrt(tl.maximum(s * c, 0.0, propagate_nan=tl.PropagateNan.ALL))
     else:
-        g = _activation_grad(s, ACT_GRAD)
+        g = _activation_grad(s, ACT_GRAD, False)
     return g
 
 
@@ -502,7 +511,7 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
 def _act_bwd_kernel(dy_ptr, s_ptr, dz_ptr, part_ptr, M, N, rows_per_prog,
                     stride_dym, stride_dyn, stride_sm, stride_dzm,
                     ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    LOW_PRECISION_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dz = dy * act'(s) for a (rows_per_prog, BLOCK_N) strip, plus the strip's column sums for db.
 
     One pass: dy and s are read once, dz written once, and the bias gradient needs no
@@ -521,7 +530,7 @@ def _act_bwd_kernel(dy_ptr, s_ptr, dz_ptr, part_ptr, M, N, rows_per_prog,
         dz = tl.load(dy_ptr + rows64 * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
         if ACTIVATION != 0:
             s = tl.load(s_ptr + rows64 * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dz = dz * _activation_grad(s, ACTIVATION)
+            dz = dz * _activation_grad(s, ACTIVATION, LOW_PRECISION_OUT)
         if STORE_DZ:
             tl.store(dz_ptr + rows64 * stride_dzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
@@ -726,7 +735,9 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
         # is read from a contiguous copy instead.
         dy = dy.contiguous()
     dz = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if activation else dy
-    db = torch.zeros(N, dtype=bias_dtype or dy.dtype, device=dy.device) if bias_grad else None
+    # the partial sums' reduction writes every column of db: zeros (a fill kernel) only when there are no rows
+    alloc_db = torch.zeros if M == 0 else torch.empty
+    db = alloc_db(N, dtype=bias_dtype or dy.dtype, device=dy.device) if bias_grad else None
     if M == 0 or N == 0:
         return dz, db
     block_m, block_n = (32, 64) if runtime.INTERPRET else (32, 128)
@@ -741,7 +752,7 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
         _act_bwd_kernel, (row_progs, col_progs),
         dy, s, dz, part, M, N, rows_per_prog, dy.stride(0), dy.stride(1), s.stride(0), dz.stride(0),
         ACTIVATION=activation, STORE_DZ=activation != 0, HAS_BIAS=bias_grad,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        LOW_PRECISION_OUT=dz.element_size() == 2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     if bias_grad:
         _sum_rows(part, db)
     return dz, db
