@@ -11,6 +11,10 @@ replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_t
   h16       one call per eight elements, each word's two 16-bit halves compared with a 16-bit threshold
   q8        one call per sixteen elements, 8-bit quarters (FlashAttention's choice)
   none      every element kept: what the rest of the dropout path costs
+  element   one call per element, its word picked by the element's place (dropout.keep_mask): four times g10's
+            rounds, nothing joined (the package's own mask)
+  pairs     one call per two columns, the pair's two words picked by its place: twice the rounds, words joined in
+            pairs (the package's mask too)
 
 Only the amount of integer work matters here; h16 and q8 draw masks of their own (not the package's).
 
@@ -21,18 +25,26 @@ element through the same code costs nothing), and most of it is Philox's rounds:
 100 us; the rest (~29 us, what 0 rounds would leave) is the counter arithmetic, joining the words into the tile
 and moving the mask into the accumulator's layout. Fewer bits per element save less than the rounds they spare:
 16-bit halves (half the calls) 20 us, because splitting and joining eight values per call costs back most of the
-other half; FlashAttention's 8-bit quarters 36 us. The package keeps Philox4x32-10 and 32 bits: 7 rounds would
-change every mask (and the dropout chapter's generator) for ~20 us a kernel, and fewer bits would round p.
+other half; FlashAttention's 8-bit quarters 36 us. The package's own mask drawn other ways (checked tile for
+tile against keep_tile), next run, g10 162.4: element 442.3 (the tuner fell back to 32 x 32 tiles, 156 registers)
+and pairs 230.4 (209 registers). Four words a call joined into the tile is the cheapest way to this mask; the join
+costs far less than the rounds it spares. The package keeps Philox4x32-10 and 32 bits: 7 rounds would change
+every mask (and the dropout chapter's generator) for ~20 us a kernel, and fewer bits would round p.
+
+From an earlier probe of the same question (attn_mask_cost.py, since removed: its variants set keep_tile on the
+package's function `attention`, not on the module, so every one of them ran the package's mask): forward+backward
+at this shape 253 us at p = 0 and 571-574 at p = 0.1; the tuner's kernels (4 warps, 3 stages, no spills) used
+128 registers in the forward without dropout and 178 with it, dq 157 and 156-163, dk/dv 160 and 207-254.
 """
 import os
 import subprocess
 import sys
 import tempfile
 
-VARIANTS = ["p0", "g10", "g7", "g4", "h16", "q8", "none"]
+VARIANTS = ["p0", "g10", "g7", "g4", "h16", "q8", "none", "element", "pairs"]
 
-if len(sys.argv) == 1:
-    for v in VARIANTS:  # a fresh Triton cache each: no variant can load another's compiled kernels
+if len(sys.argv) < 2 or sys.argv[1] == "--only":  # --only V [V ...]: just those variants
+    for v in sys.argv[2:] or VARIANTS:  # a fresh Triton cache each: no variant can load another's compiled kernels
         env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"tc_{v}_"))
         subprocess.run([sys.executable, __file__, v], check=False, env=env)
     sys.exit(0)
@@ -91,23 +103,61 @@ def keep_q8(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, G
 
 
 @triton.jit
+def keep_element(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    row_offsets = (row_base + rows) * n_cols
+    return D.keep_mask(seed, row_offsets[:, None] + col_start + tl.arange(0, BLOCK_N)[None, :], p)
+
+
+@triton.jit
+def keep_pairs(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    # element e takes word e % 4 of Philox at counter e // 4; a pair (e, e + 1), e even, shares its counter and
+    # takes words 0, 1 or 2, 3 (n_cols and col_start multiples of 4, as GROUPED has them at this shape)
+    BM: tl.constexpr = rows.shape[0]
+    first = ((row_base + rows) * n_cols + col_start)[:, None] + 2 * tl.arange(0, BLOCK_N // 2)[None, :]
+    counter = first >> 2
+    upper = (first & 2) != 0
+    lo = counter.to(tl.uint32)
+    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
+    zero = lo * 0
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    r = tl.reshape(tl.join(tl.where(upper, r2, r0), tl.where(upper, r3, r1)), [BM, BLOCK_N])
+    return (r >= D._threshold(p)) & (p < 1.0)
+
+
+@triton.jit
 def keep_none(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
     BM: tl.constexpr = rows.shape[0]
     return tl.full([BM, BLOCK_N], 1, tl.int1) & (p < 1.0)
 
 
+@triton.jit
+def _two_masks(out_ptr, seed, row_base, n_cols, p, BM: tl.constexpr, BN: tl.constexpr, VARIANT: tl.constexpr):
+    rows = tl.arange(0, BM)
+    offs = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(out_ptr + offs, D.keep_tile(seed, row_base, rows, 8, n_cols, p, BN, True).to(tl.int8))
+    if VARIANT == "element":
+        other = keep_element(seed, row_base, rows, 8, n_cols, p, BN, True)
+    else:
+        other = keep_pairs(seed, row_base, rows, 8, n_cols, p, BN, True)
+    tl.store(out_ptr + BM * BN + offs, other.to(tl.int8))
+
+
 variant = sys.argv[1]
+if variant in ("element", "pairs"):  # the package's mask drawn another way, checked tile for tile
+    masks = torch.empty(2, 64, 64, dtype=torch.int8, device=runtime.DEVICE)
+    _two_masks[(1,)](masks, 1234567, 5 * 1024, 1024, 0.3, BM=64, BN=64, VARIANT=variant)
+    print(f"{variant}: the package's mask: {torch.equal(masks[0], masks[1])} (kept {masks[0].float().mean():.3f})")
 A.keep_tile = {"p0": D.keep_tile, "g10": D.keep_tile, "g7": keep_g7, "g4": keep_g4, "h16": keep_h16,
-               "q8": keep_q8, "none": keep_none}[variant]
+               "q8": keep_q8, "none": keep_none, "element": keep_element, "pairs": keep_pairs}[variant]
 p = 0.0 if variant == "p0" else 0.1
 
 B, H, N, Dh = 16, 8, 1024, 64
-q, k, v = (torch.randn(B, H, N, Dh, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+q, k, v = (torch.randn(B, H, N, Dh, device=runtime.DEVICE, dtype=runtime.default_dtype()) for _ in range(3))
 with torch.no_grad():
     o = tt.attention(q, k, v, causal=True, dropout_p=p, seed=1)
-    kept = (o != 0).float().mean().item()
+
     times = [bench.measure_gpu_ms(lambda: tt.attention(q, k, v, causal=True, dropout_p=p, seed=1)) for _ in range(3)]
-line = f"{variant:5} p {p}: fwd {1e3 * min(times):6.1f} us (max {1e3 * max(times):6.1f}), kept {kept:.3f}"
+line = f"{variant:7} p {p}: fwd {1e3 * min(times):6.1f} us (max {1e3 * max(times):6.1f})"
 line += f" | {A._attn_fwd.best_config}"
 for launcher in runtime._launchers.values():  # the config the tuner chose, and its registers
     if launcher.jit.fn.__name__ == "_attn_fwd_kernel":
