@@ -13,13 +13,13 @@ Each kernel below is the package's forward (or a copy) with the two policies as 
 combination, beside the package's own call and `x.clone()`, in interleaved rounds, one process:
 softmax (4096, 4096), layer norm (16384, 768), dropout (16M elements), bf16.
 
-Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of 3 rounds, us): stores marked
-evict_last did not help (the theory above is wrong about stores): slower for layer norm (4 rows x 4 warps
-22.85 against 21.76 unmarked) and dropout (4096 x 8 warps 28.19 against 26.50), within noise for softmax
-(27.90 against 28.06 at 4 warps, 28.06 against 27.55 at 8). Loads marked evict_first helped, stores
-evict_first too: softmax one row a program, 4 warps, 28.06 -> 26.24 (2558 GB/s; the package 27.26, a clone 27.58); layer norm 2 rows x 4 warps 22.85 -> 21.47
-(the package 22.69, a clone 21.95); dropout 4096 x 8 warps 26.50 -> 25.95-26.02 (the package 27.71, a
-clone 27.62), while its 4-warp tiles got slower (28.99 -> 29.95).
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of 3 rounds, us): stores marked evict_last did
+not help (the theory above is wrong about stores): slower for layer norm (4 rows x 4 warps 22.85 against 21.76
+unmarked) and dropout (4096 x 8 warps 28.19 against 26.50), within noise for softmax (27.90 against 28.06 at 4
+warps, 28.06 against 27.55 at 8). Loads marked evict_first helped, stores evict_first too: softmax one row a
+program, 4 warps, 28.06 -> 26.24 (2558 GB/s; the package 27.26, a clone 27.58); layer norm 2 rows x 4 warps
+22.85 -> 21.47 (the package 22.69, a clone 21.95); dropout 4096 x 8 warps 26.50 -> 25.95-26.02 (the package
+27.71, a clone 27.62), while its 4-warp tiles got slower (28.99 -> 29.95).
 
 Not adopted. The same hints in the package's kernels (one-block rows of softmax, layer norm and
 cross-entropy, their backwards, dropout), timed by benchmarks/run.py on the next machine: softmax
