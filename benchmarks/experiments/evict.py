@@ -27,6 +27,12 @@ cross-entropy, their backwards, dropout), timed by benchmarks/run.py on the next
 cross-entropy (8192, 50304) no faster (0.775 ms GPU), softmax (4096, 16384) and dropout (64M) 1-3%
 slower in GPU time (warm L2: evict_first gives up lines the next call would have found), and the
 (4096, 4096) softmax at 28.3 us in wall time, no better than before on a host too slow to tell.
+
+A lead for layer norm, where nothing got slower: the same run's profile of the seed model's training step
+(benchmarks/profile_step.py, one CUDA graph replayed) gave its 13 layer-norm forwards 0.388 ms a step and its
+backwards 0.647, against 0.422 and 0.665 in chapter 7's profile (another machine, without the hints), and the
+step 6.52 ms of GPU time (6.54 wall) against 6.65 in session 21's run. Not the same process, so not settled:
+time profile_step with and without the hints in one process before adopting them for layer norm alone.
 """
 import itertools
 import sys
