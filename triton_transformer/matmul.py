@@ -211,18 +211,17 @@ def _activation(z, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr = F
 
 
 @triton.jit
-def _activation_grad(s, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexpr):
+def _activation_grad(s, ACTIVATION: tl.constexpr):
     """act'(z) from what the forward saved (`_grad_source`): the output y for relu and relu^2, z for gelu.
 
     relu:   y > 0  <=>  z > 0, so act' = [y > 0]; written [not y <= 0] so that a NaN passes the gradient on
             as torch's relu backward does
     relu^2: act'(z) = 2 relu(z) = 2 sqrt(y), NaN where y is (code 4: 2 relu(z), from z itself)
     gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2).
-            For a 16-bit result (LOW_PRECISION_OUT) a compiled kernel takes the tanh form instead, with
-            t = tanh(u), u = z (K1 + K2 z^2) / 2: act' = (1 + t) / 2 + z (1 - t^2) (K1 + 3 K2 z^2) / 4, one
-            tanh.approx where the sigmoid form costs an exponential and two divisions per value (as
-            `_activation` does going forward). The elementwise backward was nearly memory bound already:
-            3% faster on the H100 (`benchmarks/experiments/act_bwd.py`).
+            The sigmoid form even for a 16-bit result, where the forward's epilogue takes tanh.approx: the
+            tanh form, (1 + t) / 2 + z (1 - t^2) u' with t = tanh(u), cancels as t nears -1 (z below -2,
+            where act' is small): tanh.approx's error bound, 2**-11 of t, is 20% of act'(-3) = -0.0116.
+            Measured (`benchmarks/experiments/act_bwd.py`), it would have saved 3% of this memory-bound pass.
     """
     if ACTIVATION == 1:
         g = tl.where(s <= 0.0, 0.0, 1.0)
@@ -231,13 +230,8 @@ def _activation_grad(s, ACTIVATION: tl.constexpr, LOW_PRECISION_OUT: tl.constexp
     elif ACTIVATION == 4:
         g = 2.0 * tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 3:
-        s2 = s * s
-        if LOW_PRECISION_OUT and FAST_TANH:
-            t = _tanh_approx(0.5 * s * (GELU_K1 + GELU_K2 * s2))
-            g = 0.5 * (1.0 + t) + 0.25 * s * (1.0 - t * t) * (GELU_K1 + 3.0 * GELU_K2 * s2)
-        else:
-            sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s2))
-            g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s2)
+        sig = _sigmoid(s * (GELU_K1 + GELU_K2 * s * s))
+        g = sig + s * sig * (1.0 - sig) * (GELU_K1 + 3.0 * GELU_K2 * s * s)
     else:
         g = tl.full(s.shape, 1.0, tl.float32)
     return g
@@ -260,7 +254,7 @@ def _grad_at_input(s, ACT_GRAD: tl.constexpr, S_DROPPED: tl.constexpr, c):
         else:
             g = 2.0 * tl.sqrt(tl.maximum(s * c, 0.0, propagate_nan=tl.PropagateNan.ALL))
     else:
-        g = _activation_grad(s, ACT_GRAD, False)
+        g = _activation_grad(s, ACT_GRAD)
     return g
 
 
@@ -512,7 +506,7 @@ def _matmul_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, z_ptr, c_desc, z_desc,
 def _act_bwd_kernel(dy_ptr, s_ptr, dz_ptr, part_ptr, M, N, rows_per_prog,
                     stride_dym, stride_dyn, stride_sm, stride_dzm,
                     ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    LOW_PRECISION_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dz = dy * act'(s) for a (rows_per_prog, BLOCK_N) strip, plus the strip's column sums for db.
 
     One pass: dy and s are read once, dz written once, and the bias gradient needs no
@@ -531,7 +525,7 @@ def _act_bwd_kernel(dy_ptr, s_ptr, dz_ptr, part_ptr, M, N, rows_per_prog,
         dz = tl.load(dy_ptr + rows64 * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
         if ACTIVATION != 0:
             s = tl.load(s_ptr + rows64 * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dz = dz * _activation_grad(s, ACTIVATION, LOW_PRECISION_OUT)
+            dz = dz * _activation_grad(s, ACTIVATION)
         if STORE_DZ:
             tl.store(dz_ptr + rows64 * stride_dzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
@@ -753,7 +747,7 @@ def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation
         _act_bwd_kernel, (row_progs, col_progs),
         dy, s, dz, part, M, N, rows_per_prog, dy.stride(0), dy.stride(1), s.stride(0), dz.stride(0),
         ACTIVATION=activation, STORE_DZ=activation != 0, HAS_BIAS=bias_grad,
-        LOW_PRECISION_OUT=dz.element_size() == 2, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     if bias_grad:
         _sum_rows(part, db)
     return dz, db

@@ -20,18 +20,18 @@ replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_t
 
 Only the amount of integer work matters here; h16 and q8 draw masks of their own (not the package's).
 
-Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of three; every variant tuned to 64 x 64 tiles,
-4 warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218), g7 140.5, g4 119.7,
-h16 142.5 (178), q8 126.2 (178). So the whole of dropout's cost in the forward is making the mask (keeping every
-element through the same code costs nothing), and most of it is Philox's rounds: about 7 us a round, 70 of the
-100 us; the rest (~29 us, what 0 rounds would leave) is the counter arithmetic, joining the words into the tile
-and moving the mask into the accumulator's layout. Fewer bits per element save less than the rounds they spare:
-16-bit halves (half the calls) 20 us, because splitting and joining eight values per call costs back most of the
-other half; FlashAttention's 8-bit quarters 36 us. The package's own mask drawn other ways (checked tile for
-tile against keep_tile), next run, g10 162.4: element 442.3 (the tuner fell back to 32 x 32 tiles, 156 registers)
-and pairs 230.4 (209 registers). Four words a call joined into the tile is the cheapest way to this mask; the join
-costs far less than the rounds it spares. The package keeps Philox4x32-10 and 32 bits: 7 rounds would change
-every mask (and the dropout chapter's generator) for ~20 us a kernel, and fewer bits would round p.
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of three; every variant tuned to 64 x 64 tiles, 4
+warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218), g7 140.5, g4 119.7, h16
+142.5 (178), q8 126.2 (178). So the whole of dropout's cost in the forward is making the mask (keeping every
+element through the same code costs nothing), and most of it is Philox's rounds: about 7 us a round, 70 of the 100
+us; the rest (~29 us, what 0 rounds would leave) is the counter arithmetic, joining the words into the tile and
+moving the mask into the accumulator's layout. Fewer bits per element save less than the rounds they spare: 16-bit
+halves (half the calls, ~35 us of rounds spared) saved 20 us, splitting and joining eight values per call costing
+back ~15; FlashAttention's 8-bit quarters 36 us. The package's own mask drawn other ways (checked tile for tile
+against keep_tile), next run, g10 162.4: element 442.3 (the tuner fell back to 32 x 32 tiles, 156 registers) and
+pairs 230.4 (209 registers). Four words a call joined into the tile is the cheapest way to this mask; the join
+costs far less than the rounds it spares. The package keeps Philox4x32-10 and 32 bits: 7 rounds would change every
+mask (and the dropout chapter's generator) for ~20 us a kernel, and fewer bits would round p.
 
 wide is not measured yet (a lead): compiled offline for sm_90 (Triton 3.9's ptxas), a 64 x 64 tile's mask on 4
 warps is 748 SASS instructions against 920 through tl.philox, the 128 IMAD.HI.U32 and most of the 173 IMAD
