@@ -22,12 +22,10 @@ import torch
 import triton
 
 from triton_transformer import runtime
+from triton_transformer.bench import measure_ms  # how benchmarks/run.py times a call
 
 M = importlib.import_module("triton_transformer.matmul")
 
-
-def ms(fn):
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def launcher(dy, z, dz, part, block_m, block_n, warps, per_sm):
@@ -58,7 +56,7 @@ def main(rounds=3):
         times = {k: [] for k in fns}
         for _ in range(rounds):
             for k, fn in fns.items():
-                times[k].append(ms(fn))
+                times[k].append(measure_ms(fn))
         moved = 3 * dy.numel() * 2
         for k in sorted(fns, key=lambda k: min(times[k])):
             t = times[k]

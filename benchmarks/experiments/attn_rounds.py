@@ -71,15 +71,25 @@ D = importlib.import_module("triton_transformer.dropout")
 
 
 @triton.jit
-def _words(seed, row_base, rows, col_start, n_cols, WIDTH: tl.constexpr, ROUNDS: tl.constexpr):
-    # Philox words for a [BM, WIDTH] tile, one call per four of them, joined as keep_mask_2d joins them
-    BM: tl.constexpr = rows.shape[0]
+def _counters(row_base, rows, col_start, n_cols, WIDTH: tl.constexpr):
+    # keep_mask_2d's Philox counters for a [BM, WIDTH] tile, one per four columns: (low word, high word, zeros)
     counter = (((row_base + rows) * n_cols + col_start) >> 2)[:, None] + tl.arange(0, WIDTH // 4)[None, :]
     lo = counter.to(tl.uint32)
-    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
-    zero = lo * 0
-    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero, ROUNDS)
+    return lo, (counter.to(tl.int64) >> 32).to(tl.uint32), lo * 0
+
+
+@triton.jit
+def _joined(r0, r1, r2, r3, BM: tl.constexpr, WIDTH: tl.constexpr):
+    # the four words of each call side by side, as keep_mask_2d joins them
     return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, WIDTH])
+
+
+@triton.jit
+def _words(seed, row_base, rows, col_start, n_cols, WIDTH: tl.constexpr, ROUNDS: tl.constexpr):
+    # Philox words for a [BM, WIDTH] tile, one call per four of them, joined as keep_mask_2d joins them
+    lo, hi, zero = _counters(row_base, rows, col_start, n_cols, WIDTH)
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero, ROUNDS)
+    return _joined(r0, r1, r2, r3, rows.shape[0], WIDTH)
 
 
 @triton.jit
@@ -155,11 +165,7 @@ PHILOX_WIDE_ASM = tl.constexpr(_philox_wide_asm(10))
 @triton.jit
 def keep_wide(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
     # keep_mask_2d's mask, its Philox written in PTX with one mul.wide.u32 per product
-    BM: tl.constexpr = rows.shape[0]
-    counter = (((row_base + rows) * n_cols + col_start) >> 2)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :]
-    lo = counter.to(tl.uint32)
-    hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
-    zero = lo * 0
+    lo, hi, zero = _counters(row_base, rows, col_start, n_cols, BLOCK_N)
     key = seed.to(tl.uint64)
     k0 = zero + (key & 0xFFFFFFFF).to(tl.uint32)
     k1 = zero + ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -167,8 +173,7 @@ def keep_wide(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr,
                                                [lo, hi, zero, zero, k0, k1],
                                                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
                                                is_pure=True, pack=1)
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, BLOCK_N])
-    return (r >= D._threshold(p)) & (p < 1.0)
+    return (_joined(r0, r1, r2, r3, rows.shape[0], BLOCK_N) >= D._threshold(p)) & (p < 1.0)
 
 
 @triton.jit

@@ -19,13 +19,11 @@ import torch
 import triton
 
 import triton_transformer as tt
+from triton_transformer.bench import measure_ms  # how benchmarks/run.py times a call
 
 D = importlib.import_module("triton_transformer.dropout")
 S = importlib.import_module("triton_transformer.softmax")
 
-
-def ms(fn):
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def main(rounds=3):
@@ -49,7 +47,7 @@ def main(rounds=3):
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            times[k].append(ms(fn))
+            times[k].append(measure_ms(fn))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; package softmax "
           f"warps {warps}; dropout's tuned config: {D._dropout_kernel.best_config}")
     for k in fns:

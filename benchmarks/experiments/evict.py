@@ -43,6 +43,7 @@ import triton.language as tl
 
 import triton_transformer as tt
 from triton_transformer import runtime
+from triton_transformer.bench import measure_ms  # how benchmarks/run.py times a call
 from triton_transformer.dropout import keep_mask_2d
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -105,9 +106,6 @@ def _dropout(x_ptr, y_ptr, n_elements, p, scale, seed, BLOCK: tl.constexpr, LP: 
     tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds, eviction_policy=SP)
 
 
-def ms(fn):
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
 
 def main(rounds: int = 3):
     dev = runtime.DEVICE
@@ -161,7 +159,7 @@ def main(rounds: int = 3):
     for _ in range(rounds):
         for c, (_, v) in cases.items():
             for k, fn in v.items():
-                times[c][k].append(ms(fn))
+                times[c][k].append(measure_ms(fn))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"do_bench median (L2 flushed), us min/max over {rounds} rounds, GB/s at the min")
     for c, (moved, v) in cases.items():
