@@ -1,6 +1,7 @@
 """Probe: L2 eviction hints on the memory-bound forwards, timed as the benchmarks time them (GPU).
 
-    python3 benchmarks/experiments/evict.py
+    python3 benchmarks/experiments/evict.py           # copies of the kernels, every policy pair
+    python3 benchmarks/experiments/evict.py package   # the package's calls under each runtime.STREAM_* setting
 
 `bench.measure_ms` is `triton.testing.do_bench`, which zeroes a 256 MB buffer before every call to
 flush the L2. The call then starts with the 50 MB L2 full of *dirty* lines of that buffer: each line
@@ -169,5 +170,37 @@ def main(rounds: int = 3):
             print(f"  {k:36s} {1e3 * min(t):7.2f} {1e3 * max(t):7.2f}  {moved / min(t) / 1e6:6.0f} GB/s", flush=True)
 
 
+def package(rounds: int = 3):
+    """The package's own calls, as benchmarks/run.py times them, with `runtime.STREAM_LOADS` / `STREAM_STORES`
+    set to each policy in turn: every case of the softmax, layer norm and dropout benchmarks, wall time
+    (`measure_ms`) and GPU time (`measure_gpu_ms`), in interleaved rounds, one process."""
+    from triton_transformer.bench import dropout as b_dropout, layer_norm as b_layer_norm, softmax as b_softmax
+    from triton_transformer.bench import measure_gpu_ms
+
+    variants = [("", ""), ("evict_first", ""), ("evict_first", "evict_first")]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"us, min (max) over {rounds} rounds: wall (do_bench), GPU (CUDA graph)")
+    wall, gpu = {}, {}
+    # a case's tensors live only until the generator moves on (the cases delete them): rounds within a case
+    for c in (c for mod in (b_softmax, b_layer_norm, b_dropout) for c in mod.cases()):
+        for _ in range(rounds):
+            for lp, sp in variants:
+                runtime.STREAM_LOADS, runtime.STREAM_STORES = lp, sp
+                k = (c.kernel, c.pass_, "x".join(map(str, c.shape)), f"{lp or '-'}/{sp or '-'}")
+                wall.setdefault(k, []).append(measure_ms(c.providers["triton"], c.grad_to_none))
+                gpu.setdefault(k, []).append(measure_gpu_ms(c.providers["triton"], c.grad_to_none))
+            if "copy" in c.providers:
+                k = (c.kernel, c.pass_, "x".join(map(str, c.shape)), "copy")
+                wall.setdefault(k, []).append(measure_ms(c.providers["copy"]))
+                gpu.setdefault(k, []).append(measure_gpu_ms(c.providers["copy"]))
+        for k in [k for k in wall if k[:3] == (c.kernel, c.pass_, "x".join(map(str, c.shape)))]:
+            print(f"  {' '.join(k[:3]):28s} {k[3]:24s} wall {1e3 * min(wall[k]):8.2f} ({1e3 * max(wall[k]):8.2f})"
+                  f"  gpu {1e3 * min(gpu[k]):8.2f} ({1e3 * max(gpu[k]):8.2f})", flush=True)
+    runtime.STREAM_LOADS = runtime.STREAM_STORES = ""
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    if sys.argv[1:2] == ["package"]:
+        package(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
