@@ -146,7 +146,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         # three pieces, as chapter 1's softmax holds a long row (`row_pieces`, `load_pieces`). x stays in
         # its own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
         # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
-        x, x1, x2 = load_pieces(x_row, n_cols, x_stride_v, BLOCK, PIECE1, PIECE2, UNIT_STRIDE, "")
+        x, x1, x2 = load_pieces(x_row, n_cols, x_stride_v, BLOCK, PIECE1, PIECE2, UNIT_STRIDE)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
         d = _sum_exp(x, m)  # masked lanes: exp(-inf) = 0
         if PIECE1 > 0:
@@ -171,7 +171,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         m = tl.full([BLOCK], -float("inf"), tl.float32)
         d = tl.zeros([BLOCK], tl.float32)
         for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-            x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE, "").to(tl.float32)
+            x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE).to(tl.float32)
             m, d = online_update(m, d, x)
         m_row, d_row = online_combine(m, d)
         tl.store(loss_ptr + row, _row_loss(m_row, d_row, x_target, counted))
@@ -180,7 +180,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
                 # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
                 log2_d = tl.log2(d_row)
                 for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                    x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE, "")
+                    x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
                     _store_grad(g_row, start, n_cols, x, m_row, log2_d, target_col, scale, g_stride_v, BLOCK,
                                 UNIT_STRIDE)
 

@@ -31,7 +31,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import runtime
 from .runtime import FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, launch, no_double_backward
 
 
@@ -151,22 +150,22 @@ def philox_key(seed, seed_base_ptr, SEED_BASE: tl.constexpr):
     return seed
 
 
-@autotune(_configs(), key=["n_elements", "LOAD_POLICY", "STORE_POLICY"])
+@autotune(_configs(), key=["n_elements"])
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_kernel(x_ptr, y_ptr, n_elements, p, scale, seed, seed_base_ptr, SEED_BASE: tl.constexpr,
-                    LOAD_POLICY: tl.constexpr, STORE_POLICY: tl.constexpr, BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr):
     # A block of the flat tensor is a one-row tile, so the mask comes from the same helper attention
     # uses. Every config gives the same output: the mask depends on (seed, element index), not BLOCK.
     seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     start = tl.program_id(0).to(tl.int64) * BLOCK  # int64: tensors of more than 2**31 elements
     offs = tl.arange(0, BLOCK)[None, :]
     in_bounds = offs < n_elements - start
-    x = tl.load(x_ptr + start + offs, mask=in_bounds, other=0.0, eviction_policy=LOAD_POLICY)
+    x = tl.load(x_ptr + start + offs, mask=in_bounds, other=0.0)
     keep = keep_mask_2d(seed, tl.full([1], 0, tl.int64) + start, 0, p, BLOCK)
     # x * (scale or 0), as torch computes it: kept elements round once, like x * scale, and a dropped
     # inf or NaN gives NaN, as in torch. (Selecting after the multiply costs 1.5 more instructions/element.)
     y = x.to(tl.float32) * tl.where(keep, scale, 0.0)
-    tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds, eviction_policy=STORE_POLICY)
+    tl.store(y_ptr + start + offs, y.to(y_ptr.dtype.element_ty), mask=in_bounds)
 
 
 def normalize_seed(seed) -> int:
@@ -274,8 +273,7 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int, seed_base: torch.Tenso
         return y
     grid = lambda meta: (cdiv(n, meta["BLOCK"]),)  # noqa: E731
     launch(_dropout_kernel, grid, x_c, y, n, float(p), 1.0 / (1.0 - p), seed,
-           x_c if seed_base is None else seed_base, SEED_BASE=seed_base is not None,
-           LOAD_POLICY=runtime.STREAM_LOADS, STORE_POLICY=runtime.STREAM_STORES)
+           x_c if seed_base is None else seed_base, SEED_BASE=seed_base is not None)
     return y
 
 

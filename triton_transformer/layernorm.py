@@ -60,8 +60,7 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
                            x_row_stride, y_row_stride, r_row_stride, h_row_stride, n_rows, n_cols, eps,
                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                            HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, HAS_RBIAS: tl.constexpr,
-                           LOAD_POLICY: tl.constexpr, STORE_POLICY: tl.constexpr):
+                           HAS_RESIDUAL: tl.constexpr, HAS_RBIAS: tl.constexpr):
     # A program normalizes ROWS rows at once as a [ROWS, BLOCK_N] tile: short rows
     # (512, 768 columns) would otherwise give each program too little to keep in flight.
     # int64 row indices: rows * stride can pass 2**31 elements on big activations.
@@ -79,10 +78,10 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
         col_mask = cols < n_cols
         mask = row_mask[:, None] & col_mask[None, :]
         # The whole row stays in registers: x is read once, y written once.
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0, eviction_policy=LOAD_POLICY).to(tl.float32)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             # rounded to h's dtype before normalizing, exactly as `layer_norm(x + r)` would see it
-            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0, eviction_policy=LOAD_POLICY).to(tl.float32)
+            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_RBIAS:
                 r += tl.load(rb_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             h = (x + r).to(h_ptr.dtype.element_ty)
@@ -98,7 +97,7 @@ def _layer_norm_fwd_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, r_ptr
             y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
             y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy=STORE_POLICY)
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # Rows too long for registers: one pass for the mean, one for the variance, one
         # to write. The extra reads mostly hit L2, and such rows are rare in a GPT.
@@ -177,7 +176,7 @@ def _fwd_kernel_for(block_n: int, single: bool):
     The forward may be autotuned freely: each row is computed by one program whatever
     the tile, so the choice changes speed, never which values are summed together.
     """
-    key = ["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL", "HAS_RBIAS", "LOAD_POLICY", "STORE_POLICY"]
+    key = ["n_cols", "HAS_W", "HAS_B", "STORE_STATS", "HAS_RESIDUAL", "HAS_RBIAS"]
     return runtime.autotune(_fwd_configs(block_n, single), key=key)(_layer_norm_fwd_kernel)
 
 
@@ -217,8 +216,7 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
            x2.stride(0), y2.stride(0), residual.stride(0) if has_r else 0, h.stride(0) if has_r else 0,
            n_rows, n_cols, eps,
            BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, HAS_B=bias is not None,
-           STORE_STATS=store_stats, HAS_RESIDUAL=has_r, HAS_RBIAS=has_r and residual_bias is not None,
-           LOAD_POLICY=runtime.STREAM_LOADS if single else "", STORE_POLICY=runtime.STREAM_STORES if single else "")
+           STORE_STATS=store_stats, HAS_RESIDUAL=has_r, HAS_RBIAS=has_r and residual_bias is not None)
     return y2, mean, rstd
 
 

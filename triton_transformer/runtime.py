@@ -242,11 +242,6 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: L2 cache policies ("" for none, or "evict_first") of the loads and of the stores of the kernels that
-#: stream their data once: softmax's one-block rows, layer norm's forward, dropout.
-STREAM_LOADS = ""
-STREAM_STORES = ""
-
 
 def as_int(what: str, value) -> int:
     """`value` as a Python int if it is an integer (a numpy or torch integer included, as PyTorch's ops accept),

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import runtime
 from .runtime import (FLOAT_DTYPES, as_int, check_tensor, launch, next_power_of_2, no_double_backward, num_sms,
                       shaped)
 
@@ -104,29 +103,27 @@ def strided(cols, stride, UNIT_STRIDE: tl.constexpr):
 
 
 @triton.jit
-def load_lanes(row_ptr, start, n, stride, B: tl.constexpr, UNIT_STRIDE: tl.constexpr, POLICY: tl.constexpr):
-    """Lanes [start, start + B) of a row; those past `n` load as -inf, which max ignores and exp makes 0.
-    POLICY: the load's L2 eviction policy ("" or "evict_first", `runtime.STREAM_LOADS`)."""
+def load_lanes(row_ptr, start, n, stride, B: tl.constexpr, UNIT_STRIDE: tl.constexpr):
+    """Lanes [start, start + B) of a row; those past `n` load as -inf, which max ignores and exp makes 0."""
     cols = start + tl.arange(0, B)
-    return tl.load(row_ptr + strided(cols, stride, UNIT_STRIDE), mask=cols < n, other=-float("inf"),
-                   eviction_policy=POLICY)
+    return tl.load(row_ptr + strided(cols, stride, UNIT_STRIDE), mask=cols < n, other=-float("inf"))
 
 
 @triton.jit
 def load_pieces(row_ptr, n, stride, BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr, POLICY: tl.constexpr):
+                UNIT_STRIDE: tl.constexpr):
     """A row on chip as BLOCK lanes followed by PIECE1 and PIECE2 more (0: none; see `row_pieces`): (x, x1, x2).
 
     A piece the row does not have is returned as x, a stand-in that `pieces_max` and the callers never read.
     Every load is issued before the caller's first reduction waits on one. Cross-entropy's row kernel
     (chapter 6) holds its rows the same way."""
-    x = load_lanes(row_ptr, 0, n, stride, BLOCK, UNIT_STRIDE, POLICY)
+    x = load_lanes(row_ptr, 0, n, stride, BLOCK, UNIT_STRIDE)
     x1 = x
     x2 = x
     if PIECE1 > 0:
-        x1 = load_lanes(row_ptr, BLOCK, n, stride, PIECE1, UNIT_STRIDE, POLICY)
+        x1 = load_lanes(row_ptr, BLOCK, n, stride, PIECE1, UNIT_STRIDE)
     if PIECE2 > 0:
-        x2 = load_lanes(row_ptr, BLOCK + PIECE1, n, stride, PIECE2, UNIT_STRIDE, POLICY)
+        x2 = load_lanes(row_ptr, BLOCK + PIECE1, n, stride, PIECE2, UNIT_STRIDE)
     return x, x1, x2
 
 
@@ -143,17 +140,16 @@ def pieces_max(x, x1, x2, PIECE1: tl.constexpr, PIECE2: tl.constexpr):
 
 
 @triton.jit
-def _store_lanes(row_ptr, start, n, e, inv_sum, B: tl.constexpr, POLICY: tl.constexpr):
+def _store_lanes(row_ptr, start, n, e, inv_sum, B: tl.constexpr):
     """y = e / sum on lanes [start, start + B) of a row, the lanes below `n` only."""
     cols = start + tl.arange(0, B)
-    tl.store(row_ptr + cols, (e.to(tl.float32) * inv_sum).to(row_ptr.dtype.element_ty), mask=cols < n,
-             eviction_policy=POLICY)
+    tl.store(row_ptr + cols, (e.to(tl.float32) * inv_sum).to(row_ptr.dtype.element_ty), mask=cols < n)
 
 
 @triton.jit
 def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per_matrix,
                  BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-                 CAUSAL: tl.constexpr, STAGES: tl.constexpr, LOAD_POLICY: tl.constexpr, STORE_POLICY: tl.constexpr):
+                 CAUSAL: tl.constexpr, STAGES: tl.constexpr):
     """y = softmax(x) of one row (int64 `row`: row * stride can pass 2**31 elements)."""
     x_row = x_ptr + row * x_row_stride
     y_row = y_ptr + row * y_row_stride
@@ -167,7 +163,7 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
         # The row on chip, in pieces. Masked-out columns load as -inf, so exp() makes them exactly 0 in
         # the output. x stays in its own dtype (bf16: two values per register) so a 50K-wide row fits on
         # chip; the max is exact in any dtype, and exp_and_sum keeps the exponentials in it too.
-        x, x1, x2 = load_pieces(x_row, n_seen, 1, BLOCK, PIECE1, PIECE2, True, LOAD_POLICY)
+        x, x1, x2 = load_pieces(x_row, n_seen, 1, BLOCK, PIECE1, PIECE2, True)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
         e, d = exp_and_sum(x, m)
         if PIECE1 > 0:
@@ -177,11 +173,11 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
             e2, d2 = exp_and_sum(x2, m)
             d += d2
         inv_sum = 1.0 / d
-        _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK, STORE_POLICY)
+        _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK)
         if PIECE1 > 0:
-            _store_lanes(y_row, BLOCK, n_cols, e1, inv_sum, PIECE1, STORE_POLICY)
+            _store_lanes(y_row, BLOCK, n_cols, e1, inv_sum, PIECE1)
         if PIECE2 > 0:
-            _store_lanes(y_row, BLOCK + PIECE1, n_cols, e2, inv_sum, PIECE2, STORE_POLICY)
+            _store_lanes(y_row, BLOCK + PIECE1, n_cols, e2, inv_sum, PIECE2)
     else:
         # Pass 1: per-lane running max m and running sum d of exp(x - m). tl.range's stages let
         # the loads of the next blocks start while this one is reduced.
@@ -202,17 +198,14 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
 @triton.jit
 def _softmax_fwd_kernel(x_ptr, y_ptr, x_row_stride, y_row_stride, n_rows, n_cols, rows_per_matrix,
                         BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
-                        SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, STAGES: tl.constexpr,
-                        LOAD_POLICY: tl.constexpr, STORE_POLICY: tl.constexpr):
+                        SINGLE_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, STAGES: tl.constexpr):
     if SINGLE_BLOCK:  # a program per row
         _softmax_row(x_ptr, y_ptr, tl.program_id(0).to(tl.int64), x_row_stride, y_row_stride, n_cols,
-                     rows_per_matrix, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, CAUSAL, STAGES,
-                     LOAD_POLICY, STORE_POLICY)
+                     rows_per_matrix, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, CAUSAL, STAGES)
     else:  # a few programs per SM, program p doing rows p, p + P, p + 2P, ...
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols,
-                         rows_per_matrix, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, CAUSAL, STAGES,
-                     LOAD_POLICY, STORE_POLICY)
+                         rows_per_matrix, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, CAUSAL, STAGES)
 
 
 @triton.jit
@@ -322,11 +315,9 @@ def softmax_forward(x2: torch.Tensor, causal: bool = False, rows_per_matrix: int
     y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     block, single, num_warps = _launch_params(n_cols, x2.element_size())
     first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
-    hinted = single and second == 0
     launch(_softmax_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM[0], x2.device),
            x2, y2, x2.stride(0), y2.stride(0), n_rows, n_cols, rows_per_matrix,
            BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, CAUSAL=causal, STAGES=ONLINE_STAGES,
-           LOAD_POLICY=runtime.STREAM_LOADS if hinted else "", STORE_POLICY=runtime.STREAM_STORES if hinted else "",
            num_warps=num_warps)
     return y2
 

@@ -1,7 +1,9 @@
 """Probe: L2 eviction hints on the memory-bound forwards, timed as the benchmarks time them (GPU).
 
     python3 benchmarks/experiments/evict.py           # copies of the kernels, every policy pair
-    python3 benchmarks/experiments/evict.py package   # the package's calls under each runtime.STREAM_* setting
+
+    git checkout e8a97fe -- triton_transformer benchmarks/experiments/evict.py   # the A/B in the package
+    python3 benchmarks/experiments/evict.py package                               # (then check out main again)
 
 `bench.measure_ms` is `triton.testing.do_bench`, which zeroes a 256 MB buffer before every call to
 flush the L2. The call then starts with the 50 MB L2 full of *dirty* lines of that buffer: each line
@@ -29,11 +31,31 @@ cross-entropy (8192, 50304) no faster (0.775 ms GPU), softmax (4096, 16384) and 
 slower in GPU time (warm L2: evict_first gives up lines the next call would have found), and the
 (4096, 4096) softmax at 28.3 us in wall time, no better than before on a host too slow to tell.
 
-A lead for layer norm, where nothing got slower: the same run's profile of the seed model's training step
-(benchmarks/profile_step.py, one CUDA graph replayed) gave its 13 layer-norm forwards 0.388 ms a step and its
-backwards 0.647, against 0.422 and 0.665 in chapter 7's profile (another machine, without the hints), and the
-step 6.52 ms of GPU time (6.54 wall) against 6.65 in session 21's run. Not the same process, so not settled:
-time profile_step with and without the hints in one process before adopting them for layer norm alone.
+Settled in the package itself, one process (commit e8a97fe added `runtime.STREAM_LOADS` / `STREAM_STORES`,
+passed as constexprs to softmax's one-block rows, layer norm's forward and dropout, and a `package` mode here that
+times every case of those three benchmarks as benchmarks/run.py does, three interleaved rounds per case). Measured
+(H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0; GPU time, min of 3, us; no hint / loads evict_first / loads
+and stores evict_first / x.clone() of the same bytes):
+
+    softmax 4096 x 1024        7.70    7.61    7.75   copy  7.36
+    softmax 4096 x 4096       24.35   24.40   24.43   copy 24.20   (wall 27.17 27.62 27.39, copy 27.36)
+    softmax 4096 x 16384      92.45   93.42   94.65   copy 90.27
+    softmax 8192 x 50304     651.85  652.15  651.44   copy 544.18  (rows in pieces: no hint, the control)
+    layer norm 16384 x 512    13.74   13.92   13.81   copy 13.35
+    layer norm 16384 x 768    19.98   19.93   20.08   copy 19.16   (wall 23.68 22.64 22.98, copy 22.18)
+    layer norm 8192 x 4096    47.61   48.10   48.52   copy 46.56
+    dropout 4M                 7.99    7.64    8.08   copy  7.60
+    dropout 16M               24.65   24.70   24.97   copy 24.43   (wall 27.36 26.91 27.23, copy 27.52)
+    dropout 64M               91.03   91.59   93.13   copy 90.35
+    fwd+bwd: softmax 4096^2 58.87 57.82 60.23; layer norm 16384 x 768 61.03 61.06 61.81; dropout 16M 49.30 49.49 50.20
+
+No gain beyond the rounds' spread anywhere, small losses at the larger shapes: the package's forwards already run
+within 1-4% of a copy's GPU time, and the probe's gains were over its own unhinted copies. Reverted. (The same
+run's host was slow: forward+backward wall times of 170-590 us for 15-160 us of GPU time.)
+
+That also answers the earlier lead for layer norm alone (its 13 forwards in the seed model's profiled step
+took 0.388 ms with the hints against 0.422 on another machine without): in one process its forward is the
+same with or without them, so that gap was the machines.
 """
 import itertools
 import sys
@@ -170,37 +192,5 @@ def main(rounds: int = 3):
             print(f"  {k:36s} {1e3 * min(t):7.2f} {1e3 * max(t):7.2f}  {moved / min(t) / 1e6:6.0f} GB/s", flush=True)
 
 
-def package(rounds: int = 3):
-    """The package's own calls, as benchmarks/run.py times them, with `runtime.STREAM_LOADS` / `STREAM_STORES`
-    set to each policy in turn: every case of the softmax, layer norm and dropout benchmarks, wall time
-    (`measure_ms`) and GPU time (`measure_gpu_ms`), in interleaved rounds, one process."""
-    from triton_transformer.bench import dropout as b_dropout, layer_norm as b_layer_norm, softmax as b_softmax
-    from triton_transformer.bench import measure_gpu_ms
-
-    variants = [("", ""), ("evict_first", ""), ("evict_first", "evict_first")]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"us, min (max) over {rounds} rounds: wall (do_bench), GPU (CUDA graph)")
-    wall, gpu = {}, {}
-    # a case's tensors live only until the generator moves on (the cases delete them): rounds within a case
-    for c in (c for mod in (b_softmax, b_layer_norm, b_dropout) for c in mod.cases()):
-        for _ in range(rounds):
-            for lp, sp in variants:
-                runtime.STREAM_LOADS, runtime.STREAM_STORES = lp, sp
-                k = (c.kernel, c.pass_, "x".join(map(str, c.shape)), f"{lp or '-'}/{sp or '-'}")
-                wall.setdefault(k, []).append(measure_ms(c.providers["triton"], c.grad_to_none))
-                gpu.setdefault(k, []).append(measure_gpu_ms(c.providers["triton"], c.grad_to_none))
-            if "copy" in c.providers:
-                k = (c.kernel, c.pass_, "x".join(map(str, c.shape)), "copy")
-                wall.setdefault(k, []).append(measure_ms(c.providers["copy"]))
-                gpu.setdefault(k, []).append(measure_gpu_ms(c.providers["copy"]))
-        for k in [k for k in wall if k[:3] == (c.kernel, c.pass_, "x".join(map(str, c.shape)))]:
-            print(f"  {' '.join(k[:3]):28s} {k[3]:24s} wall {1e3 * min(wall[k]):8.2f} ({1e3 * max(wall[k]):8.2f})"
-                  f"  gpu {1e3 * min(gpu[k]):8.2f} ({1e3 * max(gpu[k]):8.2f})", flush=True)
-    runtime.STREAM_LOADS = runtime.STREAM_STORES = ""
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["package"]:
-        package(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
-    else:
-        main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
