@@ -35,6 +35,37 @@ def test_reference_philox_matches_random123_vectors():
         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _philox_kernel(c_ptr, out_ptr, seed, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    c0 = tl.load(c_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    c1 = tl.load(c_ptr + n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    c2 = tl.load(c_ptr + 2 * n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    c3 = tl.load(c_ptr + 3 * n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    r0, r1, r2, r3 = D.philox(seed, c0, c1, c2, c3)
+    tl.store(out_ptr + i, r0.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + n + i, r1.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 2 * n + i, r2.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 3 * n + i, r3.to(tl.int32, bitcast=True), mask=m)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 9, 2**32 + 5, 2**63 - 1])
+def test_philox_words_match_the_reference(seed, device):
+    """`dropout.philox` (in PTX on an NVIDIA GPU, tl.philox elsewhere): all four words, any counter, any key."""
+    n = 300
+    gen = torch.Generator().manual_seed(seed % 1000)
+    counters = torch.randint(-2**31, 2**31, (4, n), generator=gen, dtype=torch.int64)
+    counters[:, :2] = torch.tensor([[0, -1]] * 4)  # counter words 0 and 0xFFFFFFFF
+    counters = counters.to(torch.int32)
+    out = torch.empty(4, n, dtype=torch.int32, device=device)
+    _philox_kernel[(1,)](counters.to(device), out, seed, n, BLOCK=512)
+    got = out.cpu().numpy().view("uint32")
+    want = D.philox4x32_reference(seed, *counters.numpy().view("uint32"))
+    for k in range(4):
+        assert (got[k] == want[k]).all(), (seed, k)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_mask_is_the_reference_mask(p, device):
     """Bit for bit: element e keeps iff word e % 4 of Philox(seed, e // 4) >= p * 2**32."""

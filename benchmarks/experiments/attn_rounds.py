@@ -6,8 +6,8 @@ Causal attention forward at the seed model's shape (16 x 8 heads x 1024 tokens x
 replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_tile` swapped for:
 
   p0        no dropout at all (p = 0: the kernel compiled without its mask code)
-  g10       the package's mask: one Philox4x32-10 call per four elements (32 bits each)
-  g7, g4    the same with 7 and 4 rounds
+  g10       the package's mask: one Philox4x32-10 call per four elements (32 bits each), `dropout.philox`
+  g7, g4    the same with 7 and 4 rounds (through tl.philox, so compare them with tl10)
   h16       one call per eight elements, each word's two 16-bit halves compared with a 16-bit threshold
   q8        one call per sixteen elements, 8-bit quarters (FlashAttention's choice)
   none      every element kept: what the rest of the dropout path costs
@@ -15,13 +15,12 @@ replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_t
             rounds, nothing joined (the package's own mask)
   pairs     one call per two columns, the pair's two words picked by its place: twice the rounds, words joined in
             pairs (the package's mask too)
-  wide      g10's calls with Philox written in PTX, each product one mul.wide.u32 (both halves) where tl.philox
-            asks for a mul.hi and a mul.lo (the package's mask too)
-
+  tl10      g10's calls through tl.philox, which asks for each product's halves as a mul.hi and a mul.lo: the
+            package's mask as it was drawn before `dropout.philox` (Philox in PTX, one mul.wide.u32 a product)
 Only the amount of integer work matters here; h16 and q8 draw masks of their own (not the package's).
 
 Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of three; every variant tuned to 64 x 64 tiles, 4
-warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218), g7 140.5, g4 119.7, h16
+warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218; through tl.philox then, today's tl10), g7 140.5, g4 119.7, h16
 142.5 (178), q8 126.2 (178). So the whole of dropout's cost in the forward is making the mask (keeping every
 element through the same code costs nothing), and most of it is Philox's rounds: about 7 us a round, 70 of the 100
 us; the rest (~29 us, what 0 rounds would leave) is the counter arithmetic, joining the words into the tile and
@@ -33,10 +32,13 @@ pairs 230.4 (209 registers). Four words a call joined into the tile is the cheap
 costs far less than the rounds it spares. The package keeps Philox4x32-10 and 32 bits: 7 rounds would change every
 mask (and the dropout chapter's generator) for ~20 us a kernel, and fewer bits would round p.
 
-wide is not measured yet (a lead): compiled offline for sm_90 (Triton 3.9's ptxas), a 64 x 64 tile's mask on 4
-warps is 748 SASS instructions against 920 through tl.philox, the 128 IMAD.HI.U32 and most of the 173 IMAD
-becoming 160 IMAD.WIDE.U32. Whether it is faster depends on what an IMAD.WIDE costs to issue; run
-`attn_rounds.py --only g10 wide` (it checks the mask tile for tile first).
+Then Philox in PTX (first as a variant "wide", now the package's `dropout.philox`, so g10): compiled offline for
+sm_90 (Triton 3.9's ptxas), a 64 x 64 tile's mask on 4 warps is 748 SASS instructions against 920 through
+tl.philox, the 128 IMAD.HI.U32 and most of the 173 IMAD becoming 160 IMAD.WIDE.U32. Measured (same GPU and
+versions): 151.1 us, and 151.5 in a second run, against 162.3 through tl.philox (tl10; registers 220 and 218,
+same tiles), the mask checked tile for tile first. In the seed model's training step with dropout 0.1
+(benchmarks/run.py) the step went from 8.98 ms (1.04x torch.compile's 9.34, an earlier run) to 8.69 (1.06x its
+9.21, one process). The rounds measured above (g7, g4) went through tl.philox: compare them with tl10.
 
 From an earlier probe of the same question (attn_mask_cost.py, since removed: its variants set keep_tile on the
 package's function `attention`, not on the module, so every one of them ran the package's mask): forward+backward
@@ -48,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = ["p0", "g10", "g7", "g4", "h16", "q8", "none", "element", "pairs", "wide"]
+VARIANTS = ["p0", "g10", "tl10", "g7", "g4", "h16", "q8", "none", "element", "pairs"]
 
 if len(sys.argv) < 2 or sys.argv[1] == "--only":  # --only V [V ...]: just those variants
     for v in sys.argv[2:] or VARIANTS:  # a fresh Triton cache each: no variant can load another's compiled kernels
@@ -141,39 +143,10 @@ def keep_pairs(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr
     return (r >= D._threshold(p)) & (p < 1.0)
 
 
-def _philox_wide_asm(rounds: int) -> str:
-    """PTX for Philox4x32-`rounds` as tl.philox computes it, each round's two products as one mul.wide.u32 apiece
-    (high and low halves from one instruction; tl.philox asks for them as a mul.hi and a mul.lo)."""
-    body = ["{", ".reg .u32 %pc<10>;", ".reg .u64 %pw<2>;"]
-    body += [f"mov.u32 %pc{i}, ${i + 4};" for i in range(6)]  # c0..c3, k0 (%pc4), k1 (%pc5)
-    for _ in range(rounds):
-        body += ["mul.wide.u32 %pw0, %pc0, 0xD2511F53;",  # A * c0
-                 "mul.wide.u32 %pw1, %pc2, 0xCD9E8D57;",  # B * c2
-                 "mov.b64 {%pc6, %pc7}, %pw0;",           # lo, hi of A * c0
-                 "mov.b64 {%pc8, %pc9}, %pw1;",           # lo, hi of B * c2
-                 "xor.b32 %pc0, %pc9, %pc1;", "xor.b32 %pc0, %pc0, %pc4;",  # c0 = hi(B c2) ^ c1 ^ k0
-                 "xor.b32 %pc2, %pc7, %pc3;", "xor.b32 %pc2, %pc2, %pc5;",  # c2 = hi(A c0) ^ c3 ^ k1
-                 "mov.u32 %pc1, %pc8;", "mov.u32 %pc3, %pc6;",              # c1 = lo(B c2), c3 = lo(A c0)
-                 "add.u32 %pc4, %pc4, 0x9E3779B9;", "add.u32 %pc5, %pc5, 0xBB67AE85;"]
-    body += [f"mov.u32 ${i}, %pc{i};" for i in range(4)] + ["}"]
-    return "\n".join(body)
-
-
-PHILOX_WIDE_ASM = tl.constexpr(_philox_wide_asm(10))
-
-
 @triton.jit
-def keep_wide(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
-    # keep_mask_2d's mask, its Philox written in PTX with one mul.wide.u32 per product
-    lo, hi, zero = _counters(row_base, rows, col_start, n_cols, BLOCK_N)
-    key = seed.to(tl.uint64)
-    k0 = zero + (key & 0xFFFFFFFF).to(tl.uint32)
-    k1 = zero + ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0, r1, r2, r3 = tl.inline_asm_elementwise(PHILOX_WIDE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r",
-                                               [lo, hi, zero, zero, k0, k1],
-                                               dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
-                                               is_pure=True, pack=1)
-    return (_joined(r0, r1, r2, r3, rows.shape[0], BLOCK_N) >= D._threshold(p)) & (p < 1.0)
+def keep_tl10(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    # g10's calls through tl.philox: the package's mask as keep_mask_2d drew it before dropout.philox
+    return (_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 10) >= D._threshold(p)) & (p < 1.0)
 
 
 @triton.jit
@@ -189,21 +162,21 @@ def _two_masks(out_ptr, seed, row_base, n_cols, p, BM: tl.constexpr, BN: tl.cons
     tl.store(out_ptr + offs, D.keep_tile(seed, row_base, rows, 8, n_cols, p, BN, True).to(tl.int8))
     if VARIANT == "element":
         other = keep_element(seed, row_base, rows, 8, n_cols, p, BN, True)
-    elif VARIANT == "wide":
-        other = keep_wide(seed, row_base, rows, 8, n_cols, p, BN, True)
+    elif VARIANT == "tl10":
+        other = keep_tl10(seed, row_base, rows, 8, n_cols, p, BN, True)
     else:
         other = keep_pairs(seed, row_base, rows, 8, n_cols, p, BN, True)
     tl.store(out_ptr + BM * BN + offs, other.to(tl.int8))
 
 
 variant = sys.argv[1]
-if variant in ("element", "pairs", "wide"):  # the package's mask drawn another way, checked tile for tile
+if variant in ("element", "pairs", "tl10"):  # the package's mask drawn another way, checked tile for tile
     masks = torch.empty(2, 64, 64, dtype=torch.int8, device=runtime.DEVICE)
     _two_masks[(1,)](masks, 1234567, 5 * 1024, 1024, 0.3, BM=64, BN=64, VARIANT=variant)
     print(f"{variant}: the package's mask: {torch.equal(masks[0], masks[1])} (kept {masks[0].float().mean():.3f})")
 A.keep_tile = {"p0": D.keep_tile, "g10": D.keep_tile, "g7": keep_g7, "g4": keep_g4, "h16": keep_h16,
                "q8": keep_q8, "none": keep_none, "element": keep_element, "pairs": keep_pairs,
-               "wide": keep_wide}[variant]
+               "tl10": keep_tl10}[variant]
 p = 0.0 if variant == "p0" else 0.1
 
 B, H, N, Dh = 16, 8, 1024, 64
