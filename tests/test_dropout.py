@@ -35,7 +35,7 @@ def test_reference_philox_matches_random123_vectors():
         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit  # the seed may be specialised: a seed of 1 reaches `philox` as a constexpr
 def _philox_kernel(c_ptr, out_ptr, seed, n, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     m = i < n
@@ -50,20 +50,71 @@ def _philox_kernel(c_ptr, out_ptr, seed, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + 3 * n + i, r3.to(tl.int32, bitcast=True), mask=m)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2**31 + 9, 2**32 + 5, 2**63 - 1])
-def test_philox_words_match_the_reference(seed, device):
-    """`dropout.philox` (in PTX on an NVIDIA GPU, tl.philox elsewhere): all four words, any counter, any key."""
-    n = 300
-    gen = torch.Generator().manual_seed(seed % 1000)
+def _counters(n: int, gen_seed: int) -> torch.Tensor:
+    """(4, n) random 32-bit counter words as int32, the first two columns all 0 and all 0xFFFFFFFF."""
+    gen = torch.Generator().manual_seed(gen_seed)
     counters = torch.randint(-2**31, 2**31, (4, n), generator=gen, dtype=torch.int64)
-    counters[:, :2] = torch.tensor([[0, -1]] * 4)  # counter words 0 and 0xFFFFFFFF
-    counters = counters.to(torch.int32)
+    counters[:, :2] = torch.tensor([[0, -1]] * 4)
+    return counters.to(torch.int32)
+
+
+SEEDS = [0, 1, -5, 2**31 + 9, 2**32 + 5, 2**63 - 1, -2**63]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_philox_words_match_the_reference(seed, device):
+    """`dropout.philox` (in PTX on an NVIDIA GPU, tl.philox elsewhere): all four words, against the NumPy reference."""
+    n = 300
+    counters = _counters(n, seed % 1000)
     out = torch.empty(4, n, dtype=torch.int32, device=device)
-    _philox_kernel[(1,)](counters.to(device), out, seed, n, BLOCK=512)
+    compiled = _philox_kernel[(1,)](counters.to(device), out, seed, n, BLOCK=512)
     got = out.cpu().numpy().view("uint32")
     want = D.philox4x32_reference(seed, *counters.numpy().view("uint32"))
     for k in range(4):
         assert (got[k] == want[k]).all(), (seed, k)
+    if ON_GPU:  # the words above came from the PTX, not from tl.philox
+        assert D.PTX_PHILOX
+        assert "mul.wide.u32" in compiled.asm["ptx"] and "mul.hi.u32" not in compiled.asm["ptx"]
+
+
+def _run_ptx(ptx: str, operands) -> list[int]:
+    """Interpret `philox_ptx`'s straight-line PTX on Python ints (operands $4...), returning $0-$3."""
+    m32 = 0xFFFFFFFF
+    regs = {f"${i + 4}": v for i, v in enumerate(operands)}
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        a = [t.strip() for t in rest.replace("{", "").replace("}", "").split(",")]
+        val = lambda t: int(t, 16) if t.startswith("0x") else regs[t]  # noqa: E731
+        if op == "mul.wide.u32":
+            regs[a[0]] = val(a[1]) * val(a[2])
+        elif op == "mov.b64":  # {low, high} halves of a 64-bit register
+            regs[a[0]], regs[a[1]] = regs[a[2]] & m32, regs[a[2]] >> 32
+        elif op == "xor.b32":
+            regs[a[0]] = val(a[1]) ^ val(a[2])
+        elif op == "add.u32":
+            regs[a[0]] = (val(a[1]) + val(a[2])) & m32
+        elif op == "mov.u32":
+            regs[a[0]] = val(a[1])
+        else:
+            raise AssertionError(f"an instruction this test does not know: {line}")
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("rounds", [1, 7, 10])
+def test_philox_ptx_text_is_philox(rounds):
+    """The PTX itself, run by a small interpreter of its five instructions, on any machine (the CPU tests
+    never execute PTX): every word against the reference, keys with either half set."""
+    ptx = D.philox_ptx(rounds)
+    counters = _counters(40, rounds).numpy().view("uint32").astype("int64")
+    for seed in SEEDS + [2**64 - 1]:
+        key = D.normalize_seed(seed) % 2**64
+        want = D.philox4x32_reference(seed, *counters, rounds=rounds)
+        for j in range(counters.shape[1]):
+            got = _run_ptx(ptx, [int(c) for c in counters[:, j]] + [key & 0xFFFFFFFF, key >> 32])
+            assert got == [int(w[j]) for w in want], (rounds, seed, j)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -70,7 +70,8 @@ _PHILOX_PTX = tl.constexpr(philox_ptx())
 def philox(seed, c0, c1, c2, c3):
     """The four uint32 words of Philox4x32-10 at counter (c0, c1, c2, c3) (uint32 blocks) under key `seed`: ``tl.philox``."""
     if PTX_PHILOX:
-        key = seed.to(tl.uint64)
+        tl.static_assert(c0.dtype.primitive_bitwidth == 32, "philox: the counter words must be 32-bit")
+        key = tl.cast(seed, tl.uint64)  # tl.cast, not seed.to: a seed of 1, or a literal, arrives as a constexpr
         k0 = c0 * 0 + (key & 0xFFFFFFFF).to(tl.uint32)  # the key as blocks shaped like the counter
         k1 = c0 * 0 + ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
         r0, r1, r2, r3 = tl.inline_asm_elementwise(_PHILOX_PTX, "=r,=r,=r,=r,r,r,r,r,r,r", [c0, c1, c2, c3, k0, k1],

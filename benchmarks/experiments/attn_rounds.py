@@ -7,7 +7,7 @@ replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_t
 
   p0        no dropout at all (p = 0: the kernel compiled without its mask code)
   g10       the package's mask: one Philox4x32-10 call per four elements (32 bits each), `dropout.philox`
-  g7, g4    the same with 7 and 4 rounds (through tl.philox, so compare them with tl10)
+  g7, g4    the same with 7 and 4 rounds
   h16       one call per eight elements, each word's two 16-bit halves compared with a 16-bit threshold
   q8        one call per sixteen elements, 8-bit quarters (FlashAttention's choice)
   none      every element kept: what the rest of the dropout path costs
@@ -17,6 +17,7 @@ replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_t
             pairs (the package's mask too)
   tl10      g10's calls through tl.philox, which asks for each product's halves as a mul.hi and a mul.lo: the
             package's mask as it was drawn before `dropout.philox` (Philox in PTX, one mul.wide.u32 a product)
+
 Only the amount of integer work matters here; h16 and q8 draw masks of their own (not the package's).
 
 Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of three; every variant tuned to 64 x 64 tiles, 4
@@ -38,7 +39,8 @@ tl.philox, the 128 IMAD.HI.U32 and most of the 173 IMAD becoming 160 IMAD.WIDE.U
 versions): 151.1 us, and 151.5 in a second run, against 162.3 through tl.philox (tl10; registers 220 and 218,
 same tiles), the mask checked tile for tile first. In the seed model's training step with dropout 0.1
 (benchmarks/run.py) the step went from 8.98 ms (1.04x torch.compile's 9.34, an earlier run) to 8.69 (1.06x its
-9.21, one process). The rounds measured above (g7, g4) went through tl.philox: compare them with tl10.
+9.21, one process). Every other variant above (g7, g4, h16, q8, pairs) calls tl.philox: compare it with
+tl10. element calls dropout.keep_mask, so it now runs the PTX too; its 442.3 us was measured through tl.philox.
 
 From an earlier probe of the same question (attn_mask_cost.py, since removed: its variants set keep_tile on the
 package's function `attention`, not on the module, so every one of them ran the package's mask): forward+backward

@@ -2,8 +2,8 @@
 
     python3 benchmarks/experiments/evict.py           # copies of the kernels, every policy pair
 
-    git checkout e8a97fe -- triton_transformer benchmarks/experiments/evict.py   # the A/B in the package
-    python3 benchmarks/experiments/evict.py package                               # (then check out main again)
+    git worktree add /tmp/evict e8a97fe && cd /tmp/evict   # the A/B in the package, at the commit that had it
+    python3 benchmarks/experiments/evict.py package
 
 `bench.measure_ms` is `triton.testing.do_bench`, which zeroes a 256 MB buffer before every call to
 flush the L2. The call then starts with the 50 MB L2 full of *dirty* lines of that buffer: each line
