@@ -68,7 +68,8 @@ _PHILOX_PTX = tl.constexpr(philox_ptx())
 
 @triton.jit
 def philox(seed, c0, c1, c2, c3):
-    """The four uint32 words of Philox4x32-10 at counter (c0, c1, c2, c3) (uint32 blocks) under key `seed`: ``tl.philox``."""
+    """Philox4x32-10's four uint32 words at counter (c0, c1, c2, c3) (uint32 blocks of one shape) under key
+    `seed`: what ``tl.philox(seed, c0, c1, c2, c3)`` returns, from PTX on an NVIDIA GPU (see `philox_ptx`)."""
     if PTX_PHILOX:
         tl.static_assert(c0.dtype.primitive_bitwidth == 32, "philox: the counter words must be 32-bit")
         key = tl.cast(seed, tl.uint64)  # tl.cast, not seed.to: a seed of 1, or a literal, arrives as a constexpr

@@ -21,8 +21,8 @@ replayed as a CUDA graph (bench.measure_gpu_ms), p = 0.1, with `attention.keep_t
 Only the amount of integer work matters here; h16 and q8 draw masks of their own (not the package's).
 
 Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, min of three; every variant tuned to 64 x 64 tiles, 4
-warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218; through tl.philox then, today's tl10), g7 140.5, g4 119.7, h16
-142.5 (178), q8 126.2 (178). So the whole of dropout's cost in the forward is making the mask (keeping every
+warps, 3 stages, no spills): p0 62.3 us (128 registers), none 62.8 (128), g10 162.0 (218; through tl.philox
+then, today's tl10), g7 140.5, g4 119.7, h16 142.5 (178), q8 126.2 (178). So the whole of dropout's cost in the forward is making the mask (keeping every
 element through the same code costs nothing), and most of it is Philox's rounds: about 7 us a round, 70 of the 100
 us; the rest (~29 us, what 0 rounds would leave) is the counter arithmetic, joining the words into the tile and
 moving the mask into the accumulator's layout. Fewer bits per element save less than the rounds they spare: 16-bit
