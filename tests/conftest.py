@@ -1,5 +1,6 @@
 """Shared test set-up: the package is imported first, so it chooses GPU or interpreter before triton loads."""
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,14 @@ def count_launches(monkeypatch, kernel):
         calls.extend([1] if k is kernel else [])
         return launch(k, grid, *args, **meta)
     monkeypatch.setattr(runtime, "launch", counting)
+    return calls
+
+
+def dropout_calls(monkeypatch):
+    """A list that gets one entry per run of the dropout kernel's host function (forward or backward)."""
+    dropout_module = importlib.import_module("triton_transformer.dropout")  # the package's `dropout` is the function
+    calls, forward = [], dropout_module.dropout_forward
+    monkeypatch.setattr(dropout_module, "dropout_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     return calls
 
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import ON_GPU, assert_close_named, count_launches, cuda_only
+from conftest import ON_GPU, assert_close_named, count_launches, cuda_only, dropout_calls
 
 from triton_transformer.transformer import DecodeGraph, KVCache, Transformer, TransformerConfig
 
@@ -196,15 +196,10 @@ def test_feed_forward_is_one_node(device, monkeypatch):
     kernel for the squared ReLU's derivative, none for the dropout (masked in the first GEMM's epilogue).
     FUSED_FEED_FORWARD off composes linear, dropout, linear; with the same seeds both draw the same masks,
     and the losses and gradients agree."""
-    import importlib
-
     import triton_transformer.matmul as MM
 
-    D = importlib.import_module("triton_transformer.dropout")  # the package's `dropout` is the function
-
     passes = count_launches(monkeypatch, MM._act_bwd_kernel)
-    drops, forward = [], D.dropout_forward
-    monkeypatch.setattr(D, "dropout_forward", lambda *a, **k: drops.append(1) or forward(*a, **k))
+    drops = dropout_calls(monkeypatch)
     x = ids(device)
     for ff_dropout in (0.0, 0.3):
         torch.manual_seed(0)

@@ -97,13 +97,19 @@ def _words(seed, row_base, rows, col_start, n_cols, WIDTH: tl.constexpr, ROUNDS:
 
 
 @triton.jit
+def _kept(r, p):
+    # the package's test on 32-bit words (dropout.keep_mask_2d): kept where r >= p * 2**32, nothing kept at p >= 1
+    return (r >= D._threshold(p)) & (p < 1.0)
+
+
+@triton.jit
 def keep_g7(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
-    return (_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 7) >= D._threshold(p)) & (p < 1.0)
+    return _kept(_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 7), p)
 
 
 @triton.jit
 def keep_g4(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
-    return (_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 4) >= D._threshold(p)) & (p < 1.0)
+    return _kept(_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 4), p)
 
 
 @triton.jit
@@ -141,14 +147,13 @@ def keep_pairs(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr
     hi = (counter.to(tl.int64) >> 32).to(tl.uint32)
     zero = lo * 0
     r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
-    r = tl.reshape(tl.join(tl.where(upper, r2, r0), tl.where(upper, r3, r1)), [BM, BLOCK_N])
-    return (r >= D._threshold(p)) & (p < 1.0)
+    return _kept(tl.reshape(tl.join(tl.where(upper, r2, r0), tl.where(upper, r3, r1)), [BM, BLOCK_N]), p)
 
 
 @triton.jit
 def keep_tl10(seed, row_base, rows, col_start, n_cols, p, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
     # g10's calls through tl.philox: the package's mask as keep_mask_2d drew it before dropout.philox
-    return (_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 10) >= D._threshold(p)) & (p < 1.0)
+    return _kept(_words(seed, row_base, rows, col_start, n_cols, BLOCK_N, 10), p)
 
 
 @triton.jit
