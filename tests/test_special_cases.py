@@ -231,6 +231,7 @@ def test_bf16_before_ampere_and_gpus_before_volta_are_clear_errors(monkeypatch, 
 
     monkeypatch.setattr(runtime, "_capability", lambda index: (7, 5))
     monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla T4", major=7, minor=5))
+    monkeypatch.setattr(runtime, "_ACCEPTED", set())  # forget the dtypes this GPU passed as an H100
     x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
     for op in (lambda: tt.softmax(x), lambda: tt.layer_norm(x, 64), lambda: tt.dropout(x, 0.1),
                lambda: tt.linear(x, x), lambda: tt.cross_entropy(x, torch.zeros(4, dtype=torch.long, device=device))):
@@ -240,6 +241,7 @@ def test_bf16_before_ampere_and_gpus_before_volta_are_clear_errors(monkeypatch, 
     # and a GPU Triton cannot compile for at all (Kaggle's P100) is named as such, whatever the dtype
     monkeypatch.setattr(runtime, "_capability", lambda index: (6, 0))
     monkeypatch.setattr(runtime, "_cuda_properties", lambda index: SimpleNamespace(name="Tesla P100", major=6, minor=0))
+    monkeypatch.setattr(runtime, "_ACCEPTED", set())  # the fp16 the T4 accepted above is not a P100's
     for dtype in (torch.float16, torch.bfloat16):
         with pytest.raises(RuntimeError, match="Tesla P100 has compute capability 6.0; Triton compiles kernels for 7.0"):
             tt.softmax(x.to(dtype))

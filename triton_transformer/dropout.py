@@ -316,7 +316,7 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int, seed_base: torch.Tenso
     if p >= 1.0:  # every element dropped; times 0 rather than zeros, so a NaN or inf stays NaN as in F.dropout
         return x * 0
     x_c = x.contiguous()
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x_c)
     n = x_c.numel()
     if n == 0:
         return y

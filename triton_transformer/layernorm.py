@@ -198,7 +198,8 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
     `h` (rows, N), which the caller allocates in the dtype the sum should have.
     """
     n_rows, n_cols = x2.shape
-    y2 = torch.empty((n_rows, n_cols), dtype=out_dtype or x2.dtype, device=x2.device)
+    y2 = torch.empty_like(x2) if out_dtype in (None, x2.dtype) else \
+        torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     mean = rstd = None
     if store_stats:
         mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
@@ -224,8 +225,7 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_part_ptr, db_part_ptr,
-                           dh_ptr, dr_ptr, drb_part_ptr,
+def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, part_ptr, dh_ptr, dr_ptr,
                            x_row_stride, dy_row_stride, dx_row_stride, dh_row_stride, dr_row_stride,
                            n_rows, n_cols, rows_per_program, eps,
                            ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
@@ -238,11 +238,16 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
     # here too; its gradient, the column sums of that same gradient, is summed like dbias.
     # Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and walks
     # them ROWS at a time. Besides dx it sums dy * xhat and dy over its rows, in a fixed
-    # order, and writes those partial sums to row p of the [programs, N] buffers.
+    # order, and writes those partial sums to row p of the [programs, N] buffers: one fp32 buffer of
+    # [2 or 3, programs, N] holds dweight's, dbias' and the residual bias' (one allocation, no views).
     pid = tl.program_id(0).to(tl.int64)
     first_row = pid * rows_per_program
     cols = tl.arange(0, BLOCK_N)
     part_offset = pid * n_cols
+    part_size = tl.num_programs(0).to(tl.int64) * n_cols
+    dw_part_ptr = part_ptr
+    db_part_ptr = part_ptr + part_size
+    drb_part_ptr = part_ptr + 2 * part_size
 
     if SINGLE_BLOCK:
         col_mask = cols < n_cols
@@ -365,10 +370,14 @@ def _layer_norm_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
 
 
 @triton.jit
-def _sum_partials_kernel(dw_part_ptr, db_part_ptr, drb_part_ptr, dw_ptr, db_ptr, drb_ptr, n_parts, n_cols,
+def _sum_partials_kernel(part_ptr, dw_ptr, db_ptr, drb_ptr, n_parts, n_cols,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                          COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DRB: tl.constexpr):
     # Column block per program; the partial rows are added in the same order on every run.
+    part_size = tl.cast(n_parts, tl.int64) * n_cols  # [dweight's, dbias', residual bias'] partials, as above
+    dw_part_ptr = part_ptr
+    db_part_ptr = part_ptr + part_size
+    drb_part_ptr = part_ptr + 2 * part_size
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < n_cols
     parts = tl.arange(0, BLOCK_P)
@@ -448,16 +457,21 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     compute_dw = compute_dw and weight is not None
     compute_drb = residual_bias_dtype is not None
     compute_dx = compute_dx or compute_drb  # the residual bias's gradient is summed from dx
-    dx2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device) if compute_dx else None
-    db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
-    # The partial-sum kernel writes every column of dweight and dbias: no zero fill (one launch each) needed,
-    # except with no rows at all, where they are empty sums.
-    alloc_sum = torch.zeros if x2.numel() == 0 else torch.empty
-    dw = alloc_sum(n_cols, dtype=weight.dtype, device=x2.device) if compute_dw else None
-    db = alloc_sum(n_cols, dtype=db_dtype, device=x2.device) if compute_db else None
-    drb = alloc_sum(n_cols, dtype=residual_bias_dtype, device=x2.device) if compute_drb else None
-    if x2.numel() == 0:
-        return dx2, dw, db, drb
+    if x2.numel() == 0:  # no rows: dweight and dbias are empty sums, zeros
+        db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
+        zeros = lambda dtype: torch.zeros(n_cols, dtype=dtype, device=x2.device)  # noqa: E731
+        return (torch.empty_like(x2) if compute_dx else None, zeros(weight.dtype) if compute_dw else None,
+                zeros(db_dtype) if compute_db else None, zeros(residual_bias_dtype) if compute_drb else None)
+    # The partial-sum kernel writes every column of dweight and dbias, so they need no zero fill (a launch
+    # each). `empty_like` where it can: it costs half of `torch.empty(shape, dtype=, device=)` on the host.
+    dx2 = torch.empty_like(x2) if compute_dx else None
+    dw = torch.empty_like(weight) if compute_dw else None
+    db = None
+    if compute_db:
+        db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
+        db = torch.empty_like(weight) if weight is not None and weight.dtype == db_dtype else \
+            torch.empty(n_cols, dtype=db_dtype, device=x2.device)
+    drb = torch.empty(n_cols, dtype=residual_bias_dtype, device=x2.device) if compute_drb else None
 
     rows, block, single, num_warps, programs = _bwd_params(n_rows, n_cols, x2.device, x2.element_size())
     programs = max(1, min(num_programs or programs, cdiv(n_rows, rows)))
@@ -468,19 +482,16 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     recompute = mean is None
     dummy = x2  # stands in for pointers a flag leaves unused
     part = None
-    dw_part = db_part = drb_part = dummy
     if compute_dw or compute_db or compute_drb:
         # fp32 partial sums, [0] for dweight, [1] for dbias and [2] for the residual's bias. The
         # single-block path overwrites its row; the looping path adds into it, so it starts from zero.
         alloc = torch.empty if single else torch.zeros
         part = alloc((3 if compute_drb else 2, programs, n_cols), dtype=torch.float32, device=x2.device)
-        dw_part, db_part, *rest = part.unbind(0)
-        drb_part = rest[0] if compute_drb else dummy
 
     launch(_layer_norm_bwd_kernel, (programs,),
            x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
            dummy if recompute else mean, dummy if recompute else rstd,
-           dw_part, db_part, dh if dh is not None else dummy, dr if dr is not None else dummy, drb_part,
+           part if part is not None else dummy, dh if dh is not None else dummy, dr if dr is not None else dummy,
            x2.stride(0), dy2.stride(0), n_cols, dh.stride(0) if dh is not None else 0,
            dr.stride(0) if dr is not None else 0, n_rows, n_cols, rows_per_program, eps,
            ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
@@ -490,7 +501,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     if part is not None:
         block_c, block_p = _sum_params(n_cols, x2.device)
         launch(_sum_partials_kernel, (cdiv(n_cols, block_c),),
-               dw_part, db_part, drb_part, dw if compute_dw else dummy, db if compute_db else dummy,
+               part, dw if compute_dw else dummy, db if compute_db else dummy,
                drb if compute_drb else dummy, programs, n_cols,
                BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                COMPUTE_DRB=compute_drb, num_warps=4)
@@ -546,6 +557,10 @@ class LayerNormFunction(torch.autograd.Function):
 
 def _normalized(normalized_shape) -> tuple[int, ...]:
     """normalized_shape as a tuple of ints (numpy and torch integers included, as F.layer_norm takes them)."""
+    if type(normalized_shape) is int:  # the common cases first, without the general path's conversions
+        return (normalized_shape,)
+    if type(normalized_shape) in (tuple, torch.Size) and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        return tuple(normalized_shape)
     try:
         if not isinstance(normalized_shape, (tuple, list, torch.Size)):
             return (runtime.as_int("normalized_shape", normalized_shape),)
@@ -564,18 +579,17 @@ def _check_args(x, normalized_shape, weight, bias, out_dtype, residual_bias=None
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"layer_norm: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     shape = _normalized(normalized_shape)
-    if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    x_shape = x.shape
+    if len(shape) > len(x_shape) or x_shape[len(x_shape) - len(shape):] != shape:
         raise ValueError(f"layer_norm: normalized_shape {list(shape)} must match the last dimensions of the "
-                         f"input, got input of shape {list(x.shape)}")
+                         f"input, got input of shape {list(x_shape)}")
     for name, p in (("weight", weight), ("bias", bias), ("residual_bias", residual_bias)):
-        if p is None:
-            continue
-        check_tensor(f"layer_norm {name}", p, dtypes=FLOAT_DTYPES, device=x.device)
-        if tuple(p.shape) != shape:
-            raise ValueError(f"layer_norm: {name} has shape {list(p.shape)} but normalized_shape is {list(shape)}")
+        if p is not None:
+            check_tensor(f"layer_norm {name}", p, dtypes=FLOAT_DTYPES, device=x.device)
+            if p.shape != shape:
+                raise ValueError(f"layer_norm: {name} has shape {list(p.shape)} but normalized_shape is {list(shape)}")
     n_cols = math.prod(shape)
-    n_rows = math.prod(x.shape[:x.dim() - len(shape)])
-    return n_rows, n_cols
+    return math.prod(x_shape[:len(x_shape) - len(shape)]), n_cols
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -592,9 +606,8 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     """
     n_rows, n_cols = _check_args(x, normalized_shape, weight, bias, out_dtype)
     eps = runtime.as_float("layer_norm: eps", eps)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         return shaped(LayerNormFunction.apply(x, weight, bias, n_rows, n_cols, eps, out_dtype), x.shape)
     # Inference: no autograd context and no statistics stored.
     y2, _, _ = layer_norm_forward(_as_rows(x, n_rows, n_cols), *_flat_params(weight, bias), eps,

@@ -194,6 +194,10 @@ def pow2_at_least_16(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
+#: (dtype, device) pairs that have passed `check_tensor`'s device and GPU-capability checks once.
+_ACCEPTED: set = set()
+
+
 def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.device | None = None, ndim=None,
                  dot: bool = False) -> None:
     """Raise a clear error when an input is not something our kernels accept.
@@ -201,7 +205,16 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     Catching these here, in Python, is what turns a crash deep inside Triton (or a
     silently wrong result) into a message that names the problem. `dot`: the tensor goes
     through `tl.dot`, which Triton's interpreter computes wrongly in bf16.
+
+    Every public function checks its inputs on every call, so the common case is one set lookup:
+    a tensor whose dtype and device passed the full checks before needs only its own layout checked.
     """
+    if isinstance(t, torch.Tensor):
+        where = t.device
+        if ((t.dtype, where) in _ACCEPTED and (dtypes is None or t.dtype in dtypes) and ndim is None
+                and (device is None or where == device) and (not dot or not INTERPRET)
+                and t.layout is torch.strided and not t.is_nested):
+            return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -238,6 +251,7 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
         allowed = ndim if isinstance(ndim, int) else " or ".join(map(str, ndim))
         raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(t.shape)}")
+    _ACCEPTED.add((t.dtype, where))
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,6 +281,8 @@ def positive_int(value) -> int | None:
 def as_float(what: str, value) -> float:
     """`value` as a Python float if it is a real number (numpy's, and a 0-dim real tensor, as PyTorch's ops
     take them), else a TypeError naming `what`."""
+    if type(value) is float:  # the common case, before the general tests
+        return value
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool

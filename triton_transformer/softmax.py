@@ -312,7 +312,7 @@ def _grid(n_rows: int, single: bool, programs_per_sm: int, device: torch.device)
 
 def softmax_forward(x2: torch.Tensor, causal: bool = False, rows_per_matrix: int = 1) -> torch.Tensor:
     n_rows, n_cols = x2.shape
-    y2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    y2 = torch.empty_like(x2)  # (a row-strided x2 is not dense: y2 then comes out contiguous)
     block, single, num_warps = _launch_params(n_cols, x2.element_size())
     first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
     launch(_softmax_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM[0], x2.device),
