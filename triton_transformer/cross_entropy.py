@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
-                      shaped)
+                      num_sms, shaped)
 from .softmax import (LOG2E, ONLINE_STAGES, _grid, load_lanes, load_pieces, online_combine, online_update, pieces_max,
                       row_pieces, strided)
 
@@ -59,6 +59,10 @@ MAX_FUSED_BLOCK = 65536
 ONLINE_BLOCK = 8192
 #: Programs per SM on the online path, as chapter 1's softmax forward (its loops pipeline as deep: ONLINE_STAGES).
 ONLINE_PROGRAMS_PER_SM = 4
+#: Short rows (up to TILE // 2 columns) go ROWS to a program, in tiles of about TILE values, at most
+#: MAX_TILE_ROWS rows (`_cross_entropy_rows`).
+TILE = 4096
+MAX_TILE_ROWS = 128
 #: Targets counted per program of the small pre-pass.
 STATS_BLOCK = 1024
 
@@ -113,7 +117,8 @@ def _row_loss(m, d, x_target, counted):
 
 
 @triton.jit
-def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, write_grad, rows_per_batch,
+def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, loss_scale, write_grad,
+                       rows_per_batch,
                        x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index,
                        BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr,
                        SINGLE_BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr,
@@ -153,7 +158,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
             d += _sum_exp(x1, m)
         if PIECE2 > 0:
             d += _sum_exp(x2, m)
-        tl.store(loss_ptr + row, _row_loss(m, d, x_target, counted))
+        tl.store(loss_ptr + row, _row_loss(m, d, x_target, counted) * loss_scale)
         if HAS_GRAD:
             if write_grad:
                 log2_d = tl.log2(d)
@@ -174,7 +179,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
             x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE).to(tl.float32)
             m, d = online_update(m, d, x)
         m_row, d_row = online_combine(m, d)
-        tl.store(loss_ptr + row, _row_loss(m_row, d_row, x_target, counted))
+        tl.store(loss_ptr + row, _row_loss(m_row, d_row, x_target, counted) * loss_scale)
         if HAS_GRAD:
             if write_grad:
                 # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
@@ -186,6 +191,49 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
 
 
 @triton.jit
+def _cross_entropy_rows(logits_ptr, target_ptr, loss_ptr, grad_ptr, tile, mean_scale, loss_scale, write_grad, n_rows,
+                        rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
+                        n_cols, ignore_index, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_GRAD: tl.constexpr,
+                        UNIT_STRIDE: tl.constexpr):
+    """Loss and gradient of ROWS short rows at once, as one (ROWS, BLOCK) tile: `_cross_entropy_row` for
+    each of them, row by row along the tile's first axis.
+
+    At a byte-level vocabulary (256 columns) a program per row has 512 bytes to move, and 8192 such
+    programs spent their time on the chain of dependent steps each row needs (the target, its logit,
+    the row, the max, the sum); a tile of rows runs those chains side by side.
+    """
+    rows = tile.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    b = rows // rows_per_batch
+    t = rows - b * rows_per_batch
+    x_rows = logits_ptr + b * x_stride_b + t * x_stride_t
+    g_rows = grad_ptr + b * g_stride_b + t * g_stride_t
+
+    target = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    counted = row_ok & (target != ignore_index)
+    in_range = (target >= 0) & (target < n_cols)
+    x_target = tl.load(x_rows + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
+    x_target = tl.where(in_range, x_target, float("nan"))
+    scale = tl.where(counted, mean_scale, 0.0)
+    target_col = tl.where(in_range, target, -1).to(tl.int32)
+
+    cols = tl.arange(0, BLOCK)
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_rows[:, None] + strided(cols, x_stride_v, UNIT_STRIDE)[None, :], mask=mask,
+                other=-float("inf")).to(tl.float32)
+    m = tl.max(x, axis=1)
+    m = tl.where(row_ok, m, 0.0)  # rows past the end: keep -inf - -inf (NaN) and log(0) out of the arithmetic
+    d = tl.where(row_ok, tl.sum(tl.exp2((x - m[:, None]) * LOG2E), axis=1), 1.0)
+    tl.store(loss_ptr + rows, _row_loss(m, d, x_target, counted) * loss_scale, mask=row_ok)
+    if HAS_GRAD:
+        if write_grad:
+            p = tl.exp2((x - m[:, None]) * LOG2E - tl.log2(d)[:, None])
+            grad = (p - tl.where(cols[None, :] == target_col[:, None], 1.0, 0.0)) * scale[:, None]
+            tl.store(g_rows[:, None] + strided(cols, g_stride_v, UNIT_STRIDE)[None, :],
+                     grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr, target_ptr, loss_ptr, grad_ptr, stats_ptr,
     n_rows, rows_per_batch,                  # rows = B * T of (B, T, V)
@@ -193,8 +241,8 @@ def _cross_entropy_fwd_kernel(
     g_stride_b, g_stride_t, g_stride_v,      # strides of the gradient buffer
     n_cols, ignore_index,
     BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, STOP_ON_BAD: tl.constexpr,
-    UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr,
+    HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, LOSS_MEAN: tl.constexpr, STOP_ON_BAD: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, ROWS: tl.constexpr,
 ):
     # Gradient scale of counted rows: 1 for "sum"/"none" (and an fp16 "mean", see cross_entropy_forward),
     # 1/(counted rows) for "mean".
@@ -202,43 +250,56 @@ def _cross_entropy_fwd_kernel(
     mean_scale = 1.0
     if MEAN:
         mean_scale = 1.0 / tl.maximum(tl.load(stats_ptr), 1).to(tl.float32)
+    # LOSS_MEAN: each row's loss is stored already divided by the count, so that the mean is one sum (no
+    # division kernel after it). With every row ignored the scale is NaN, and so is the mean, as PyTorch's 0/0.
+    loss_scale = 1.0
+    if LOSS_MEAN:
+        count = tl.load(stats_ptr)
+        loss_scale = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(tl.float32), float("nan"))
     # STOP_ON_BAD: the host reads the count back and raises (see _cross_entropy_row). In a CUDA graph it
     # cannot, so every row's gradient is written: the good rows' are right, and a bad row's loss is NaN.
     write_grad = True
     if STOP_ON_BAD:
         write_grad = tl.load(stats_ptr + 1) == 0
-    if SINGLE_BLOCK:  # a program per row
+    if ROWS > 1:  # short rows, ROWS to a program
+        _cross_entropy_rows(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0), mean_scale, loss_scale,
+                            write_grad, n_rows, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
+                            g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index, BLOCK, ROWS, HAS_GRAD,
+                            UNIT_STRIDE)
+    elif SINGLE_BLOCK:  # a program per row
         _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
-                           write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
+                           loss_scale, write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
                            g_stride_b, g_stride_t, g_stride_v,
                            n_cols, ignore_index, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
     else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-            _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, write_grad,
+            _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, loss_scale, write_grad,
                                rows_per_batch, x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v,
                                n_cols, ignore_index, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE,
                                STAGES)
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, dloss_ptr, dloss_stride, rows_per_batch, g_stride_b, g_stride_t, g_stride_v,
-                       n_cols, BLOCK: tl.constexpr):
+def _scale_rows_kernel(grad_ptr, dloss_ptr, dloss_stride, n_rows, rows_per_batch, g_stride_b, g_stride_t,
+                       g_stride_v, n_cols, BLOCK: tl.constexpr):
     # The backward of the fused loss: grad *= dloss[row] (dloss_stride = 0 for "mean"/"sum", where
     # dloss is one scalar). When dloss is exactly 1 -- loss.backward() on a "mean" or "sum" loss --
     # the buffer already holds the answer: each program reads one scalar and returns, with no
-    # host-device sync to find that out.
-    row = tl.program_id(0).to(tl.int64)
-    g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
-    if g != 1.0:
-        b = row // rows_per_batch
-        t = row - b * rows_per_batch
-        g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+    # host-device sync to find that out. A few programs per SM loop over the rows: a program per
+    # row cost 6 us at 8192 rows just to start programs that return at once.
+    if (dloss_stride != 0) | (tl.load(dloss_ptr).to(tl.float32) != 1.0):
         cols = tl.arange(0, BLOCK).to(tl.int64)
-        for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            ptrs = g_row + (start + cols) * g_stride_v
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            g = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
+            if g != 1.0:
+                b = row // rows_per_batch
+                t = row - b * rows_per_batch
+                g_row = grad_ptr + b * g_stride_b + t * g_stride_t
+                for start in range(0, n_cols, BLOCK):
+                    mask = start + cols < n_cols
+                    ptrs = g_row + (start + cols) * g_stride_v
+                    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                    tl.store(ptrs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None = None) -> tuple[int, bool, int]:
@@ -254,6 +315,11 @@ def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None
     # 64 registers a thread for 64 values and spill (1537 against 756 us at (8192, 50304)): 16 there.
     num_warps = 32 if single and block == 32768 else min(16, max(4, block // 1024))
     return block, single, num_warps
+
+
+def _rows_per_program(block: int) -> int:
+    """Rows a program takes when a row is short: tiles of ~TILE values (1 for rows of TILE or more)."""
+    return max(1, min(MAX_TILE_ROWS, TILE // block))
 
 
 def _row_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -340,22 +406,22 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     block, single, num_warps = _launch_params(n_cols, logits.element_size(), single_block)
     first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
     fold_mean = reduction == "mean" and logits.dtype != torch.float16
-    launch(_cross_entropy_fwd_kernel, _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
+    rows = _rows_per_program(block) if single and not second else 1  # (a row in pieces is a long one)
+    launch(_cross_entropy_fwd_kernel,
+           (cdiv(n_rows, rows),) if rows > 1 else _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
            BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
+           LOSS_MEAN=reduction == "mean", ROWS=rows,
            STOP_ON_BAD=bad_targets.will_check, UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES,
            num_warps=num_warps)
     grad_scale = None
     if with_grad and reduction == "mean" and not fold_mean:
         grad_scale = 1.0 / stats[0].clamp(min=1).float()
 
-    if reduction == "mean":
-        loss = loss_rows.sum() / stats[0]  # 0 / 0 = NaN when every row is ignored, as in PyTorch
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows  # (rows,): `cross_entropy` gives it the targets' shape, outside the autograd.Function
+    # "mean": each row's loss came divided by the count (NaN if every row is ignored), so it is a sum too.
+    # "none": (rows,), which `cross_entropy` gives the targets' shape, outside the autograd.Function.
+    loss = loss_rows if reduction == "none" else loss_rows.sum()
     # The check comes now, when the main kernel is queued: the host waits for the pre-pass only and the
     # GPU keeps busy meanwhile. (Checking before queueing the main kernel left the GPU idle while the host
     # queued it.) The main kernel wrote no gradient if a target was bad, so logits given with inplace=True
@@ -372,7 +438,8 @@ def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     dloss_stride = dloss.stride(0) if dloss.numel() == n_rows and n_rows > 1 else 0
     rows_per_batch, sb, st, sv = _row_layout(grad)
     block = min(ONLINE_BLOCK, next_power_of_2(n_cols))
-    launch(_scale_rows_kernel, (n_rows,), grad, dloss, dloss_stride, rows_per_batch, sb, st, sv, n_cols,
+    launch(_scale_rows_kernel, (min(n_rows, ONLINE_PROGRAMS_PER_SM * num_sms(grad.device)),), grad, dloss,
+           dloss_stride, n_rows, rows_per_batch, sb, st, sv, n_cols,
            BLOCK=block, num_warps=min(16, max(4, block // 1024)))
     return grad
 

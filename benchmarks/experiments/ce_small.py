@@ -1,0 +1,37 @@
+"""Where cross-entropy's forward+backward spends GPU time at a byte-level vocabulary (8192 x 256), ours
+against torch.compile's, kernel by kernel (torch.profiler, CUDA time). (GPU)
+
+    python3 benchmarks/experiments/ce_small.py
+"""
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import triton_transformer as tt
+
+N, V = 8192, 256
+logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+target = torch.randint(0, V, (N,), device="cuda")
+compiled = torch.compile(lambda x, t: F.cross_entropy(x, t), dynamic=False)  # as the benchmark
+cases = {"triton": lambda: tt.cross_entropy(logits, target).backward(),
+         "torch.compile": lambda: compiled(logits, target).backward(),
+         "torch": lambda: F.cross_entropy(logits, target).backward()}
+for name, fn in cases.items():
+    for _ in range(20):
+        fn()
+        logits.grad = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            fn()
+            logits.grad = None
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = 0.0
+    print(f"== {name}")
+    for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0)):
+        t = getattr(e, "self_device_time_total", 0) / 50
+        if t > 0:
+            total += t
+            print(f"   {t:7.2f} us  x{e.count // 50:<2d} {e.key[:90]}")
+    print(f"   {total:7.2f} us  total per call")
