@@ -2,6 +2,13 @@
 against torch.compile's, kernel by kernel (torch.profiler, CUDA time). (GPU)
 
     python3 benchmarks/experiments/ce_small.py
+
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16, us of CUDA time per call): before,
+ours 27.2 in all: the main kernel 10.8 (a program per row), the backward's scale kernel 5.9 (a program
+per row, each returning at once), the mean's sum 2.8 and division 1.6, the target pre-pass 2.6, the
+count's copy to the host 1.4, two fills 1.0 each. torch.compile 16.5 (8.9 + 3.3 + 3.3 + a fill),
+eager 33.1. After tiles of 16 rows, a scale kernel on a few programs per SM and the mean folded
+into the row losses: ours 14.5 (main kernel 4.1, scale 1.3, no division).
 """
 import torch
 import torch.nn.functional as F
