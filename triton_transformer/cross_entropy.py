@@ -311,8 +311,8 @@ def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None
     single = whole <= MAX_FUSED_BLOCK * 2 // element_size if single_block is None else single_block
     block = whole if single else min(ONLINE_BLOCK, whole)
     # A warp per 1024 lanes, 4 to 16, and 32 for a row of 32 768 held whole: measured on the H100 (bf16,
-    # (8192, 32000), `probe.py warps`), 421 against 484 us at 16 warps. At 65 536 lanes 32 warps leave
-    # 64 registers a thread for 64 values and spill (1537 against 756 us at (8192, 50304)): 16 there.
+    # (8192, 32000), `probe.py warps`), 421 against 484 us at 16 warps. At 65 536 lanes 32 warps cap a
+    # thread at 64 registers, 32 of them its 64 bf16 values, and spill (1537 against 756 us at (8192, 50304)): 16 there.
     num_warps = 32 if single and block == 32768 else min(16, max(4, block // 1024))
     return block, single, num_warps
 

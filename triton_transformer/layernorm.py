@@ -559,7 +559,8 @@ def _normalized(normalized_shape) -> tuple[int, ...]:
     """normalized_shape as a tuple of ints (numpy and torch integers included, as F.layer_norm takes them)."""
     if type(normalized_shape) is int:  # the common cases first, without the general path's conversions
         return (normalized_shape,)
-    if type(normalized_shape) in (tuple, torch.Size) and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+    if (type(normalized_shape) in (tuple, torch.Size) and len(normalized_shape) == 1
+            and type(normalized_shape[0]) is int):
         return tuple(normalized_shape)
     try:
         if not isinstance(normalized_shape, (tuple, list, torch.Size)):

@@ -219,7 +219,7 @@ def _activation_grad(s, ACTIVATION: tl.constexpr):
     relu^2: act'(z) = 2 relu(z) = 2 sqrt(y), NaN where y is (code 4: 2 relu(z), from z itself)
     gelu:   y = z s(z) with s = sigmoid(z (K1 + K2 z^2)), so act' = s + z s (1 - s) (K1 + 3 K2 z^2).
             The sigmoid form even for a 16-bit result, where the forward's epilogue takes tanh.approx: the
-            tanh form, (1 + t) / 2 + z (1 - t^2) u' with t = tanh(u), cancels as t nears -1 (z below -2,
+            tanh form, (1 + t) / 2 + z (1 - t^2) u' / 2 with t = tanh(u), cancels as t nears -1 (z below -2,
             where act' is small): tanh.approx's error bound, 2**-11 of t, is 20% of act'(-3) = -0.0116.
             Measured (`benchmarks/experiments/act_bwd.py`), it would have saved 3% of this memory-bound pass.
     """
@@ -242,8 +242,9 @@ def _grad_at_input(s, ACT_GRAD: tl.constexpr, S_DROPPED: tl.constexpr, c):
     """The factor that takes a gradient at an activation's output to its input: act'(z), from s (`_activation_grad`).
 
     S_DROPPED: the output was dropped too, d = act(z) * keep * c with c = 1 / (1 - p), and s is d itself
-    (relu and relu^2 only). Then dd/dz = keep * c * act'(z) = c * act'(d / c): where an element was
-    dropped, d = 0 and act'(0) = 0 carries the mask, which the backward never regenerates. Written
+    (relu and relu^2 only). With g(y) = act'(z) written as a function of the output y = act(z) ([y > 0]
+    for relu, 2 sqrt(y) for relu^2), dd/dz = keep * c * act'(z) = c * g(d / c): where an element was
+    dropped, d = 0 and g(0) = 0 carries the mask, which the backward never regenerates. Written
     without the division: c [d > 0] for relu, c * 2 sqrt(d / c) = 2 sqrt(c d) for relu^2. (A dropped
     element whose activation was inf or NaN is stored as NaN, and relu passes its gradient on, where
     linear, dropout, linear would give 0; the row's output is NaN either way.)
