@@ -219,6 +219,7 @@ def run_case(case: Case) -> list[dict]:
                 # whole-model steps replay graphs of their own (a graph cannot record a replay)
                 gpu_ms = measure_gpu_ms(fn, case.grad_to_none) if recorded is None and "tokens" not in (
                     case.extra or {}) else None
+                getattr(fn, "release", lambda: None)()  # what the provider holds on to (a recorded graph)
         except Exception as err:  # a provider that cannot run this case (e.g. torch.compile OOM) is reported, not fatal
             print(f"  {case.kernel} {case.pass_} {case.shape} {provider}: failed: {type(err).__name__}: {err}"[:300])
             continue
