@@ -16,6 +16,8 @@ tensor of training, so this is where most of the memory is saved.
 
 When the row fits in one block (up to MAX_FUSED_BLOCK columns in bf16/fp16, half
 that in fp32) a program owns one row and keeps it on chip: one read, one write.
+Short rows (a byte-level vocabulary of 256) go several to a program, as one tile of
+about TILE values, so that a program has more than a few hundred bytes to move.
 Longer rows use the online logsumexp (running max, rescaled running sum; Milakov &
 Gimelshein) over blocks of ONLINE_BLOCK, then a second pass re-reads the row to
 write the gradient; there a few programs per SM loop over the rows, so that the
@@ -312,7 +314,8 @@ def _launch_params(n_cols: int, element_size: int = 2, single_block: bool | None
     block = whole if single else min(ONLINE_BLOCK, whole)
     # A warp per 1024 lanes, 4 to 16, and 32 for a row of 32 768 held whole: measured on the H100 (bf16,
     # (8192, 32000), `probe.py warps`), 421 against 484 us at 16 warps. At 65 536 lanes 32 warps cap a
-    # thread at 64 registers, 32 of them its 64 bf16 values, and spill (1537 against 756 us at (8192, 50304)): 16 there.
+    # thread at 64 registers, 32 of them its 64 bf16 values, and spill (1537 against 756 us at
+    # (8192, 50304)): 16 there.
     num_warps = 32 if single and block == 32768 else min(16, max(4, block // 1024))
     return block, single, num_warps
 
