@@ -119,6 +119,23 @@ def _row_loss(m, d, x_target, counted):
 
 
 @triton.jit
+def _target_terms(x_row, target, counted, n_cols, x_stride_v, mean_scale):
+    """(the target's logit in fp32, the gradient's scale, the target as an int32 column) of a row, or of a
+    block of rows (`x_row` then a block of row pointers)."""
+    # The target's logit, read only when the target is a real column: a bad target never
+    # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
+    in_range = (target >= 0) & (target < n_cols)
+    x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
+    # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
+    x_target = tl.where(in_range, x_target, float("nan"))
+    scale = tl.where(counted, mean_scale, 0.0)  # an ignored row's gradient is 0
+    # The target as an int32 column, as cols (-1, no column, when it is not one): compared with an
+    # int64 target, the columns would be widened lane by lane.
+    target_col = tl.where(in_range, target, -1).to(tl.int32)
+    return x_target, scale, target_col
+
+
+@triton.jit
 def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, loss_scale, write_grad,
                        rows_per_batch,
                        x_stride_b, x_stride_t, x_stride_v, g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index,
@@ -137,16 +154,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
 
     target = tl.load(target_ptr + row).to(tl.int64)
     counted = target != ignore_index
-    # The target's logit, read only when the target is a real column: a bad target never
-    # causes an out-of-bounds read (the wrapper raises on it after the pre-pass counted it).
-    in_range = (target >= 0) & (target < n_cols)
-    x_target = tl.load(x_row + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
-    # A bad target's loss is NaN: when nothing can read the check back (a CUDA graph), the loss shows it.
-    x_target = tl.where(in_range, x_target, float("nan"))
-    scale = tl.where(counted, mean_scale, 0.0)  # an ignored row's gradient is 0
-    # The target as an int32 column, as cols (-1, no column, when it is not one): compared with an
-    # int64 target, the columns would be widened lane by lane.
-    target_col = tl.where(in_range, target, -1).to(tl.int32)
+    x_target, scale, target_col = _target_terms(x_row, target, counted, n_cols, x_stride_v, mean_scale)
 
     if SINGLE_BLOCK:
         # The whole row on chip: read once, loss and gradient from the same values. It is held in up to
@@ -213,11 +221,7 @@ def _cross_entropy_rows(logits_ptr, target_ptr, loss_ptr, grad_ptr, tile, mean_s
 
     target = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     counted = row_ok & (target != ignore_index)
-    in_range = (target >= 0) & (target < n_cols)
-    x_target = tl.load(x_rows + target * x_stride_v, mask=counted & in_range, other=0.0).to(tl.float32)
-    x_target = tl.where(in_range, x_target, float("nan"))
-    scale = tl.where(counted, mean_scale, 0.0)
-    target_col = tl.where(in_range, target, -1).to(tl.int32)
+    x_target, scale, target_col = _target_terms(x_rows, target, counted, n_cols, x_stride_v, mean_scale)
 
     cols = tl.arange(0, BLOCK)
     mask = row_ok[:, None] & (cols < n_cols)[None, :]

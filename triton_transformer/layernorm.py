@@ -457,8 +457,8 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     compute_dw = compute_dw and weight is not None
     compute_drb = residual_bias_dtype is not None
     compute_dx = compute_dx or compute_drb  # the residual bias's gradient is summed from dx
+    db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
     if x2.numel() == 0:  # no rows: dweight and dbias are empty sums, zeros
-        db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
         zeros = lambda dtype: torch.zeros(n_cols, dtype=dtype, device=x2.device)  # noqa: E731
         return (torch.empty_like(x2) if compute_dx else None, zeros(weight.dtype) if compute_dw else None,
                 zeros(db_dtype) if compute_db else None, zeros(residual_bias_dtype) if compute_drb else None)
@@ -468,7 +468,6 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
     dw = torch.empty_like(weight) if compute_dw else None
     db = None
     if compute_db:
-        db_dtype = bias_dtype or (weight.dtype if weight is not None else dy2.dtype)
         db = torch.empty_like(weight) if weight is not None and weight.dtype == db_dtype else \
             torch.empty(n_cols, dtype=db_dtype, device=x2.device)
     drb = torch.empty(n_cols, dtype=residual_bias_dtype, device=x2.device) if compute_drb else None

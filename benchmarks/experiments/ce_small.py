@@ -33,7 +33,6 @@ for name, fn in cases.items():
             fn()
             logits.grad = None
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = 0.0
     print(f"== {name}")
     for e in sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0)):
