@@ -5,7 +5,7 @@
     python train.py --data book.txt            # any file
     python train.py --resume                   # continue runs/gpt/ckpt.pt exactly where it stopped
     torchrun --nproc_per_node=8 train.py       # data parallel, one process per GPU
-    python train.py --bench --steps 2000       # triton vs torch vs torch.compile -> train_run results rows
+    python train.py --bench --steps 2000       # triton vs torch, torch.compile (each also graphed) -> train_run rows
     python train.py --help                     # every option
 
 Without a GPU it says so and trains a tiny configuration on the CPU. Everything

@@ -543,12 +543,13 @@ def test_bench_without_a_gpu_is_a_clear_error(corpus_file, tmp_path):
 # ---------------------------------------------------------------- CUDA graphs
 
 @pytest.mark.skipif(runtime.DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("use_triton,dropout", [(True, 0.0), (False, 0.0), (True, 0.1), (False, 0.1)])
-def test_cuda_graph_steps_equal_eager_steps(corpus_file, tmp_path, use_triton, dropout):
+@pytest.mark.parametrize("use_triton,dropout,compile", [(True, 0.0, False), (False, 0.0, False), (True, 0.1, False),
+                                                        (False, 0.1, False), (False, 0.0, True)])
+def test_cuda_graph_steps_equal_eager_steps(corpus_file, tmp_path, use_triton, dropout, compile):
     """Replaying the recorded step trains exactly as running it eagerly: same kernels, same order, same bits,
-    and with dropout the same masks (eager steps key them from a seed base too)."""
+    and with dropout the same masks (eager steps key them from a seed base too). A torch.compile'd step too."""
     kw = dict(steps=6, batch_size=2, eval_every=6, sample_len=0, device="auto", use_triton=use_triton,
-              dropout=dropout)
+              dropout=dropout, compile=compile)
     eager = training.train(cfg(corpus_file, tmp_path / "eager", cuda_graph=False, **kw))
     graphed = training.train(cfg(corpus_file, tmp_path / "graph", cuda_graph=True, **kw))
     assert losses(graphed.log_path) == losses(eager.log_path)
@@ -731,6 +732,8 @@ def test_cuda_graph_says_when_a_run_cannot_be_recorded():
     assert training.CudaGraphStep.unsupported(TrainConfig(dropout=0.1), gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(TrainConfig(grad_accum=2), gpu, torch.bfloat16) is None
     assert training.CudaGraphStep.unsupported(ok, gpu, torch.float16) == "fp16 loss scaling"
+    for compiled in (TrainConfig(compile=True), TrainConfig(compile=True, use_triton=False, dropout=0.1)):
+        assert training.CudaGraphStep.unsupported(compiled, gpu, torch.bfloat16) is None
 
 
 def test_scaling_runs_are_kept_apart_from_the_provider_comparison(corpus_file, tmp_path, monkeypatch):
@@ -742,9 +745,10 @@ def test_scaling_runs_are_kept_apart_from_the_provider_comparison(corpus_file, t
     kw = dict(TINY, data=str(corpus_file), steps=2, eval_every=2, sample_len=0)
     training.benchmark("torch", TrainConfig(**kw), out_root=str(tmp_path / "runs"))
     training.benchmark("torch", TrainConfig(**{**kw, "grad_accum": 2}), out_root=str(tmp_path / "runs"), scaling=True)
+    training.benchmark("torch graph", TrainConfig(**kw), out_root=str(tmp_path / "runs"))  # eager here: no GPU
     gpu_dir = next((tmp_path / "logs").iterdir())
-    assert [p.name for p in gpu_dir.glob("*.jsonl")] == ["torch.jsonl"]
+    assert sorted(p.name for p in gpu_dir.glob("*.jsonl")) == ["torch.jsonl", "torch_graph.jsonl"]
     assert [p.name for p in gpu_dir.glob("scaling/*.jsonl")] == ["torch_1gpus_accum2.jsonl"]
     rows, logs = training.scaling_runs()
     assert [r["grad_accum"] for r in rows] == [2] and list(logs) == ["torch_1gpus_accum2"]
-    assert training.committed_logs()[1].keys() == {"torch"}
+    assert training.committed_logs()[1].keys() == {"torch", "torch graph"}  # the provider's name, read back

@@ -23,7 +23,8 @@ is what ``python train.py`` runs. Read it top to bottom:
    every step's batch (a flat gradient buffer averaged in buckets by all-reduces recorded in
    the step's CUDA graph, DistributedDataParallel otherwise), rank 0 logging and checkpointing.
 6. **Benchmark rows**: `benchmark` trains one configuration with one provider
-   (triton, torch, torch.compile) and returns a ``train_run`` results row.
+   (triton; torch and torch.compile, each also replayed as a CUDA graph) and returns a
+   ``train_run`` results row.
 """
 
 from __future__ import annotations
@@ -150,11 +151,15 @@ RESUMABLE_OVERRIDES = {"use_triton", "compile", "cuda_graph", "data_parallel", "
                        "device", "cache_dir"}
 _INVOCATION = {"out_dir", "progress", "stop_at", "device", "cache_dir"}
 
-#: How each benchmark provider trains: the Triton model, the PyTorch path eager, and the PyTorch path compiled.
+#: How each benchmark provider trains: the Triton model (its step replayed as a CUDA graph, as train.py runs it),
+#: the PyTorch path eager and compiled as PyTorch runs them by default (each kernel launched from the host), and
+#: the same two replayed as CUDA graphs by the same `CudaGraphStep`, so that launch cost is no part of the margin.
 PROVIDERS = {
     "triton": dict(use_triton=True, compile=False, cuda_graph=True),
     "torch": dict(use_triton=False, compile=False, cuda_graph=False),
     "torch.compile": dict(use_triton=False, compile=True, cuda_graph=False),
+    "torch graph": dict(use_triton=False, compile=False, cuda_graph=True),
+    "torch.compile graph": dict(use_triton=False, compile=True, cuda_graph=True),
 }
 
 
@@ -839,8 +844,9 @@ class CudaGraphStep:
     @staticmethod
     def unsupported(cfg: TrainConfig, device: torch.device, amp_dtype) -> str | None:
         """Why this run cannot use a CUDA graph, or None if it can."""
-        reasons = [(device.type != "cuda", "no CUDA device"), (amp_dtype == torch.float16, "fp16 loss scaling"),
-                   (cfg.compile, "torch.compile")]
+        # torch.compile'd steps record too: measured on the H100 (benchmarks/experiments/compile_graph.py), both
+        # paths compiled, with dropout and without, record, and their replays draw new masks each time.
+        reasons = [(device.type != "cuda", "no CUDA device"), (amp_dtype == torch.float16, "fp16 loss scaling")]
         return next((why for bad, why in reasons if bad), None)
 
     def _forward_backward(self, x, y, cache: bool) -> torch.Tensor:
@@ -1175,7 +1181,9 @@ def train(cfg: TrainConfig, resume: bool | str | os.PathLike | None = None) -> T
         # The step: a recorded CUDA graph where possible; under several processes, gradients averaged in buckets
         # of a flat buffer, recorded with the backward ("flat", what a graph needs), or by DDP ("ddp").
         why_not = CudaGraphStep.unsupported(cfg, d.device, amp_dtype) if cfg.cuda_graph else "--no-cuda-graph"
-        flat = d.world > 1 and (cfg.data_parallel == "flat" or (cfg.data_parallel == "auto" and why_not is None))
+        # (torch.compile under several processes goes through DDP: the flat buffer's path is not tried with it)
+        flat = d.world > 1 and (cfg.data_parallel == "flat"
+                                or (cfg.data_parallel == "auto" and why_not is None and not cfg.compile))
         if flat and (amp_dtype == torch.float16 or cfg.compile):
             raise TrainingError("--data-parallel flat runs without fp16 loss scaling or torch.compile; "
                                 "use --data-parallel ddp")
@@ -1404,8 +1412,14 @@ def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
 
 
 def run_dir(out_root: str | os.PathLike, provider: str) -> Path:
-    """Where `benchmark` puts one provider's log and checkpoint: <out_root>/<provider, dots as underscores>."""
-    return Path(out_root) / provider.replace(".", "_")
+    """Where `benchmark` puts one provider's log and checkpoint: <out_root>/<provider, dots and spaces as
+    underscores>."""
+    return Path(out_root) / provider.replace(".", "_").replace(" ", "_")
+
+
+def _log_name(provider: str) -> str:
+    """A provider's committed training log's file name: spaces as underscores (`committed_logs` reads them back)."""
+    return provider.replace(" ", "_") + ".jsonl"
 
 
 def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = True, out_root: str = "runs/bench",
@@ -1432,7 +1446,7 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
     if record and result.log_path is not None:  # rank 0
         bench.append([row])
         # scaling runs (scripts/scaling.sh) are kept apart from the provider comparison's logs
-        name = f"scaling/{provider}_{world}gpus_accum{cfg.grad_accum}.jsonl" if scaling else f"{provider}.jsonl"
+        name = f"scaling/{provider.replace(' ', '_')}_{world}gpus_accum{cfg.grad_accum}.jsonl" if scaling else _log_name(provider)
         dest = TRAIN_LOGS_DIR / bench.results_file(row["gpu"]).stem / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(Path(result.log_path).read_text())
@@ -1461,7 +1475,7 @@ def committed_logs(gpu: str | None = None) -> tuple[str | None, dict[str, list[d
     dirs = sorted(p for p in TRAIN_LOGS_DIR.iterdir() if p.is_dir() and (gpu is None or p.name == gpu))
     if not dirs:
         return None, {}
-    logs = {p.stem: read_log(p) for p in sorted(dirs[0].glob("*.jsonl"))}
+    logs = {p.stem.replace("_", " "): read_log(p) for p in sorted(dirs[0].glob("*.jsonl"))}
     return dirs[0].name, logs
 
 
@@ -1515,7 +1529,7 @@ def argument_parser() -> argparse.ArgumentParser:
                "  python train.py --data enwik8 --steps 20000\n"
                "  python train.py --resume                 # continue runs/gpt/ckpt.pt exactly\n"
                "  torchrun --nproc_per_node=8 train.py     # data parallel, one process per GPU\n"
-               "  python train.py --bench --steps 2000     # triton vs torch vs torch.compile: train_run rows")
+               "  python train.py --bench --steps 2000     # triton vs torch, torch.compile (each also graphed): train_run rows")
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'stdlib' (default: this Python's standard library sources), 'enwik8' "
@@ -1554,7 +1568,8 @@ def argument_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("benchmark")
     g.add_argument("--bench", action="store_true", help="train once per provider and append train_run rows to "
                                                         "benchmarks/results/<gpu>.jsonl")
-    g.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    g.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS),
+                   help="which to train (quote the graphed ones: --providers triton 'torch.compile graph')")
     g.add_argument("--no-record", action="store_true", help="with --bench: print the rows, write nothing")
     g.add_argument("--scaling", action="store_true", help="with --bench: a data-parallel scaling run "
                                                           "(scripts/scaling.sh), kept apart from the comparison")

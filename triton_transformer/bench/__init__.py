@@ -34,6 +34,9 @@ PROVIDER_COLORS = {
     "triton": "#2a7ab9",
     "torch": "#e8833a",
     "torch.compile": "#5aa156",
+    # the same two replayed as CUDA graphs (training steps), in lighter shades of their colours
+    "torch graph": "#f5bf8f",
+    "torch.compile graph": "#a9d3a1",
     "cublas": "#8c6bb1",
     "sdpa": "#c44e52",
     "naive": "#8c8c8c",
