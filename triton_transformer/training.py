@@ -849,12 +849,14 @@ class CudaGraphStep:
         reasons = [(device.type != "cuda", "no CUDA device"), (amp_dtype == torch.float16, "fp16 loss scaling")]
         return next((why for bad, why in reasons if bad), None)
 
-    def _forward_backward(self, x, y, cache: bool) -> torch.Tensor:
+    def _forward_backward(self, x, y) -> torch.Tensor:
         if self.flat is not None:
             for p, g in zip(self.params, self.grads):
                 p.grad = g  # the backward adds into the flat buffer, in place
-        # autocast's weight cache must stay off while recording: cached casts would outlive the graph's pool
-        amp = (torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=cache) if self.amp_dtype
+        # autocast's weight cache must stay off while recording: cached casts would outlive the graph's pool. Off in
+        # the eager calls too: torch.compile guards on it, and a change at recording would recompile the model
+        # inside the capture, which fails (the cached casts would save a step's few casts of each weight, no more).
+        amp = (torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype
                else contextlib.nullcontext())
         seeds = replayable_seeds(self.seed_base) if self.seed_base is not None else contextlib.nullcontext()
         with amp, seeds:
@@ -889,7 +891,7 @@ class CudaGraphStep:
             self.flat.zero_()  # a new step: its micro-batches' gradients add up from zero
         if self.graph is None and (self.calls < self.warmup or not self.record):
             self.calls += 1
-            return self._reduce(self._forward_backward(x, y, cache=True), last)
+            return self._reduce(self._forward_backward(x, y), last)
         if self.graph is None:
             self.static_x, self.static_y = x.clone(), y.clone()
             if self.flat is None:
@@ -901,7 +903,7 @@ class CudaGraphStep:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             with torch.cuda.graph(self.graph):
-                self.static_loss = self._forward_backward(self.static_x, self.static_y, cache=False)
+                self.static_loss = self._forward_backward(self.static_x, self.static_y)
             self.peak_bytes = torch.cuda.max_memory_allocated()
             if self.flat is None:
                 self.grads = [p.grad for p in self.params]
