@@ -893,7 +893,10 @@ class CudaGraphStep:
             self.calls += 1
             return self._reduce(self._forward_backward(x, y), last)
         if self.graph is None:
-            self.static_x, self.static_y = x.clone(), y.clone()
+            # The batch's own strides, not clone()'s contiguous ones: x and y are views of one (B, T + 1) buffer,
+            # and torch.compile guards on strides (a contiguous copy recompiled the model inside the capture)
+            self.static_x, self.static_y = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                                            .copy_(t) for t in (x, y))
             if self.flat is None:
                 for p in self.params:
                     p.grad = None  # recorded as fresh tensors in the graph's pool, written by every replay

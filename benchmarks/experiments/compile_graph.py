@@ -13,6 +13,9 @@ Found with it (H100, torch 2.11): the cases above passed at once, but train() fa
 TORCH_LOGS=recompiles said why: "GLOBAL_STATE changed: autocast_cache_enabled". The eager warm-up calls ran
 autocast with its weight cache on and the recording with it off, so Dynamo recompiled the model during the
 capture, whose CPU-to-GPU copies a capture forbids. CudaGraphStep now keeps the cache off in every call.
+The next run recompiled again: "tensor 'x' stride mismatch at index 0. expected 129, actual 128". A batch's
+x and y are views of one (B, T + 1) buffer, and the recorded inputs were contiguous clones of them; they
+now keep the batch's strides.
 """
 import tempfile
 
