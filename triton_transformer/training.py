@@ -750,8 +750,8 @@ class CudaGraphStep:
     * the same addresses: every input goes through ``static_x``/``static_y`` (the new batch is copied in), the
       activations and gradients live in the graph's private memory pool, and the optimizer updates the
       parameters in place;
-    * nothing chooses on the host: Triton autotunes and compiles during the first `warmup` calls, which run
-      eagerly, and no kernel of the step reads a value back to the CPU;
+    * nothing chooses on the host: Triton autotunes and compiles (and torch.compile compiles) during the first
+      `warmup` calls, which run eagerly, and no kernel of the step reads a value back to the CPU;
     * the gradients are *written* by a replay, into tensors that were None when the graph was recorded, and
       `__call__` re-attaches them to the parameters should anything have set ``.grad`` to None. With several
       micro-batches per step (`micro_batches`) or several processes they live in one flat buffer instead (each
@@ -1422,9 +1422,10 @@ def run_dir(out_root: str | os.PathLike, provider: str) -> Path:
     return Path(out_root) / provider.replace(".", "_").replace(" ", "_")
 
 
-def _log_name(provider: str) -> str:
-    """A provider's committed training log's file name: spaces as underscores (`committed_logs` reads them back)."""
-    return provider.replace(" ", "_") + ".jsonl"
+def _log_stem(provider: str) -> str:
+    """A provider's name in a committed training log's file name: spaces as underscores (`committed_logs` reads
+    them back)."""
+    return provider.replace(" ", "_")
 
 
 def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = True, out_root: str = "runs/bench",
@@ -1451,7 +1452,8 @@ def benchmark(provider: str, cfg: TrainConfig | None = None, *, record: bool = T
     if record and result.log_path is not None:  # rank 0
         bench.append([row])
         # scaling runs (scripts/scaling.sh) are kept apart from the provider comparison's logs
-        name = f"scaling/{provider.replace(' ', '_')}_{world}gpus_accum{cfg.grad_accum}.jsonl" if scaling else _log_name(provider)
+        stem = _log_stem(provider)
+        name = f"scaling/{stem}_{world}gpus_accum{cfg.grad_accum}.jsonl" if scaling else f"{stem}.jsonl"
         dest = TRAIN_LOGS_DIR / bench.results_file(row["gpu"]).stem / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(Path(result.log_path).read_text())
@@ -1534,7 +1536,7 @@ def argument_parser() -> argparse.ArgumentParser:
                "  python train.py --data enwik8 --steps 20000\n"
                "  python train.py --resume                 # continue runs/gpt/ckpt.pt exactly\n"
                "  torchrun --nproc_per_node=8 train.py     # data parallel, one process per GPU\n"
-               "  python train.py --bench --steps 2000     # triton vs torch, torch.compile (each also graphed): train_run rows")
+               "  python train.py --bench --steps 2000     # triton vs torch, torch.compile, each also graphed")
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'stdlib' (default: this Python's standard library sources), 'enwik8' "
