@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
-                      num_sms, shaped)
+                      shaped)
 from .softmax import (LOG2E, ONLINE_STAGES, _grid, load_lanes, load_pieces, online_combine, online_update, pieces_max,
                       row_pieces, strided)
 
@@ -445,7 +445,7 @@ def scale_rows_(grad: torch.Tensor, dloss: torch.Tensor) -> torch.Tensor:
     dloss_stride = dloss.stride(0) if dloss.numel() == n_rows and n_rows > 1 else 0
     rows_per_batch, sb, st, sv = _row_layout(grad)
     block = min(ONLINE_BLOCK, next_power_of_2(n_cols))
-    launch(_scale_rows_kernel, (min(n_rows, ONLINE_PROGRAMS_PER_SM * num_sms(grad.device)),), grad, dloss,
+    launch(_scale_rows_kernel, _grid(n_rows, False, ONLINE_PROGRAMS_PER_SM, grad.device), grad, dloss,
            dloss_stride, n_rows, rows_per_batch, sb, st, sv, n_cols,
            BLOCK=block, num_warps=min(16, max(4, block // 1024)))
     return grad
