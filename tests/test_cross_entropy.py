@@ -117,6 +117,17 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
     check(torch.randn(37, 300, device=device) * 4, make_target((37,), 300, device, ignore_every=3))
 
 
+def test_rows_walked_by_looping_programs(monkeypatch, device):
+    """A long row held as one block is walked by one program per SM (softmax's `row_loop`): with the
+    threshold lowered, CPU-sized rows of one 8192-lane block loop too, several rows to a program."""
+    S = importlib.import_module("triton_transformer.softmax")
+    monkeypatch.setattr(S, "ROW_LOOP_FROM", 64)
+    for reduction in REDUCTIONS:
+        check(torch.randn(11, 5000, device=device) * 4, make_target((11,), 5000, device, ignore_every=3),
+              reduction=reduction)
+    check(torch.randn(2, 7, 5000, device=device)[:, ::2], make_target((2, 4), 5000, device))  # strided rows
+
+
 def test_rows_held_as_pieces(monkeypatch, device):
     """A long row that a power-of-two block pads heavily is held as pieces (chapter 1's `row_pieces`):
     targets in every piece and in the padding's neighbourhood, ignored rows, strided logits."""

@@ -101,6 +101,35 @@ def test_rows_held_as_pieces(monkeypatch, device):
     assert torch.isnan(softmax(x)[1]).all()
 
 
+def test_rows_walked_by_looping_programs(monkeypatch, device):
+    """Long rows held whole are walked by one program per SM (`row_loop`): with the threshold lowered,
+    CPU-sized rows loop too, several rows to a program (4 in the interpreter), causal and in pieces as well."""
+    monkeypatch.setattr(S, "ROW_LOOP_FROM", 64)
+    if device.type == "cpu":
+        assert S.row_loop(11, 128, 128, 4, device) == ((4,), 1)
+    assert S.row_loop(11, 32, 32, 4, device) == ((11,), 1)  # below the threshold: a program per row
+    check_fwd_bwd(torch.randn(11, 100, device=device) * 3)
+    check_fwd_bwd(torch.randn(3, 7, 90, device=device), causal=True)
+    monkeypatch.setattr(S, "PIECES_FROM", 64)
+    monkeypatch.setattr(S, "MIN_PIECE", 4)
+    check_fwd_bwd(torch.randn(9, 100, device=device) * 3)  # pieces of 64 + 32 + 4
+    check_fwd_bwd(torch.randn(40, 781, device=device)[::3, :500])  # strided rows
+
+
+def test_row_loop_prefetches_what_shared_memory_holds(monkeypatch):
+    """Stages = 1 + the rows that fit beside the reserve, at most 2 ahead; none fit: a program per row."""
+    monkeypatch.setattr(S, "num_sms", lambda device: 132)
+    gpu = torch.device("cuda", 0)  # only its type is read: shared memory and SMs are faked
+    monkeypatch.setattr(S, "shared_memory", lambda device: 232448)  # an H100
+    assert S.row_loop(8192, 65536, 51200, 2, gpu) == ((132,), 3)  # GPT-2's rows in pieces: 2 x 100 KB
+    assert S.row_loop(8192, 32768, 32768, 4, gpu) == ((132,), 2)  # fp32 rows of 128 KB: one ahead
+    assert S.row_loop(100, 32768, 32768, 2, gpu) == ((100,), 3)   # fewer rows than SMs
+    assert S.row_loop(8192, 8192, 8192, 2, gpu) == ((8192,), 1)   # short rows: a program each
+    monkeypatch.setattr(S, "shared_memory", lambda device: 65536)  # a T4
+    assert S.row_loop(8192, 65536, 51200, 2, gpu) == ((8192,), 1)
+    assert S.row_loop(8192, 32768, 20000, 2, gpu) == ((132,), 2)
+
+
 def test_non_contiguous(device):
     base = torch.randn(40, 781, device=device)
     check_fwd_bwd(base[::3, :500])   # strided rows: handled without a copy

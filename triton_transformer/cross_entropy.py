@@ -16,6 +16,13 @@ tensor of training, so this is where most of the memory is saved.
 
 When the row fits in one block (up to MAX_FUSED_BLOCK columns in bf16/fp16, half
 that in fp32) a program owns one row and keeps it on chip: one read, one write.
+A long row held as one block (Llama's vocabulary of 32 000 in a 32 768-lane block)
+is walked instead by one program per SM that prefetches its next rows into shared
+memory while it works on this one (softmax's `row_loop`): measured on the H100 at
+(8192, 32000) bf16, forward+backward 402 us of GPU time against 475 with a program
+per row. A row held as pieces (GPT-2's 50 304) keeps a program per row: there the
+loop was slower at every depth and warp count tried, 775 us at best against 748
+(`benchmarks/experiments/row_prefetch.py ce`), where softmax's simpler row gained 11%.
 Short rows (a byte-level vocabulary of 256) go several to a program, as one tile of
 about TILE values, so that a program has more than a few hundred bytes to move.
 Longer rows use the online logsumexp (running max, rescaled running sum; Milakov &
@@ -51,7 +58,7 @@ import triton.language as tl
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
                       shaped)
 from .softmax import (LOG2E, ONLINE_STAGES, _grid, load_lanes, load_pieces, online_combine, online_update, pieces_max,
-                      row_pieces, strided)
+                      row_loop, row_pieces, strided)
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -248,7 +255,7 @@ def _cross_entropy_fwd_kernel(
     n_cols, ignore_index,
     BLOCK: tl.constexpr, PIECE1: tl.constexpr, PIECE2: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, LOSS_MEAN: tl.constexpr, STOP_ON_BAD: tl.constexpr,
-    UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, ROWS: tl.constexpr,
+    UNIT_STRIDE: tl.constexpr, STAGES: tl.constexpr, ROWS: tl.constexpr, ROW_STAGES: tl.constexpr,
 ):
     # Gradient scale of counted rows: 1 for "sum"/"none" (and an fp16 "mean", see cross_entropy_forward),
     # 1/(counted rows) for "mean".
@@ -272,11 +279,12 @@ def _cross_entropy_fwd_kernel(
                             write_grad, n_rows, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
                             g_stride_b, g_stride_t, g_stride_v, n_cols, ignore_index, BLOCK, ROWS, HAS_GRAD,
                             UNIT_STRIDE)
-    elif SINGLE_BLOCK:  # a program per row
-        _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.program_id(0).to(tl.int64), mean_scale,
-                           loss_scale, write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
-                           g_stride_b, g_stride_t, g_stride_v,
-                           n_cols, ignore_index, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
+    elif SINGLE_BLOCK:  # a program per row, or one per SM that prefetches its next rows (softmax's `row_loop`)
+        for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=ROW_STAGES):
+            _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, tl.cast(row, tl.int64), mean_scale,
+                               loss_scale, write_grad, rows_per_batch, x_stride_b, x_stride_t, x_stride_v,
+                               g_stride_b, g_stride_t, g_stride_v,
+                               n_cols, ignore_index, BLOCK, PIECE1, PIECE2, SINGLE_BLOCK, HAS_GRAD, UNIT_STRIDE, STAGES)
     else:  # a few programs per SM looping over rows, as chapter 1's softmax: the second pass reads L2
         for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_scale, loss_scale, write_grad,
@@ -414,14 +422,22 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
     fold_mean = reduction == "mean" and logits.dtype != torch.float16
     rows = _rows_per_program(block) if single and not second else 1  # (a row in pieces is a long one)
-    launch(_cross_entropy_fwd_kernel,
-           (cdiv(n_rows, rows),) if rows > 1 else _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device),
+    row_stages = 1
+    if rows > 1:
+        grid = (cdiv(n_rows, rows),)
+    elif single and not second:  # a long row in one block: prefetched (`row_loop`)
+        grid, row_stages = row_loop(n_rows, block, block, logits.element_size(), device)
+    elif single:  # in pieces (GPT-2's 50 304): a program per row; the loop measured slower here (module docstring)
+        grid = (n_rows,)
+    else:
+        grid = _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device)
+    launch(_cross_entropy_fwd_kernel, grid,
            logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
            BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
            LOSS_MEAN=reduction == "mean", ROWS=rows,
            STOP_ON_BAD=bad_targets.will_check, UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES,
-           num_warps=num_warps)
+           ROW_STAGES=row_stages, num_warps=num_warps)
     grad_scale = None
     if with_grad and reduction == "mean" and not fold_mean:
         grad_scale = 1.0 / stats[0].clamp(min=1).float()

@@ -1,0 +1,126 @@
+"""Probe: a long row held on chip, with the next row's loads in flight while this one is reduced and written.
+
+    python3 benchmarks/experiments/row_prefetch.py
+
+The package's one-block softmax gives each row its own program. At (8192, 50304) bf16 a row is 100 KB held
+in registers, one program per SM: while it reduces and writes, no load is in flight on that SM, and the
+kernel runs at ~84% of a copy. Here a persistent program loops over rows with `tl.range(num_stages=S)`:
+with S = 2 Triton's pipeliner should copy row r + P into shared memory (cp.async) while row r is worked on,
+if 2 x 100 KB of stages fit. Softmax forward, bf16, against the package and a copy (do_bench medians).
+`ce` times cross-entropy's forward+backward: the package, then a program per row (stages 0) and the
+loop with stages and warps forced.
+"""
+import importlib
+import sys
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
+from triton_transformer import runtime
+from triton_transformer.bench import measure_gpu_ms
+from triton_transformer.softmax import (exp_and_sum, load_pieces, pieces_max, row_pieces, softmax_forward,
+                                        _store_lanes)
+
+
+@triton.jit
+def _prefetch_softmax(x_ptr, y_ptr, stride, n_rows, n_cols, BLOCK: tl.constexpr, PIECE1: tl.constexpr,
+                      PIECE2: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
+    start = tl.program_id(0)
+    if WIDE:  # the loop counts rows in int64, as the earlier rowpipe.py did
+        start = start.to(tl.int64)
+    for row in tl.range(start, n_rows, tl.num_programs(0), num_stages=STAGES):
+        x_row = x_ptr + tl.cast(row, tl.int64) * stride
+        y_row = y_ptr + tl.cast(row, tl.int64) * stride
+        x, x1, x2 = load_pieces(x_row, n_cols, 1, BLOCK, PIECE1, PIECE2, True)
+        m = pieces_max(x, x1, x2, PIECE1, PIECE2)
+        e, d = exp_and_sum(x, m)
+        if PIECE1 > 0:
+            e1, d1 = exp_and_sum(x1, m)
+            d += d1
+        if PIECE2 > 0:
+            e2, d2 = exp_and_sum(x2, m)
+            d += d2
+        inv_sum = 1.0 / d
+        _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK)
+        if PIECE1 > 0:
+            _store_lanes(y_row, BLOCK, n_cols, e1, inv_sum, PIECE1)
+        if PIECE2 > 0:
+            _store_lanes(y_row, BLOCK + PIECE1, n_cols, e2, inv_sum, PIECE2)
+
+
+def bench(fn, grads=None):
+    return 1e3 * triton.testing.do_bench(fn, grad_to_none=grads, return_mode="median")
+
+
+def main():
+    dev = runtime.DEVICE
+    sms = runtime.num_sms(dev)
+    for rows, cols in ((8192, 50304), (8192, 32000), (8192, 20000)):
+        x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
+        ref = softmax_forward(x)
+        block = triton.next_power_of_2(cols)
+        p = row_pieces(cols, block)
+        copy = bench(lambda: x.clone())
+        print(f"({rows}, {cols}) pieces {p}: copy {copy:.1f} us, package {bench(lambda: softmax_forward(x)):.1f}")
+        for stages, warps, per_sm, wide in ((1, 16, 1, 0), (2, 8, 1, 0), (3, 8, 1, 0), (3, 16, 1, 0), (3, 16, 1, 1),
+                                            (2, 8, 1, 1)):
+            if True:
+                if True:
+                    y = torch.empty_like(x)
+                    grid = (min(rows, per_sm * sms),)
+                    try:
+                        k = _prefetch_softmax[grid](x, y, x.stride(0), rows, cols, p[0], p[1], p[2], stages,
+                                                    wide, num_warps=warps)
+                        torch.cuda.synchronize()
+                    except Exception as e:  # out of shared memory or registers
+                        print(f"  stages {stages} warps {warps:2d} per SM {per_sm} int64 {wide}: {type(e).__name__}")
+                        continue
+                    err = (y.float() - ref.float()).abs().max().item()
+                    t = bench(lambda: _prefetch_softmax[grid](x, y, x.stride(0), rows, cols, p[0], p[1], p[2],
+                                                              stages, wide, num_warps=warps))
+                    print(f"  stages {stages} warps {warps:2d} per SM {per_sm} int64 counter {wide}: {t:7.1f} us ({copy / t:4.0%} of copy)"
+                          f"  smem {k.metadata.shared // 1024} KB, spills {k.n_spills}, max err {err:.1e}")
+
+
+def ce():
+    cem = importlib.import_module("triton_transformer.cross_entropy")
+    dev = runtime.DEVICE
+    sms = runtime.num_sms(dev)
+    launch_params, row_loop = cem._launch_params, cem.row_loop
+    for rows, cols in ((8192, 50304), (8192, 32000)):
+        x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.randint(0, cols, (rows,), device=dev)
+        copy = bench(lambda: x.detach().clone())
+        fn = lambda: tt.cross_entropy(x, t).backward()  # noqa: E731
+        ref = torch.nn.functional.cross_entropy(x.float(), t)
+        ref_grad, = torch.autograd.grad(ref, x)
+        ref = ref.detach()  # no autograd graph left holding x (see below)
+        print(f"({rows}, {cols}): copy {copy:.1f} us, package {bench(fn, [x]):.1f}")
+        for from_row in (False, True):
+            cem.TARGET_FROM_ROW = from_row
+            for stages in (0, 2, 3):
+                for warps in (8, 16, 32):
+                    cem._launch_params = lambda n, e=2, s=None, w=warps: launch_params(n, e, s)[:2] + (w,)
+                    cem.row_loop = lambda n, b, lanes, e, d, st=stages: ((min(n, sms),), st) if st else ((n,), 1)
+                    x.grad = None
+                    loss = tt.cross_entropy(x, t)
+                    loss.backward()
+                    err = (x.grad.float() - ref_grad).abs().max().item()
+                    loss_err = abs(loss.item() - ref.item())
+                    del loss  # a live graph's AccumulateGrad node would break the CUDA graph recording below
+                    us = bench(fn, [x])
+                    gpu = 1e3 * measure_gpu_ms(fn, [x])
+                    print(f"  target from row {from_row:d} stages {stages} warps {warps:2d}: {us:7.1f} us "
+                          f"({copy / us:4.0%} of copy), graph {gpu:6.1f}, loss err {loss_err:.1e}, grad err {err:.1e}")
+        cem._launch_params, cem.row_loop = launch_params, row_loop
+        del x
+
+
+if __name__ == "__main__":
+    if "ce" in sys.argv:
+        ce()
+    else:
+        main()
