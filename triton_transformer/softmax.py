@@ -49,7 +49,8 @@ PIECES_FROM = 32768
 #: The smallest piece: 2 lanes a thread at 16 warps.
 MIN_PIECE = 1024
 #: Rows held on chip in a block of at least this many lanes are walked by one program per SM (`row_loop`).
-ROW_LOOP_FROM = 16384
+#: At (4096, 16384) the loop took 98 us of GPU time against 92 for a program per row (four rows per SM in flight).
+ROW_LOOP_FROM = 32768
 #: Shared memory `row_loop` leaves to the kernel's own use (the reductions' scratch) beside the rows it prefetches.
 ROW_SMEM_RESERVE = 16384
 
@@ -314,9 +315,10 @@ def row_loop(n_rows: int, block: int, lanes: int, element_size: int, device: tor
     then copies the next S - 1 rows into shared memory (cp.async) while this one is worked on, as many as
     the GPU's shared memory holds (two at 100 KB a row on an H100, none on a T4). Measured on the H100
     (bf16 softmax forward, do_bench, `benchmarks/experiments/row_prefetch.py`): (8192, 50304) 583 us
-    against 656, a copy 549; (8192, 32000) 371 against 397; (8192, 20000) 241 against 249. Short rows keep a
-    program each (many rows in flight per SM already hide the loads). The interpreter loops too, on its
-    4 "SMs", so that the CPU tests walk several rows per program.
+    against 656, a copy 549; (8192, 32000) 371 against 397; (8192, 20000) 241 against 249. The loop counts
+    rows in int32 and widens each row's offset inside: counted in int64, the same kernel spilled and took 745
+    us at (8192, 50304). Shorter rows keep a program each: several of them in flight per SM hide the loads
+    already. The interpreter loops too, on its 4 "SMs", so that the CPU tests walk several rows per program.
     """
     if block < ROW_LOOP_FROM:
         return (n_rows,), 1
