@@ -23,6 +23,7 @@ import time
 
 import torch
 import triton_transformer as tt
+from host_cliff import Skel  # (this folder is the script's own: Python puts it on the path)
 
 torch.autograd.set_multithreading_enabled(False)
 dev = tt.runtime.DEVICE
@@ -50,20 +51,6 @@ w = torch.ones(768, device=dev, dtype=dt, requires_grad=True)
 b = torch.zeros(768, device=dev, dtype=dt, requires_grad=True)
 xd = torch.randn(4096, device=dev, dtype=dt, requires_grad=True)
 dyd = torch.randn_like(xd)
-
-
-class Skel(torch.autograd.Function):
-    """layer_norm's autograd shape with no work: the floor any Function pays."""
-    @staticmethod
-    def forward(ctx, x, w, b, n_rows, n_cols, eps, od):
-        y = torch.empty_like(x)
-        ctx.save_for_backward(x, w, y, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w, m, r = ctx.saved_tensors
-        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w), None, None, None, None
 
 
 def reset(*ts):

@@ -20,6 +20,8 @@ at 3 stages (16 or 32 warps) against 438-475 with a program per row; (8192, 5030
 8 warps) and up to 1186 (3 stages, 16 warps), against 748 with a program per row, so rows in pieces keep a
 program each. A variant that picked the target's logit out of the row held on chip instead of loading it
 was slower everywhere (954 against 748 us with a program per row at (8192, 50304)) and was dropped.
+(The softmax numbers were measured with the row's code written out in the kernel, the same code as
+`_softmax_row`'s one-block path, which the kernel now calls; the package's own loop is that kernel.)
 """
 import importlib
 import sys
@@ -32,34 +34,19 @@ import triton.testing
 import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
 from triton_transformer import runtime
 from triton_transformer.bench import measure_gpu_ms
-from triton_transformer.softmax import (exp_and_sum, load_pieces, pieces_max, row_pieces, softmax_forward,
-                                        _store_lanes)
+from triton_transformer.softmax import _softmax_row, row_pieces, softmax_forward
 
 
 @triton.jit
 def _prefetch_softmax(x_ptr, y_ptr, stride, n_rows, n_cols, BLOCK: tl.constexpr, PIECE1: tl.constexpr,
                       PIECE2: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
+    """The package's one-block row (`_softmax_row`) in a loop over rows, counted in int32 or (WIDE) int64."""
     start = tl.program_id(0)
     if WIDE:  # the loop counts rows in int64, as the earlier rowpipe.py did
         start = start.to(tl.int64)
     for row in tl.range(start, n_rows, tl.num_programs(0), num_stages=STAGES):
-        x_row = x_ptr + tl.cast(row, tl.int64) * stride
-        y_row = y_ptr + tl.cast(row, tl.int64) * stride
-        x, x1, x2 = load_pieces(x_row, n_cols, 1, BLOCK, PIECE1, PIECE2, True)
-        m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-        e, d = exp_and_sum(x, m)
-        if PIECE1 > 0:
-            e1, d1 = exp_and_sum(x1, m)
-            d += d1
-        if PIECE2 > 0:
-            e2, d2 = exp_and_sum(x2, m)
-            d += d2
-        inv_sum = 1.0 / d
-        _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK)
-        if PIECE1 > 0:
-            _store_lanes(y_row, BLOCK, n_cols, e1, inv_sum, PIECE1)
-        if PIECE2 > 0:
-            _store_lanes(y_row, BLOCK + PIECE1, n_cols, e2, inv_sum, PIECE2)
+        _softmax_row(x_ptr, y_ptr, tl.cast(row, tl.int64), stride, stride, n_cols, 1, BLOCK, PIECE1, PIECE2,
+                     True, False, 1)
 
 
 def bench(fn, grads=None):
