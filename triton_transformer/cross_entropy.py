@@ -16,13 +16,16 @@ tensor of training, so this is where most of the memory is saved.
 
 When the row fits in one block (up to MAX_FUSED_BLOCK columns in bf16/fp16, half
 that in fp32) a program owns one row and keeps it on chip: one read, one write.
-A long row held as one block (Llama's vocabulary of 32 000 in a 32 768-lane block)
-is walked instead by one program per SM that prefetches its next rows into shared
-memory while it works on this one (softmax's `row_loop`): measured on the H100 at
-(8192, 32000) bf16, forward+backward 402 us of GPU time against 475 with a program
-per row. A row held as pieces (GPT-2's 50 304) keeps a program per row: there the
-loop was slower at every depth and warp count tried, 775 us at best against 748
-(`benchmarks/experiments/row_prefetch.py ce`), where softmax's simpler row gained 11%.
+A long row (a block of 32 768 lanes or more: Llama 2's vocabulary of 32 000, GPT-2's
+50 304 held as three pieces) is walked instead by one program per SM that prefetches
+its next rows into shared memory while it works on this one (softmax's `row_loop`),
+and computes each exponential once, kept in the logits' dtype as softmax does
+(`exp_and_sum`). Measured on the H100 (bf16, the forward: loss and gradient,
+`benchmarks/experiments/row_prefetch.py cesoft`): (8192, 50304) 603 us against 734 with
+a program per row computing each exponential twice, a copy 548; (8192, 32000) 371
+against 406. Each change alone gained little or lost: the loop with two exponentials
+per value took 775 us at best against 748 (`row_prefetch.py ce`), and one exponential
+with a program per row 762.
 Short rows (a byte-level vocabulary of 256) go several to a program, as one tile of
 about TILE values, so that a program has more than a few hundred bytes to move.
 Longer rows use the online logsumexp (running max, rescaled running sum; Milakov &
@@ -57,8 +60,8 @@ import triton.language as tl
 
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
                       shaped)
-from .softmax import (LOG2E, ONLINE_STAGES, _grid, load_lanes, load_pieces, online_combine, online_update, pieces_max,
-                      row_loop, row_pieces, strided)
+from .softmax import (LOG2E, ONLINE_STAGES, _grid, exp_and_sum, load_lanes, load_pieces, online_combine,
+                      online_update, pieces_max, row_loop, row_pieces, strided)
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -68,6 +71,10 @@ MAX_FUSED_BLOCK = 65536
 ONLINE_BLOCK = 8192
 #: Programs per SM on the online path, as chapter 1's softmax forward (its loops pipeline as deep: ONLINE_STAGES).
 ONLINE_PROGRAMS_PER_SM = 4
+#: Warps of a program that loops over long rows held whole (`row_loop`), measured on the H100 (bf16, the forward,
+#: `benchmarks/experiments/row_prefetch.py cesoft`): 603 us at (8192, 50304) against 628 at 16 warps and 857 at 32;
+#: at (8192, 32000) 371 against 374 and 376.
+ROW_LOOP_WARPS = 8
 #: Short rows (up to TILE // 2 columns) go ROWS to a program, in tiles of about TILE values, at most
 #: MAX_TILE_ROWS rows (`_cross_entropy_rows`).
 TILE = 4096
@@ -97,20 +104,9 @@ def _target_stats_kernel(target_ptr, stats_ptr, n_rows, n_cols, ignore_index, BL
 
 
 @triton.jit
-def _sum_exp(x, m):
-    """sum_j exp(x_j - m) in fp32, for logits x held in their own dtype."""
-    return tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
-
-
-@triton.jit
-def _store_grad(g_row, start, n_cols, x, m, log2_d, target_col, scale, stride, B: tl.constexpr,
-                UNIT_STRIDE: tl.constexpr):
-    """The gradient (softmax - onehot) * scale of columns [start, start + B), from their logits x.
-
-    softmax = exp(x - m) / d, with m the row's max and log2_d = log2(d) (see `_row_loss`).
-    """
+def _store_grad(g_row, start, n_cols, p, target_col, scale, stride, B: tl.constexpr, UNIT_STRIDE: tl.constexpr):
+    """The gradient (p - onehot) * scale of columns [start, start + B), from their probabilities p (fp32)."""
     cols = start + tl.arange(0, B)
-    p = tl.exp2((x.to(tl.float32) - m) * LOG2E - log2_d)
     grad = (p - tl.where(cols == target_col, 1.0, 0.0)) * scale
     tl.store(g_row + strided(cols, stride, UNIT_STRIDE), grad.to(g_row.dtype.element_ty), mask=cols < n_cols)
 
@@ -167,25 +163,30 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         # The whole row on chip: read once, loss and gradient from the same values. It is held in up to
         # three pieces, as chapter 1's softmax holds a long row (`row_pieces`, `load_pieces`). x stays in
         # its own dtype (bf16: two values per register) so a 50K-wide row fits; the max is exact in any
-        # dtype, and each use converts to fp32 on the fly rather than keeping an fp32 copy live.
+        # dtype. As in softmax, each exponential is computed once and kept in that dtype (`exp_and_sum`),
+        # in the registers x held: the gradient is e / d - onehot. (The target's e, where p nears 1, is the
+        # row's max: e = 1 exactly, and p - 1 = (1 - d) / d loses nothing to the rounding.)
         x, x1, x2 = load_pieces(x_row, n_cols, x_stride_v, BLOCK, PIECE1, PIECE2, UNIT_STRIDE)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-        d = _sum_exp(x, m)  # masked lanes: exp(-inf) = 0
+        e, d = exp_and_sum(x, m)  # masked lanes: exp(-inf) = 0
         if PIECE1 > 0:
-            d += _sum_exp(x1, m)
+            e1, d1 = exp_and_sum(x1, m)
+            d += d1
         if PIECE2 > 0:
-            d += _sum_exp(x2, m)
+            e2, d2 = exp_and_sum(x2, m)
+            d += d2
         tl.store(loss_ptr + row, _row_loss(m, d, x_target, counted) * loss_scale)
         if HAS_GRAD:
             if write_grad:
-                log2_d = tl.log2(d)
-                _store_grad(g_row, 0, n_cols, x, m, log2_d, target_col, scale, g_stride_v, BLOCK, UNIT_STRIDE)
+                inv_d = 1.0 / d
+                _store_grad(g_row, 0, n_cols, e.to(tl.float32) * inv_d, target_col, scale, g_stride_v, BLOCK,
+                            UNIT_STRIDE)
                 if PIECE1 > 0:
-                    _store_grad(g_row, BLOCK, n_cols, x1, m, log2_d, target_col, scale, g_stride_v, PIECE1,
-                                UNIT_STRIDE)
+                    _store_grad(g_row, BLOCK, n_cols, e1.to(tl.float32) * inv_d, target_col, scale, g_stride_v,
+                                PIECE1, UNIT_STRIDE)
                 if PIECE2 > 0:
-                    _store_grad(g_row, BLOCK + PIECE1, n_cols, x2, m, log2_d, target_col, scale, g_stride_v,
-                                PIECE2, UNIT_STRIDE)
+                    _store_grad(g_row, BLOCK + PIECE1, n_cols, e2.to(tl.float32) * inv_d, target_col, scale,
+                                g_stride_v, PIECE2, UNIT_STRIDE)
     else:
         # Pass 1, online logsumexp: every lane keeps its own running max m and a running sum d of
         # exp(x - m), rescaled whenever m grows; lanes are combined once at the end, so the loop
@@ -202,9 +203,9 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
                 # Pass 2: read the row again (from L2: this program read it moments ago) and write the gradient.
                 log2_d = tl.log2(d_row)
                 for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                    x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE)
-                    _store_grad(g_row, start, n_cols, x, m_row, log2_d, target_col, scale, g_stride_v, BLOCK,
-                                UNIT_STRIDE)
+                    x = load_lanes(x_row, start, n_cols, x_stride_v, BLOCK, UNIT_STRIDE).to(tl.float32)
+                    p = tl.exp2((x - m_row) * LOG2E - log2_d)  # exp(x - m) / d
+                    _store_grad(g_row, start, n_cols, p, target_col, scale, g_stride_v, BLOCK, UNIT_STRIDE)
 
 
 @triton.jit
@@ -425,10 +426,10 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     row_stages = 1
     if rows > 1:
         grid = (cdiv(n_rows, rows),)
-    elif single and not second:  # a long row in one block: prefetched (`row_loop`)
-        grid, row_stages = row_loop(n_rows, block, block, logits.element_size(), device)
-    elif single:  # in pieces (GPT-2's 50 304): a program per row; the loop measured slower here (module docstring)
-        grid = (n_rows,)
+    elif single:  # a long row held whole: prefetched by one program per SM (`row_loop`) where shared memory allows
+        grid, row_stages = row_loop(n_rows, block, first + second + third, logits.element_size(), device)
+        if row_stages > 1:
+            num_warps = ROW_LOOP_WARPS
     else:
         grid = _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device)
     launch(_cross_entropy_fwd_kernel, grid,
