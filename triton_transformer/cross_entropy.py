@@ -179,9 +179,9 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
             d += d2
         tl.store(loss_ptr + row, _row_loss(m, d, x_target, counted) * loss_scale)
         if HAS_GRAD:
-            # n_write masks the stores rather than a branch going around them: with a branch in the loop,
-            # the kernel the host's bad-target check runs took 0.75 ms at (8192, 50304), against 0.60
-            # for the same kernel without it (a CUDA graph's, which cannot check).
+            # n_write masks the stores rather than a branch going around them: with the branch, the call
+            # whose kernel checks the flag took 0.75 ms at (8192, 50304), against 0.60 of GPU time for a
+            # CUDA graph's, which cannot check and has no branch; masked, 0.612 and 0.604 (H100).
             inv_d = 1.0 / d
             _store_grad(g_row, 0, n_write, e.to(tl.float32) * inv_d, target_col, scale, g_stride_v, BLOCK,
                         UNIT_STRIDE)
