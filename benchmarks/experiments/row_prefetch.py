@@ -17,9 +17,14 @@ stages 584.9-588.3 on 8 warps but 855 with spills on 16, at 1 stage 710; (8192, 
 745.2 against 582.8 us at (8192, 50304), 8 registers spilled (the difference from rowpipe.py). In the
 package: 583.7-585.1 us at (8192, 50304). Cross-entropy forward+backward, GPU time: (8192, 32000) 402-407 us
 at 3 stages (16 or 32 warps) against 438-475 with a program per row; (8192, 50304) 775 at best (2 stages,
-8 warps) and up to 1186 (3 stages, 16 warps), against 748 with a program per row, so rows in pieces keep a
-program each. A variant that picked the target's logit out of the row held on chip instead of loading it
+8 warps) and up to 1186 (3 stages, 16 warps), against 748 with a program per row (the row kernel then
+computed each exponential twice, once for the sum and once for the gradient). A variant that picked the target's logit out of the row held on chip instead of loading it
 was slower everywhere (954 against 748 us with a program per row at (8192, 50304)) and was dropped.
+Then a `cesoft` mode timed the forward alone (loss and gradient) computed as softmax's row is, each
+exponential once and kept in bf16 (`exp_and_sum`), in a kernel of its own: (8192, 50304) 603 us with the
+loop at 3 stages on 8 warps (628 on 16, 857 on 32, 636 at 2 stages), 762 with a program per row, against
+734 for the package's forward as it was; (8192, 32000) 371 against 406. The package's row kernel became
+that computation (so `ce` above now sweeps it), and the mode was removed with its copy of the kernel.
 (The softmax numbers were measured with the row's code written out in the kernel, the same code as
 `_softmax_row`'s one-block path, which the kernel now calls; the package's own loop is that kernel.)
 """
@@ -34,8 +39,7 @@ import triton.testing
 import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
 from triton_transformer import runtime
 from triton_transformer.bench import measure_gpu_ms
-from triton_transformer.softmax import (LOG2E, _softmax_row, exp_and_sum, load_pieces, pieces_max, row_pieces,
-                                        softmax_forward)
+from triton_transformer.softmax import _softmax_row, row_pieces, softmax_forward
 
 
 @triton.jit
@@ -48,76 +52,6 @@ def _prefetch_softmax(x_ptr, y_ptr, stride, n_rows, n_cols, BLOCK: tl.constexpr,
     for row in tl.range(start, n_rows, tl.num_programs(0), num_stages=STAGES):
         _softmax_row(x_ptr, y_ptr, tl.cast(row, tl.int64), stride, stride, n_cols, 1, BLOCK, PIECE1, PIECE2,
                      True, False, 1)
-
-
-@triton.jit
-def _ce_piece_grad(g_row, start, n_cols, e, inv_d, target, scale, B: tl.constexpr):
-    cols = start + tl.arange(0, B)
-    grad = (e.to(tl.float32) * inv_d - tl.where(cols == target, 1.0, 0.0)) * scale
-    tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=cols < n_cols)
-
-
-@triton.jit
-def _ce_softmax_like(x_ptr, t_ptr, loss_ptr, g_ptr, stride, n_rows, n_cols, scale, BLOCK: tl.constexpr,
-                     PIECE1: tl.constexpr, PIECE2: tl.constexpr, STAGES: tl.constexpr):
-    """Cross-entropy's loss and gradient (targets all valid, "mean" scale given) computed as softmax's row:
-    each exponential once, kept in 16 bits (`exp_and_sum`), the gradient e / d - onehot."""
-    for r in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=STAGES):
-        row = tl.cast(r, tl.int64)
-        x_row = x_ptr + row * stride
-        target = tl.load(t_ptr + row).to(tl.int32)
-        x_target = tl.load(x_row + target).to(tl.float32)
-        x, x1, x2 = load_pieces(x_row, n_cols, 1, BLOCK, PIECE1, PIECE2, True)
-        m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-        e, d = exp_and_sum(x, m)
-        if PIECE1 > 0:
-            e1, d1 = exp_and_sum(x1, m)
-            d += d1
-        if PIECE2 > 0:
-            e2, d2 = exp_and_sum(x2, m)
-            d += d2
-        tl.store(loss_ptr + row, ((m - x_target) + tl.log(d)) * scale)
-        inv_d = 1.0 / d
-        g_row = g_ptr + row * stride
-        _ce_piece_grad(g_row, 0, n_cols, e, inv_d, target, scale, BLOCK)
-        if PIECE1 > 0:
-            _ce_piece_grad(g_row, BLOCK, n_cols, e1, inv_d, target, scale, PIECE1)
-        if PIECE2 > 0:
-            _ce_piece_grad(g_row, BLOCK + PIECE1, n_cols, e2, inv_d, target, scale, PIECE2)
-
-
-def cesoft():
-    """The package's cross-entropy forward (loss + gradient) against `_ce_softmax_like`, kernel times."""
-    cem = importlib.import_module("triton_transformer.cross_entropy")
-    dev = runtime.DEVICE
-    sms = runtime.num_sms(dev)
-    for rows, cols in ((8192, 50304), (8192, 32000)):
-        x = torch.randn(rows, cols, device=dev, dtype=torch.bfloat16)
-        t = torch.randint(0, cols, (rows,), device=dev)
-        copy = bench(lambda: x.clone())
-        ref_loss = torch.nn.functional.cross_entropy(x.float(), t, reduction="none") / rows
-        ref_grad = (torch.softmax(x.float(), -1) - torch.nn.functional.one_hot(t, cols)) / rows
-        pkg = bench(lambda: cem.cross_entropy_forward(x, t, with_grad=True))
-        print(f"({rows}, {cols}): copy {copy:.1f} us, package forward {pkg:.1f} ({copy / pkg:4.0%})")
-        p = row_pieces(cols, triton.next_power_of_2(cols))
-        loss = torch.empty(rows, device=dev)
-        g = torch.empty_like(x)
-        for stages, warps, per_row in ((1, 16, True), (3, 8, False), (3, 16, False), (2, 8, False), (3, 32, False)):
-            grid = (rows,) if per_row else (min(rows, sms),)
-            try:
-                k = _ce_softmax_like[grid](x, t, loss, g, x.stride(0), rows, cols, 1.0 / rows, p[0], p[1], p[2],
-                                           stages, num_warps=warps)
-                torch.cuda.synchronize()
-            except Exception as e:  # out of shared memory or registers
-                print(f"  stages {stages} warps {warps}: {type(e).__name__}")
-                continue
-            errs = ((loss - ref_loss).abs().max().item(), (g.float() - ref_grad).abs().max().item())
-            us = bench(lambda: _ce_softmax_like[grid](x, t, loss, g, x.stride(0), rows, cols, 1.0 / rows, p[0], p[1],
-                                                      p[2], stages, num_warps=warps))
-            print(f"  {'a program per row' if per_row else 'loop'} stages {stages} warps {warps:2d}: {us:7.1f} us "
-                  f"({copy / us:4.0%} of copy) smem {k.metadata.shared // 1024} KB, spills {k.n_spills}, "
-                  f"errors {errs[0]:.1e} {errs[1]:.1e}")
-        del x, g
 
 
 def bench(fn, grads=None):
@@ -189,7 +123,6 @@ def ce():
 if __name__ == "__main__":
     if "ce" in sys.argv:
         ce()
-    elif "cesoft" in sys.argv:
-        cesoft()
+
     else:
         main()
