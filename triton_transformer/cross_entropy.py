@@ -16,16 +16,17 @@ tensor of training, so this is where most of the memory is saved.
 
 When the row fits in one block (up to MAX_FUSED_BLOCK columns in bf16/fp16, half
 that in fp32) a program owns one row and keeps it on chip: one read, one write.
-A long row (a block of 32 768 lanes or more: Llama 2's vocabulary of 32 000, GPT-2's
-50 304 held as three pieces) is walked instead by one program per SM that prefetches
-its next rows into shared memory while it works on this one (softmax's `row_loop`),
-and computes each exponential once, kept in the logits' dtype as softmax does
-(`exp_and_sum`). Measured on the H100 (bf16, the forward: loss and gradient,
-`benchmarks/experiments/row_prefetch.py cesoft`): (8192, 50304) 603 us against 734 with
-a program per row computing each exponential twice, a copy 548; (8192, 32000) 371
-against 406. Each change alone gained little or lost: the loop with two exponentials
-per value took 775 us at best against 748 (`row_prefetch.py ce`), and one exponential
-with a program per row 762.
+It computes each exponential once and keeps it in the logits' dtype, as softmax does
+(`exp_and_sum`). A long row (a block of 32 768 lanes or more: Llama 2's vocabulary of
+32 000, GPT-2's 50 304 held as three pieces) is walked instead by one program per SM
+that prefetches its next rows into shared memory while it works on this one (softmax's
+`row_loop`). Measured on the H100 (bf16, the forward: loss and gradient, in
+`benchmarks/experiments/row_prefetch.py`, whose docstring keeps the numbers):
+(8192, 50304) 603 us against 734 with a program per row computing each exponential
+twice, a copy 548; (8192, 32000) 371 against 406. Each change alone gained little or
+lost there: the loop with two exponentials a value took 775 us at best against 748,
+one exponential with a program per row 762. (Rows held whole of fewer than 32 768 lanes
+keep a program each; one exponential was not measured on them.)
 Short rows (a byte-level vocabulary of 256) go several to a program, as one tile of
 about TILE values, so that a program has more than a few hundred bytes to move.
 Longer rows use the online logsumexp (running max, rescaled running sum; Milakov &
@@ -71,9 +72,9 @@ MAX_FUSED_BLOCK = 65536
 ONLINE_BLOCK = 8192
 #: Programs per SM on the online path, as chapter 1's softmax forward (its loops pipeline as deep: ONLINE_STAGES).
 ONLINE_PROGRAMS_PER_SM = 4
-#: Warps of a program that loops over long rows held whole (`row_loop`), measured on the H100 (bf16, the forward,
-#: `benchmarks/experiments/row_prefetch.py cesoft`): 603 us at (8192, 50304) against 628 at 16 warps and 857 at 32;
-#: at (8192, 32000) 371 against 374 and 376.
+#: Warps of a program that loops over long 16-bit rows held whole (`row_loop`), measured on the H100 (bf16, the
+#: forward, `benchmarks/experiments/row_prefetch.py`): 603 us at (8192, 50304) against 628 at 16 warps and 857 at
+#: 32; at (8192, 32000) 371 against 374 and 376. fp32 rows, twice the bytes a lane, keep `_launch_params`' warps.
 ROW_LOOP_WARPS = 8
 #: Short rows (up to TILE // 2 columns) go ROWS to a program, in tiles of about TILE values, at most
 #: MAX_TILE_ROWS rows (`_cross_entropy_rows`).
@@ -431,9 +432,9 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     row_stages = 1
     if rows > 1:
         grid = (cdiv(n_rows, rows),)
-    elif single:  # a long row held whole: prefetched by one program per SM (`row_loop`) where shared memory allows
+    elif single:  # a row held whole: a program per row, or for long rows one per SM that prefetches (`row_loop`)
         grid, row_stages = row_loop(n_rows, block, first + second + third, logits.element_size(), device)
-        if row_stages > 1:
+        if row_stages > 1 and logits.element_size() == 2:
             num_warps = ROW_LOOP_WARPS
     else:
         grid = _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device)
