@@ -235,6 +235,24 @@ def test_inplace_refuses_what_it_would_corrupt(device, monkeypatch):
         assert torch.equal(logits.detach(), before)
 
 
+@pytest.mark.parametrize("layout", ["a program per row", "looping programs", "looping, in pieces"])
+def test_bad_target_leaves_inplace_logits_on_the_one_block_path(layout, monkeypatch, device):
+    """Rows held whole (3000 columns: one a program, not a tile of short rows) store their gradient under the
+    mask bound n_write, 0 after a bad target: the logits given with inplace=True must come out untouched."""
+    S = importlib.import_module("triton_transformer.softmax")
+    if layout != "a program per row":
+        monkeypatch.setattr(S, "ROW_LOOP_FROM", 64)
+    if layout == "looping, in pieces":
+        monkeypatch.setattr(S, "PIECES_FROM", 64)
+        monkeypatch.setattr(S, "MIN_PIECE", 4)
+        assert S.row_pieces(3000, 4096) == (2048, 1024, 0)
+    logits = torch.randn(7, 3000, device=device, requires_grad=True) * 1
+    before = logits.detach().clone()
+    with pytest.raises(ValueError, match="outside"):
+        cross_entropy(logits, torch.tensor([0, 1, 2, 3000, 4, 2999, 6], device=device), inplace=True)
+    assert torch.equal(logits.detach(), before)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_fp16_gradient_survives_a_loss_scale(reduction, device):
     # Mixed-precision training scales the loss (GradScaler: up to 2**16) so that small fp16 gradients

@@ -8,6 +8,7 @@ import importlib
 
 from triton_transformer import softmax
 from triton_transformer.testing import tolerance
+from triton.runtime.errors import OutOfResources  # (after the package, which sets the interpreter up first)
 
 # the module itself (the package's `softmax` name is the function), for monkeypatching its block limits
 S = importlib.import_module("triton_transformer.softmax")
@@ -125,9 +126,34 @@ def test_row_loop_prefetches_what_shared_memory_holds(monkeypatch):
     assert S.row_loop(8192, 32768, 32768, 4, gpu) == ((132,), 2)  # fp32 rows of 128 KB: one ahead
     assert S.row_loop(100, 32768, 32768, 2, gpu) == ((100,), 3)   # fewer rows than SMs
     assert S.row_loop(8192, 8192, 8192, 2, gpu) == ((8192,), 1)   # short rows: a program each
+    monkeypatch.setattr(S, "shared_memory", lambda device: 166912)  # an A100: one row ahead
+    assert S.row_loop(8192, 65536, 51200, 2, gpu) == ((132,), 2)
     monkeypatch.setattr(S, "shared_memory", lambda device: 65536)  # a T4
     assert S.row_loop(8192, 65536, 51200, 2, gpu) == ((8192,), 1)
-    assert S.row_loop(8192, 32768, 20000, 2, gpu) == ((132,), 2)
+    assert S.row_loop(8192, 32768, 20480, 2, gpu) == ((132,), 2)  # 20000 columns: pieces of 16384 + 4096
+
+
+def test_row_loop_falls_back_when_shared_memory_runs_out(monkeypatch, device):
+    """Should a compile of the loop take more shared memory than `row_loop` predicted (Triton raises
+    OutOfResources), the call runs with a program per row, and later calls of that size go there directly."""
+    calls = []
+    real_launch = S.launch
+
+    def launch(kernel, grid, *args, **meta):
+        calls.append((grid, meta.get("ROW_STAGES")))
+        if meta.get("ROW_STAGES", 1) > 1:
+            raise OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+        return real_launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(S, "launch", launch)
+    monkeypatch.setattr(S, "row_loop", lambda n_rows, block, lanes, element_size, device: ((2,), 3))
+    monkeypatch.setattr(S, "_NO_ROOM", set())
+    x = torch.randn(7, 100, device=device)
+    torch.testing.assert_close(softmax(x), torch.softmax(x, -1))
+    assert calls == [((2,), 3), ((7,), 1)]
+    calls.clear()
+    torch.testing.assert_close(softmax(x), torch.softmax(x, -1))
+    assert calls == [((7,), 1)]
 
 
 def test_non_contiguous(device):
@@ -192,5 +218,6 @@ def test_bad_input_raises_clear_errors(device):
 @cuda_only
 def test_cuda_wide_rows_bf16(device):
     """The benchmark shapes themselves, including GPT-2's vocabulary row of 50304 (single block)."""
-    for shape in [(64, 50304), (16, 140000)]:  # the second takes the online path
+    # more rows than SMs: the looping programs (`row_loop`) walk several rows each, prefetching them
+    for shape in [(64, 50304), (300, 50304), (280, 32000), (16, 140000)]:  # the last takes the online path
         check_fwd_bwd(torch.randn(shape, device=device, dtype=torch.bfloat16))

@@ -16,8 +16,8 @@ tensor of training, so this is where most of the memory is saved.
 
 When the row fits in one block (up to MAX_FUSED_BLOCK columns in bf16/fp16, half
 that in fp32) a program owns one row and keeps it on chip: one read, one write.
-It computes each exponential once and keeps it in the logits' dtype, as softmax does
-(`exp_and_sum`). A long row (a block of 32 768 lanes or more: Llama 2's vocabulary of
+That path computes each exponential once and keeps it in the logits' dtype, as softmax
+does (`exp_and_sum`). A long row (a block of 32 768 lanes or more: Llama 2's vocabulary of
 32 000, GPT-2's 50 304 held as three pieces) is walked instead by one program per SM
 that prefetches its next rows into shared memory while it works on this one (softmax's
 `row_loop`). Measured on the H100 (bf16, the forward: loss and gradient, in
@@ -25,8 +25,10 @@ that prefetches its next rows into shared memory while it works on this one (sof
 (8192, 50304) 603 us against 734 with a program per row computing each exponential
 twice, a copy 548; (8192, 32000) 371 against 406. Each change alone gained little or
 lost there: the loop with two exponentials a value took 775 us at best against 748,
-one exponential with a program per row 762. (Rows held whole of fewer than 32 768 lanes
-keep a program each; one exponential was not measured on them.)
+one exponential with a program per row 762. Rows held whole of fewer than 32 768 lanes
+keep a program each, and so do long rows on GPUs whose shared memory holds none (a T4,
+or an RTX 30/40 at GPT-2's width): one exponential was not measured there, and with a
+program per row on the H100 it was the slower choice (762 against 734 us).
 Short rows (a byte-level vocabulary of 256) go several to a program, as one tile of
 about TILE values, so that a program has more than a few hundred bytes to move.
 Longer rows use the online logsumexp (running max, rescaled running sum; Milakov &
@@ -62,7 +64,7 @@ import triton.language as tl
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
                       shaped)
 from .softmax import (LOG2E, ONLINE_STAGES, _grid, exp_and_sum, load_lanes, load_pieces, online_combine,
-                      online_update, pieces_max, row_loop, row_pieces, strided)
+                      online_update, pieces_max, launch_rows, row_pieces, strided)
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to
@@ -429,22 +431,18 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
     fold_mean = reduction == "mean" and logits.dtype != torch.float16
     rows = _rows_per_program(block) if single and not second else 1  # (a row in pieces is a long one)
-    row_stages = 1
-    if rows > 1:
-        grid = (cdiv(n_rows, rows),)
-    elif single:  # a row held whole: a program per row, or for long rows one per SM that prefetches (`row_loop`)
-        grid, row_stages = row_loop(n_rows, block, first + second + third, logits.element_size(), device)
-        if row_stages > 1 and logits.element_size() == 2:
-            num_warps = ROW_LOOP_WARPS
+    args = (logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
+            n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index)
+    meta = dict(BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
+                LOSS_MEAN=reduction == "mean", ROWS=rows, STOP_ON_BAD=bad_targets.will_check,
+                UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES, num_warps=num_warps)
+    if single and rows == 1:  # a row held whole: a program per row, or for long rows one per SM that prefetches
+        element_size = logits.element_size()
+        launch_rows(_cross_entropy_fwd_kernel, n_rows, block, first + second + third, element_size, device, args,
+                    meta, loop_warps=ROW_LOOP_WARPS if element_size == 2 else None)
     else:
-        grid = _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM, device)
-    launch(_cross_entropy_fwd_kernel, grid,
-           logits, flat_target, loss_rows, grad if grad is not None else logits, stats,
-           n_rows, rows_per_batch, xsb, xst, xsv, gsb, gst, gsv, n_cols, ignore_index,
-           BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, HAS_GRAD=with_grad, MEAN=fold_mean,
-           LOSS_MEAN=reduction == "mean", ROWS=rows,
-           STOP_ON_BAD=bad_targets.will_check, UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES,
-           ROW_STAGES=row_stages, num_warps=num_warps)
+        grid = (cdiv(n_rows, rows),) if rows > 1 else _grid(n_rows, False, ONLINE_PROGRAMS_PER_SM, device)
+        launch(_cross_entropy_fwd_kernel, grid, *args, ROW_STAGES=1, **meta)
     grad_scale = None
     if with_grad and reduction == "mean" and not fold_mean:
         grad_scale = 1.0 / stats[0].clamp(min=1).float()

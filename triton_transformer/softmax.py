@@ -9,8 +9,8 @@ in one block (up to MAX_FUSED_BLOCK elements) a program owns one row, and the ro
 stays in registers between the max, the sum and the division: one read, one
 write (a long row that a power-of-two block would pad heavily is held as two or
 three power-of-two pieces instead, see `row_pieces`). From ROW_LOOP_FROM lanes on,
-one program per SM walks the rows instead, and the loads of its next rows are in
-flight while it reduces and writes this one (`row_loop`). Longer rows stream through
+where shared memory holds a row, one program per SM walks the rows instead, and the
+loads of its next rows are in flight while it reduces and writes this one (`row_loop`). Longer rows stream through
 blocks twice: the first pass keeps a running max and a running sum rescaled
 whenever the max grows (the "online softmax" of
 Milakov & Gimelshein), the second writes the result. For those the grid is a few
@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .runtime import (FLOAT_DTYPES, as_int, check_tensor, launch, next_power_of_2, no_double_backward, num_sms,
                       shaped, shared_memory)
@@ -93,7 +94,8 @@ def exp_and_sum(x, m):
     kernel time, `probe.py onexp`): (8192, 32000) 455 -> 395 us, (8192, 50304) 739 -> 735 us.
     Cross-entropy's row kernel does the same. With a program per row it spilled more registers there
     (50 against 22) and got slower (755 -> 838 us at (8192, 50304)); walked by a looping program that
-    prefetches its rows (`row_loop`), on 8 warps, it took 603 us against 734 for two exponentials a value.
+    prefetches its rows (`row_loop`), on 8 warps, it took 603 us against 734 for the package then (a program
+    per row, two exponentials a value).
     """
     e = tl.exp2((x.to(tl.float32) - m) * LOG2E)  # masked lanes: exp(-inf) = 0
     return e.to(x.dtype), tl.sum(e, axis=0)
@@ -330,6 +332,32 @@ def row_loop(n_rows: int, block: int, lanes: int, element_size: int, device: tor
     return (min(n_rows, num_sms(device)),), 1 + ahead
 
 
+#: (kernel, lanes, element size, device) whose prefetching loop did not fit in shared memory after all (`launch_rows`).
+_NO_ROOM: set = set()
+
+
+def launch_rows(kernel, n_rows: int, block: int, lanes: int, element_size: int, device: torch.device, args: tuple,
+                meta: dict, loop_warps: int | None = None):
+    """Launch `kernel` over rows held whole on chip, with the grid and ROW_STAGES of `row_loop`.
+
+    `row_loop` predicts the shared memory the pipeliner takes, S - 1 rows, from what it took on an H100
+    with Triton 3.6. Should a compile take more (Triton raises OutOfResources), the call runs with a
+    program per row instead, and so does every later call with rows of that size. `loop_warps`, if given,
+    replaces meta's num_warps when the rows loop.
+    """
+    grid, stages = row_loop(n_rows, block, lanes, element_size, device)
+    if stages > 1:
+        key = (kernel, lanes, element_size, device)
+        if key not in _NO_ROOM:
+            loop_meta = {**meta, "num_warps": loop_warps} if loop_warps else meta
+            try:
+                return launch(kernel, grid, *args, ROW_STAGES=stages, **loop_meta)
+            except OutOfResources:
+                _NO_ROOM.add(key)
+        grid, stages = (n_rows,), 1
+    return launch(kernel, grid, *args, ROW_STAGES=stages, **meta)
+
+
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """A 2-D (rows, cols) view with unit column stride, copying only when a view cannot do."""
     if t.dim() == 2 and t.stride(-1) == 1:  # already rows: no reshape op (each costs microseconds of host time)
@@ -347,17 +375,16 @@ def softmax_forward(x2: torch.Tensor, causal: bool = False, rows_per_matrix: int
     n_rows, n_cols = x2.shape
     y2 = torch.empty_like(x2)  # (a row-strided x2 is not dense: y2 then comes out contiguous)
     block, single, num_warps = _launch_params(n_cols, x2.element_size())
-    row_stages = 1
+    first, second, third = row_pieces(n_cols, block) if single else (block, 0, 0)
+    args = (x2, y2, x2.stride(0), y2.stride(0), n_rows, n_cols, rows_per_matrix)
+    meta = dict(BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, CAUSAL=causal, STAGES=ONLINE_STAGES,
+                num_warps=num_warps)
     if single:
-        first, second, third = row_pieces(n_cols, block)
-        grid, row_stages = row_loop(n_rows, block, first + second + third, x2.element_size(), x2.device)
+        launch_rows(_softmax_fwd_kernel, n_rows, block, first + second + third, x2.element_size(), x2.device,
+                    args, meta)
     else:
-        first, second, third = block, 0, 0
-        grid = _grid(n_rows, single, ONLINE_PROGRAMS_PER_SM[0], x2.device)
-    launch(_softmax_fwd_kernel, grid,
-           x2, y2, x2.stride(0), y2.stride(0), n_rows, n_cols, rows_per_matrix,
-           BLOCK=first, PIECE1=second, PIECE2=third, SINGLE_BLOCK=single, CAUSAL=causal, STAGES=ONLINE_STAGES,
-           ROW_STAGES=row_stages, num_warps=num_warps)
+        launch(_softmax_fwd_kernel, _grid(n_rows, False, ONLINE_PROGRAMS_PER_SM[0], x2.device), *args,
+               ROW_STAGES=1, **meta)
     return y2
 
 
