@@ -63,8 +63,8 @@ import triton.language as tl
 
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
                       shaped)
-from .softmax import (LOG2E, ONLINE_STAGES, _grid, exp_and_sum, load_lanes, load_pieces, online_combine,
-                      online_update, pieces_max, launch_rows, row_pieces, strided)
+from .softmax import (LOG2E, ONLINE_STAGES, _grid, exp_and_sum, launch_rows, load_lanes, load_pieces,
+                      online_combine, online_update, pieces_max, row_pieces, strided)
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
 #: (128 KB a program, as the softmax of chapter 1); fp32 rows get half. GPT-2's 50 304 rounds to

@@ -10,10 +10,10 @@ stays in registers between the max, the sum and the division: one read, one
 write (a long row that a power-of-two block would pad heavily is held as two or
 three power-of-two pieces instead, see `row_pieces`). From ROW_LOOP_FROM lanes on,
 where shared memory holds a row, one program per SM walks the rows instead, and the
-loads of its next rows are in flight while it reduces and writes this one (`row_loop`). Longer rows stream through
-blocks twice: the first pass keeps a running max and a running sum rescaled
-whenever the max grows (the "online softmax" of
-Milakov & Gimelshein), the second writes the result. For those the grid is a few
+loads of its next rows are in flight while it reduces and writes this one (`row_loop`).
+Longer rows stream through blocks twice: the first pass keeps a running max and a
+running sum rescaled whenever the max grows (the "online softmax" of Milakov &
+Gimelshein), the second writes the result. For those the grid is a few
 programs per SM, each looping over rows, so that fewer rows are in flight and more
 of the second pass reads its row from L2 rather than from HBM (all of it where the
 rows in flight fit in L2's 50 MB; see ONLINE_PROGRAMS_PER_SM).
