@@ -11,6 +11,7 @@ from triton_transformer import cross_entropy
 
 # the module itself (the package's `cross_entropy` name is the function), for monkeypatching its block limits
 C = importlib.import_module("triton_transformer.cross_entropy")
+S = importlib.import_module("triton_transformer.softmax")  # its row limits, which cross-entropy's rows share
 
 SHAPES = [(1, 2), (3, 256), (17, 50304), (2, 5, 1000)]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -120,7 +121,6 @@ def test_long_rows_take_the_online_path(single_block, monkeypatch, device):
 def test_rows_walked_by_looping_programs(monkeypatch, device):
     """A long row held as one block is walked by one program per SM (softmax's `row_loop`): with the
     threshold lowered, CPU-sized rows of one 8192-lane block loop too, several rows to a program."""
-    S = importlib.import_module("triton_transformer.softmax")
     monkeypatch.setattr(S, "ROW_LOOP_FROM", 64)
     for reduction in REDUCTIONS:
         check(torch.randn(11, 5000, device=device) * 4, make_target((11,), 5000, device, ignore_every=3),
@@ -131,7 +131,6 @@ def test_rows_walked_by_looping_programs(monkeypatch, device):
 def test_rows_held_as_pieces(monkeypatch, device):
     """A long row that a power-of-two block pads heavily is held as pieces (chapter 1's `row_pieces`):
     targets in every piece and in the padding's neighbourhood, ignored rows, strided logits."""
-    S = importlib.import_module("triton_transformer.softmax")
     monkeypatch.setattr(S, "PIECES_FROM", 64)
     monkeypatch.setattr(S, "MIN_PIECE", 4)
     assert S.row_pieces(100, 128) == (64, 32, 4)
@@ -239,7 +238,6 @@ def test_inplace_refuses_what_it_would_corrupt(device, monkeypatch):
 def test_bad_target_leaves_inplace_logits_on_the_one_block_path(layout, monkeypatch, device):
     """Rows held whole (3000 columns: one a program, not a tile of short rows) store their gradient under the
     mask bound n_write, 0 after a bad target: the logits given with inplace=True must come out untouched."""
-    S = importlib.import_module("triton_transformer.softmax")
     if layout != "a program per row":
         monkeypatch.setattr(S, "ROW_LOOP_FROM", 64)
     if layout == "looping, in pieces":
