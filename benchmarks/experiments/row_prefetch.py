@@ -27,6 +27,23 @@ loop at 3 stages on 8 warps (628 on 16, 857 on 32, 636 at 2 stages), 762 with a 
 that computation (so `ce` above now sweeps it), and the mode was removed with its copy of the kernel.
 (The softmax numbers were measured with the row's code written out in the kernel, the same code as
 `_softmax_row`'s one-block path, which the kernel now calls; the package's own loop is that kernel.)
+
+Later, what cross-entropy's looping row does besides softmax's, timed by switches put into the package's row
+kernel for one run (a `ce_store.py` probe, removed with them; H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0,
+bf16, session of 2026-11-27). do_bench of the forward with gradient (pre-pass,
+kernel, loss sum, check), three rounds each, (8192, 50304) / (8192, 32000), copy 549 / 351 us:
+  the package                                                          608-612 / 400-405
+  no target loads at all (constants: a bound, wrong losses)            600-602 / 391-393
+  the target's logit gathered by the pre-pass, read back from the
+  loss buffer (no load waiting on another inside the loop)             616-617 / 395-397
+  exponent as one FMA, x * log2(e) - m * log2(e)                       602-604 / 401-402
+  gradient stored as e * (scale / d), the target's column rewritten
+  after a barrier (no per-lane compare)                                709-710 / 483-484
+  the same with the target's column masked out of the vector store     2455-2470 / 1560-1576
+The target's loads cost at most 8 us; the barrier in the loop costs far more than the compare it saves;
+a mask that differs lane by lane breaks the vectorised store. The FMA gained 5 us at 50 304 only, and is
+wrong where logits are large: at |m| ~ 1e9 (a row masked by adding a large negative number) the product
+m * log2(e) rounds by up to 64 in fp32, and every exponent with it, where x - m is exact. Nothing adopted.
 """
 import importlib
 import sys
