@@ -261,6 +261,22 @@ def test_cuda_deterministic_bf16(device):
             assert torch.equal(a, c)
 
 
+@cuda_only
+def test_cuda_repeated_calls_launch_from_the_memo(device):
+    """A call like one before launches straight from `runtime.launch_memo`'s memory: right each time, on fresh
+    tensors; an input off a 16-byte boundary takes the ordinary path, and is right too."""
+    for memo in (L._FWD_MEMO, L._BWD_MEMO, L._SUM_MEMO):
+        memo.clear()
+    w, b = make_params(768, device, torch.bfloat16)
+    for _ in range(3):
+        check_fwd_bwd(torch.randn(300, 768, device=device, dtype=torch.bfloat16), 768, w, b)
+    assert [len(m) for m in (L._FWD_MEMO, L._BWD_MEMO, L._SUM_MEMO)] == [1, 1, 1]
+    flat = torch.randn(300 * 768 + 1, device=device, dtype=torch.bfloat16)
+    check_fwd_bwd(flat[1:].view(300, 768), 768, w, b)  # two bytes past the boundary
+    check_fwd_bwd(torch.randn(300, 768, device=device, dtype=torch.bfloat16), 768, w, b)
+    assert [len(m) for m in (L._FWD_MEMO, L._BWD_MEMO, L._SUM_MEMO)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("out_dtype", [d for d in DTYPES if d != torch.float32])
 def test_out_dtype_is_the_cast_fused(out_dtype, device):
     """fp32 in, low precision out: the same values as F.layer_norm(x).to(out_dtype), and the same gradients."""

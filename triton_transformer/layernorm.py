@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch, next_power_of_2, no_double_backward, shaped
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch_memo, next_power_of_2, no_double_backward, shaped
 
 #: Longest row held in registers as one block; longer rows loop over LOOP_BLOCK-wide chunks.
 MAX_FUSED_BLOCK = 16384
@@ -211,14 +211,35 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
     grid = lambda meta: (cdiv(n_rows, meta["ROWS"]),)  # noqa: E731  (ROWS comes from the tuned config)
     # Unused pointers still need a tensor; x2 is never read through them.
     has_r = residual is not None
-    launch(kernel, grid, x2, y2, weight if weight is not None else x2, bias if bias is not None else x2,
-           mean if store_stats else y2, rstd if store_stats else y2,
-           residual if has_r else x2, h if has_r else x2, residual_bias if residual_bias is not None else x2,
-           x2.stride(0), y2.stride(0), residual.stride(0) if has_r else 0, h.stride(0) if has_r else 0,
-           n_rows, n_cols, eps,
-           BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, HAS_B=bias is not None,
-           STORE_STATS=store_stats, HAS_RESIDUAL=has_r, HAS_RBIAS=has_r and residual_bias is not None)
+    args = (x2, y2, weight if weight is not None else x2, bias if bias is not None else x2,
+            mean if store_stats else y2, rstd if store_stats else y2,
+            residual if has_r else x2, h if has_r else x2, residual_bias if residual_bias is not None else x2,
+            x2.stride(0), y2.stride(0), residual.stride(0) if has_r else 0, h.stride(0) if has_r else 0,
+            n_rows, n_cols, eps)
+    meta = dict(BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, HAS_B=bias is not None,
+                STORE_STATS=store_stats, HAS_RESIDUAL=has_r, HAS_RBIAS=has_r and residual_bias is not None)
+    # Everything the kernel is specialised on follows from this key (y2, mean and rstd are new, aligned
+    # allocations): a call like one before launches without working it out again (`runtime.launch_memo`).
+    key = None if has_r or not _aligned(x2, weight, bias) else (
+        x2.get_device(), n_rows, n_cols, x2.stride(0), y2.stride(0), x2.dtype, y2.dtype,
+        weight.dtype if weight is not None else None, bias.dtype if bias is not None else None, store_stats)
+    launch_memo(_FWD_MEMO, key, kernel, grid, *args, **meta)
     return y2, mean, rstd
+
+
+#: What `layer_norm`'s forward, backward and partial-sum launches compiled to, per call key (`runtime.launch_memo`).
+_FWD_MEMO: dict = {}
+_BWD_MEMO: dict = {}
+_SUM_MEMO: dict = {}
+
+
+def _aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given (None: skipped) starts on a 16-byte boundary, as `launch_memo` needs."""
+    address = 0
+    for t in tensors:
+        if t is not None:
+            address |= t.data_ptr()
+    return not address & 15
 
 
 # ---------------------------------------------------------------- backward
@@ -487,24 +508,32 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
         alloc = torch.empty if single else torch.zeros
         part = alloc((3 if compute_drb else 2, programs, n_cols), dtype=torch.float32, device=x2.device)
 
-    launch(_layer_norm_bwd_kernel, (programs,),
-           x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
-           dummy if recompute else mean, dummy if recompute else rstd,
-           part if part is not None else dummy, dh if dh is not None else dummy, dr if dr is not None else dummy,
-           x2.stride(0), dy2.stride(0), dx2.stride(0) if dx2 is not None else n_cols,
-           dh.stride(0) if dh is not None else 0,
-           dr.stride(0) if dr is not None else 0, n_rows, n_cols, rows_per_program, eps,
-           ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
-           COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute,
-           HAS_DH=dh is not None and compute_dx, STORE_DR=dr is not None and compute_dx,
-           COMPUTE_DRB=compute_drb, num_warps=num_warps)
+    args = (x2, dy2, dx2 if compute_dx else dummy, weight if weight is not None else dummy,
+            dummy if recompute else mean, dummy if recompute else rstd,
+            part if part is not None else dummy, dh if dh is not None else dummy, dr if dr is not None else dummy,
+            x2.stride(0), dy2.stride(0), dx2.stride(0) if dx2 is not None else n_cols,
+            dh.stride(0) if dh is not None else 0,
+            dr.stride(0) if dr is not None else 0, n_rows, n_cols, rows_per_program, eps)
+    meta = dict(ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_W=weight is not None, COMPUTE_DX=compute_dx,
+                COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, RECOMPUTE_STATS=recompute,
+                HAS_DH=dh is not None and compute_dx, STORE_DR=dr is not None and compute_dx,
+                COMPUTE_DRB=compute_drb, num_warps=num_warps)
+    # The plain layer norm's calls (no residual) are keyed for `launch_memo`: dx2, part, dw and db are new
+    # allocations, mean and rstd the forward's; x2, dy2 and the weight come from outside.
+    memo = dh is None and dr is None and not compute_drb and _aligned(x2, dy2, weight)
+    key = (x2.get_device(), n_rows, n_cols, programs, rows_per_program, rows, num_warps, x2.stride(0),
+           dy2.stride(0), x2.dtype, dy2.dtype, weight.dtype if weight is not None else None, compute_dx,
+           compute_dw, compute_db, recompute) if memo else None
+    launch_memo(_BWD_MEMO, key, _layer_norm_bwd_kernel, (programs,), *args, **meta)
     if part is not None:
         block_c, block_p = _sum_params(n_cols, x2.device)
-        launch(_sum_partials_kernel, (cdiv(n_cols, block_c),),
-               part, dw if compute_dw else dummy, db if compute_db else dummy,
-               drb if compute_drb else dummy, programs, n_cols,
-               BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-               COMPUTE_DRB=compute_drb, num_warps=4)
+        args = (part, dw if compute_dw else dummy, db if compute_db else dummy, drb if compute_drb else dummy,
+                programs, n_cols)
+        key = (x2.get_device(), programs, n_cols, block_c, block_p, args[1].dtype, args[2].dtype, x2.dtype,
+               compute_dw, compute_db) if memo else None
+        launch_memo(_SUM_MEMO, key, _sum_partials_kernel, (cdiv(n_cols, block_c),), *args, BLOCK_P=block_p,
+                    BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, COMPUTE_DRB=compute_drb,
+                    num_warps=4)
     return dx2, dw, db, drb
 
 
