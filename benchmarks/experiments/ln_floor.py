@@ -31,7 +31,6 @@ GPU time, set its wall time). A 0.10 ms wall time at this shape is within reach 
 fast host.
 """
 import importlib
-import time
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ import triton.testing
 
 import triton_transformer as tt
 from triton_transformer import runtime
-from host_cliff import Skel  # (this folder is the script's own: Python puts it on the path)
+from host_cliff import Skel, host_us  # (this folder is the script's own: Python puts it on the path)
 
 L = importlib.import_module("triton_transformer.layernorm")
 dev = runtime.DEVICE
@@ -85,16 +84,11 @@ def make_lean(rows, n, dt, direct):
         if not direct or name not in cached:
             c = runtime.launch(kernel, grid, *args, **meta)
             if direct:
-                launcher = runtime._launchers[id(kernel)]
-                key_of = launcher.key_functions[tuple(map(type, args))]
-                key = (tuple(map(type, args)), key_of(args, meta), tuple(meta.items()))
-                compiled, consts, tail = launcher.cache[key]
-                g = grid(consts) if callable(grid) else grid
-                cached[name] = (compiled, compiled.function, compiled.packed_metadata, tail, g[0])
+                compiled, gx, _, _, tail, _ = runtime._launchers[id(kernel)].bound(grid, args, meta)
+                cached[name] = (compiled, compiled.function, compiled.packed_metadata, tail, gx)
             return c
         compiled, function, packed, tail, gx = cached[name]
-        compiled.run(gx, 1, 1, stream(0), function, packed, None, None, None,
-                     *args, *tail)
+        compiled.run(gx, 1, 1, stream(0), function, packed, None, None, None, *args, *tail)
 
     class Lean(torch.autograd.Function):
         @staticmethod
@@ -120,20 +114,6 @@ def make_lean(rows, n, dt, direct):
             return dx, dw, db
 
     return Lean
-
-
-def host_us(fn, n=1000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n // 5):
-            fn()
-        times.append((time.perf_counter() - t) / (n // 5) * 1e6)
-        torch.cuda.synchronize()
-    return sorted(times)[2]
 
 
 def main():
