@@ -463,11 +463,12 @@ class _Launcher:
     def bound(self, grid, args: tuple, meta: dict):
         """What a call with these arguments launches, once it has been launched: (compiled kernel, the grid's
         three ints, the fixed tail of its arguments, the CUDA device), or None."""
-        key_of = self.key_functions.get(tuple(map(type, args)))
+        types = tuple(map(type, args))
+        key_of = self.key_functions.get(types)
         if key_of is None:
             return None
         spec = key_of(args, meta)
-        hit = self.cache.get((tuple(map(type, args)), spec, tuple(meta.items())))
+        hit = self.cache.get((types, spec, tuple(meta.items())))
         if hit is None:
             return None
         compiled, consts, tail = hit
