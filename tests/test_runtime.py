@@ -84,6 +84,45 @@ def test_launch_key_separates_what_triton_specialises_on():
     assert len(set(differ)) == len(differ)
 
 
+def test_launch_memo_launches_a_remembered_call_directly(monkeypatch):
+    """`launch_memo`'s bookkeeping, with stand-ins for Triton's compiled kernel and for `launch` (on the CPU
+    nothing is compiled; the GPU tests run the real thing, test_layernorm's memo test among them)."""
+    launches, runs = [], []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            runs.append(args)
+
+    class Launcher:
+        def bound(self, grid, args, meta):  # (compiled, grid x, y, z, the arguments' fixed tail, device)
+            return compiled, grid[0], 1, 1, ("TAIL",), 0
+
+    compiled, kernel = Compiled(), object()
+    monkeypatch.setattr(runtime, "launch", lambda *call, **meta: launches.append(call) or compiled)
+    monkeypatch.setattr(runtime, "FAST_LAUNCH", True)
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    monkeypatch.setitem(runtime._launchers, id(kernel), Launcher())
+    monkeypatch.setattr(runtime, "_current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    memo = {}
+    runtime.launch_memo(memo, "k", kernel, (7,), "x", 1, BLOCK=4)  # the first call: the ordinary launch
+    assert len(launches) == 1 and not runs and memo["k"][0] is compiled
+    runtime.launch_memo(memo, "k", kernel, (7,), "y", 2, BLOCK=4)  # a call like it: straight to its kernel
+    assert len(launches) == 1
+    assert runs == [(7, 1, 1, 1234, "function", "metadata", None, None, None, "y", 2, "TAIL")]
+    monkeypatch.setattr(runtime, "_current_device", lambda: 1)  # another GPU current: the ordinary launch
+    runtime.launch_memo(memo, "k", kernel, (7,), "z", 3, BLOCK=4)
+    assert len(launches) == 2 and len(runs) == 1
+    runtime.launch_memo(memo, None, kernel, (7,), "z", 3, BLOCK=4)  # no key: launched, nothing remembered
+    assert len(launches) == 3 and list(memo) == ["k"]
+    monkeypatch.setattr(runtime, "MEMO_SIZE", 2)
+    runtime.launch_memo(memo, "k2", kernel, (7,), "z", 3, BLOCK=4)
+    runtime.launch_memo(memo, "k3", kernel, (7,), "z", 3, BLOCK=4)  # full: starts over
+    assert list(memo) == ["k3"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_kernels_run_on_the_gpu_their_tensors_are_on():
     # Triton launches on the current device; the package's ops follow their tensors, as PyTorch's do.
