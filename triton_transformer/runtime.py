@@ -517,8 +517,9 @@ def launch_memo(memo: dict, key, kernel, grid, *args, **meta):
 
     `launch` works out at every call what Triton specialises a kernel on: each argument's type and,
     for tensors, dtype and 16-byte alignment, for integers whether they are 1, multiples of 16, 32-bit.
-    That is about 5 us of Python a launch on a fast host, 13 on the H100 machine this book was measured
-    on, where a layer norm's forward and backward (three launches) take 0.06 ms of GPU time. A caller that
+    That is about 5 us of Python a launch on a fast host and 13 on the lent H100 machines this book was
+    measured on (`benchmarks/experiments/ln_floor.py`), where a layer norm's forward and backward (three
+    launches) take 0.06 ms of GPU time. A caller that
     knows those facts more cheaply, from the shapes of a call it has seen before, names them in `key`:
     equal keys must mean arguments of the same types, dtypes and integer values, and the same grid.
     Tensor arguments must be 16-byte aligned: callers check the ones they did not allocate, and pass no
