@@ -529,7 +529,8 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
         block_c, block_p = _sum_params(n_cols, x2.device)
         args = (part, dw if compute_dw else dummy, db if compute_db else dummy, drb if compute_drb else dummy,
                 programs, n_cols)
-        key = (x2.get_device(), programs, n_cols, block_c, block_p, args[1].dtype, args[2].dtype, x2.dtype,
+        # (the device, key[0], asked once for both launches)
+        key = (key[0], programs, n_cols, block_c, block_p, args[1].dtype, args[2].dtype, x2.dtype,
                compute_dw, compute_db) if memo else None
         launch_memo(_SUM_MEMO, key, _sum_partials_kernel, (cdiv(n_cols, block_c),), *args, BLOCK_P=block_p,
                     BLOCK_C=block_c, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, COMPUTE_DRB=compute_drb,

@@ -446,10 +446,7 @@ class _Launcher:
             self.cache[key] = (compiled, consts, tail)
             return compiled
         compiled, consts, tail = hit
-        gx, gy, gz = self._grid(grid, consts, args)
-        compiled.run(gx, gy, gz, torch._C._cuda_getCurrentRawStream(device),
-                     compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
-        return compiled
+        return _run(compiled, *self._grid(grid, consts, args), device, args, tail)
 
     def _grid(self, grid, consts: dict, args: tuple) -> tuple[int, int, int]:
         """The launch grid as three ints; a callable `grid` is given the kernel's meta-parameters."""
@@ -473,6 +470,14 @@ class _Launcher:
             return None
         compiled, consts, tail = hit
         return (compiled, *self._grid(grid, consts, args), tail, spec[0])
+
+
+def _run(compiled, gx: int, gy: int, gz: int, device: int, args: tuple, tail: tuple):
+    """Launch a compiled kernel on the current stream of CUDA `device` with Triton's own launcher: the runtime
+    arguments, then the fixed `tail` (constexprs, the tuned config, defaults). No launch hooks."""
+    compiled.run(gx, gy, gz, torch._C._cuda_getCurrentRawStream(device), compiled.function, compiled.packed_metadata,
+                 None, None, None, *args, *tail)
+    return compiled
 
 
 def _launcher_takes_all_arguments() -> bool:
@@ -519,12 +524,12 @@ def launch_memo(memo: dict, key, kernel, grid, *args, **meta):
     for tensors, dtype and 16-byte alignment, for integers whether they are 1, multiples of 16, 32-bit.
     That is about 5 us of Python a launch on a fast host and 13 on the lent H100 machines this book was
     measured on (`benchmarks/experiments/ln_floor.py`), where a layer norm's forward and backward (three
-    launches) take 0.06 ms of GPU time. A caller that
-    knows those facts more cheaply, from the shapes of a call it has seen before, names them in `key`:
-    equal keys must mean arguments of the same types, dtypes and integer values, and the same grid.
-    Tensor arguments must be 16-byte aligned: callers check the ones they did not allocate, and pass no
-    key for a call where one is not. The next call with an equal key goes straight to Triton's
-    compiled launcher, on the CUDA device of its first call. `key` None: `launch`, nothing remembered.
+    launches) take 0.06 ms of GPU time. A caller that knows those facts more cheaply, from the shapes of a
+    call it has seen before, names them in `key`: equal keys must mean arguments of the same types, dtypes
+    and integer values, and the same grid. Tensor arguments must be 16-byte aligned: callers check the
+    ones they did not allocate, and pass no key for a call where one is not. The next call with an equal
+    key goes straight to Triton's compiled launcher, on the CUDA device of its first call. `key` None:
+    `launch`, nothing remembered.
     """
     if key is None:
         return launch(kernel, grid, *args, **meta)
@@ -532,9 +537,7 @@ def launch_memo(memo: dict, key, kernel, grid, *args, **meta):
     if hit is not None:
         compiled, gx, gy, gz, tail, device = hit
         if _current_device() == device:
-            compiled.run(gx, gy, gz, torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                         compiled.packed_metadata, None, None, None, *args, *tail)
-            return compiled
+            return _run(compiled, gx, gy, gz, device, args, tail)
     compiled = launch(kernel, grid, *args, **meta)
     if FAST_LAUNCH and not INTERPRET:
         bound = _launchers[id(kernel)].bound(grid, args, meta)

@@ -1419,7 +1419,7 @@ def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
 def run_dir(out_root: str | os.PathLike, provider: str) -> Path:
     """Where `benchmark` puts one provider's log and checkpoint: <out_root>/<provider, dots and spaces as
     underscores>."""
-    return Path(out_root) / provider.replace(".", "_").replace(" ", "_")
+    return Path(out_root) / _log_stem(provider).replace(".", "_")
 
 
 def _log_stem(provider: str) -> str:
