@@ -1,0 +1,91 @@
+"""Probe: the backward's two products of `linear` one by one, against cuBLAS in the same layouts. (GPU)
+
+    python3 benchmarks/experiments/bwd_gemms.py [dw-only]
+
+At the benchmark's shapes [M, K, N] = [16384, 768, 3072] and [16384, 3072, 768] a linear's forward
+runs as fast as cuBLAS's, but its forward+backward takes 7-12% longer in GPU time. The backward is
+dX = dY W (dY row-major, W row-major as B) and dW = dY^T X (A = dY^T, column-major; the pointer
+kernel with split-K). Here each product is timed alone as the GPU runs it (`bench.measure_gpu_ms`,
+a CUDA graph of 20 calls after L2 flushes): the package's choice, the pointer kernel at fixed splits
+of the K loop, the TMA kernel forced, and torch.matmul.
+
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16; us, first shape / second shape):
+
+    dX = dY W      package 104.9 / 118.1            cuBLAS 104.4 / 121.6
+    dW = dY^T X    package (split 3) 134.2 / 134.1  pointers split 2 175.1 / 179.2, split 4 160.9 / 163.9
+                   TMA split 1 152.8 / 153.4, split 3 149.0 / 152.3             cuBLAS 105.1 / 106.3
+
+So the whole gap is dW: 29 us at each shape, dX is at par. dW's output is 72 tiles of 128 x 256 for
+132 SMs, so a split of K or a balanced schedule looked like the lever. A kernel was written for it
+and measured, then removed: split-K's first wave as now, the items left over (a part-full second wave)
+cut along K into one piece per program, partial tiles met in fp32 slots and added by the last part to
+arrive (a counter per tile; a fixed order of addition, so bit-identical results). It was slower:
+159-166 us (row sums too: 188-196). Its own tile with one whole tile per program (72 programs, no
+partials) took 154 us, and half tiles in two waves (144 programs) 180-181. A whole tile's K loop at
+72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs would be 84 us for dW, yet no
+schedule that kept every SM busy came near it. Every schedule loads the same bytes per tile step into
+the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is 5.7 TB/s of that with 72 SMs
+busy and 134 us (split 3) 6.6 TB/s with all of them. The product is bound by L2-to-SM bandwidth, not by
+idle SMs. cuBLAS (105 us; 8.4 TB/s if it loaded as much) must load less per flop, for instance by sharing
+one TMA load between the two SMs of a cluster (multicast); our kernels run no clusters (num_ctas = 1), and
+clusters were not tried here.
+"""
+import sys
+
+import torch
+
+import triton_transformer as tt  # noqa: F401  (sets up the runtime)
+from triton_transformer import bench
+from triton_transformer import matmul as mm
+
+dev = tt.runtime.DEVICE
+dt = torch.bfloat16
+
+
+def gpu_us(fn):
+    return bench.measure_gpu_ms(fn) * 1e3
+
+
+def variants(a, b, forced: bool):
+    """(name, spec) of the product a @ b: ours as the package picks, forced choices (`forced`), cuBLAS.
+    A spec is a function to time, or a dict of `matmul` module settings to time the package's call under."""
+    out = [("package", lambda: mm.matmul(a, b))]
+    if forced:
+        out += [(f"pointers split {split}", dict(SPLIT_K=split)) for split in (1, 2, 4)]
+        out += [(f"TMA split {split}", dict(SPLIT_K=split, TMA=True)) for split in (1, 3)]
+    out.append(("cuBLAS", lambda: torch.matmul(a, b)))
+    return out
+
+
+def timed(a, b, spec):
+    if callable(spec):
+        return gpu_us(spec)
+    saved = {name: getattr(mm, name) for name in spec}
+    for name, value in spec.items():
+        setattr(mm, name, value)
+    try:
+        return gpu_us(lambda: mm.matmul(a, b))
+    finally:
+        for name, value in saved.items():
+            setattr(mm, name, value)
+
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name())
+    for m, k, n in ([16384, 768, 3072], [16384, 3072, 768]):
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
+        dy = torch.randn(m, n, device=dev, dtype=dt)
+        products = {"dW = dY^T X": (dy.t(), x)}
+        if "dw-only" not in sys.argv:
+            products["dX = dY W"] = (dy, w)
+        for name, (a, b) in products.items():
+            flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            ref = torch.matmul(a, b).float()
+            for label, spec in variants(a, b, name.startswith("dW")):
+                us = timed(a, b, spec)
+                print(f"[{m}, {k}, {n}] {name:12s} {label:18s} {us:7.1f} us {flops / us / 1e6:6.0f} TFLOP/s", flush=True)
+            ours = mm.matmul(a, b)[0]
+            err = (ours.float() - ref).abs().max().item()
+            same = torch.equal(ours, mm.matmul(a, b)[0])
+            print(f"    package vs cuBLAS max |diff| {err:.3g}, bit-identical on a second call: {same}")
