@@ -1,6 +1,6 @@
 """Probe: the backward's two products of `linear` one by one, against cuBLAS in the same layouts. (GPU)
 
-    python3 benchmarks/experiments/bwd_gemms.py [dw-only]
+    python3 benchmarks/experiments/bwd_gemms.py [dw-only] [layouts]
 
 At the benchmark's shapes [M, K, N] = [16384, 768, 3072] and [16384, 3072, 768] a linear's forward
 runs as fast as cuBLAS's, but its forward+backward takes 7-12% longer in GPU time. The backward is
@@ -26,9 +26,18 @@ partials) took 154 us, and half tiles in two waves (144 programs) 180-181. A who
 schedule that kept every SM busy came near it. Every schedule loads the same bytes per tile step into
 the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is 5.7 TB/s of that with 72 SMs
 busy and 134 us (split 3) 6.6 TB/s with all of them. The product is bound by L2-to-SM bandwidth, not by
-idle SMs. cuBLAS (105 us; 8.4 TB/s if it loaded as much) must load less per flop, for instance by sharing
-one TMA load between the two SMs of a cluster (multicast); our kernels run no clusters (num_ctas = 1), and
-clusters were not tried here.
+idle SMs.
+
+`layouts` asks whether dW's operands, both MN-major (the reduction runs down the rows of dY and X), are the
+cause, and which kernel cuBLAS runs: the same product with K-major copies of the operands took our kernels
+longer, not shorter (150.5 us through pointers, 150.2-152.3 through TMA, against 134.2 for dW as it is),
+cuBLAS 106.9 against 105.4. cuBLAS's kernel, by torch.profiler, is nvjet_sm90_tst_128x160_64x5_2x4_h_bz_TNT
+(NTT for the K-major copies): tiles of 128 x 160, 120 of them for 132 SMs, one wave with no split and no
+partials, and, by its name, clusters of 2 x 4 programs. 128 x 160 tiles load more bytes per flop than ours,
+1.13 GB for the product, 10.8 TB/s at 105 us: more than our kernels ever drew from L2, which is what clusters
+that share one TMA load among their programs (multicast) would give. Triton 3.6 compiles no such kernel
+(num_ctas = 1 here; TMA multicast reached upstream Triton in 2026, for Blackwell's two-CTA matmuls), and
+its blocks are powers of two (no 160-wide tile).
 """
 import sys
 
@@ -70,8 +79,33 @@ def timed(a, b, spec):
             setattr(mm, name, value)
 
 
+def layouts():
+    """dW of [16384, 768, 3072] with its operands as they are (MN-major) and as K-major copies; cuBLAS's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m, n, k = 3072, 768, 16384
+    dy = torch.randn(k, m, device=dev, dtype=dt)  # dW's A is dy^T: MN-major
+    x = torch.randn(k, n, device=dev, dtype=dt)  # dW's B is x: MN-major
+    a_k, bt_k = dy.t().contiguous(), x.t().contiguous()  # K-major copies: A (m, k), B^T (n, k)
+    cases = {"as is": (dy.t(), x), "K-major": (a_k, bt_k.t())}
+    for name, (a, b) in cases.items():
+        print(f"dW {name:8s} package {gpu_us(lambda: mm.matmul(a, b)):7.1f} us, cuBLAS "
+              f"{gpu_us(lambda: torch.matmul(a, b)):7.1f} us", flush=True)
+        for split in (1, 3):
+            print(f"dW {name:8s} TMA split {split} {timed(a, b, dict(TMA=True, SPLIT_K=split)):7.1f} us", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for a, b in cases.values():
+            torch.matmul(a, b)
+        torch.cuda.synchronize()
+    for event in prof.key_averages():
+        print("CUDA activity:", event.key)
+
+
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
+    if "layouts" in sys.argv:
+        layouts()
+        sys.exit()
     for m, k, n in ([16384, 768, 3072], [16384, 3072, 768]):
         x = torch.randn(m, k, device=dev, dtype=dt)
         w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
