@@ -413,5 +413,6 @@ def test_every_forward_tile(n_cols, monkeypatch, device):
     w, b = make_params(n_cols, device, torch.float32)
     for config in L._fwd_configs(block, single):
         monkeypatch.setattr(tuner, "configs", [config])
-        monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another tile is reused
+        monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another tile is reused,
+        monkeypatch.setattr(L, "_FWD_MEMO", {})  # nor remembered by the forward's launch_memo
         check_fwd_bwd(x, (n_cols,), w, b)

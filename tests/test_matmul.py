@@ -247,7 +247,8 @@ def test_every_pointer_config(i, monkeypatch, device):
     monkeypatch.setattr(MM, "AUTOTUNE_MIN_MACS", 0)
     monkeypatch.setattr(MM, "TMA", False)
     monkeypatch.setattr(MM._matmul_kernel, "configs", [MM._POINTER_CONFIGS[i]])
-    monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another config is reused
+    monkeypatch.setattr(runtime, "_launchers", {})  # no kernel compiled for another config is reused,
+    monkeypatch.setattr(MM, "_POINTER_MEMO", {})  # nor remembered by matmul's launch_memo
     check(*inputs((2, 150, 100), 270, torch.float16 if ON_GPU else torch.float32, device), "gelu")
 
 
@@ -258,6 +259,7 @@ def test_every_tma_config(i, monkeypatch, device):
     monkeypatch.setattr(MM, "TMA", True)
     monkeypatch.setattr(MM._matmul_tma_kernel, "configs", [MM._TMA_CONFIGS[i]])
     monkeypatch.setattr(runtime, "_launchers", {})
+    monkeypatch.setattr(MM, "_TMA_MEMO", {})
     check(*inputs((2, 150, 128), 272, torch.float16 if ON_GPU else torch.float32, device), "gelu")
 
 
@@ -554,6 +556,43 @@ def test_cuda_split_k_and_fp16(device):
     tol = dict(atol=5e-2, rtol=5e-2)
     check(*inputs((8192, 768), 3072, torch.bfloat16, device, scale=0.5), "gelu", tol=tol)
     check(*inputs((2, 300, 512), 1000, torch.float16, device), "relu_squared")
+
+
+def test_plans_are_kept_per_kind_of_call(monkeypatch, device):
+    """`matmul` works out what to launch once per key: the same call on fresh tensors reuses the plan, and
+    what the plan depends on (a transposed operand, an input off a 16-byte boundary, a knob) makes another."""
+    monkeypatch.setattr(MM, "_PLANS", {})
+    a, b = torch.randn(40, 24, device=device), torch.randn(24, 8, device=device)
+    for _ in range(2):
+        a2, b2 = a.clone(), b.clone()  # fresh storage each time
+        torch.testing.assert_close(MM.matmul(a2, b2)[0], a @ b)
+    assert len(MM._PLANS) == 1
+    torch.testing.assert_close(MM.matmul(a.t().contiguous().t(), b)[0], a @ b)  # column-major a
+    flat = torch.randn(40 * 24 + 1, device=device)
+    off = flat[1:].view(40, 24)  # four bytes past the boundary
+    torch.testing.assert_close(MM.matmul(off, b)[0], off @ b)
+    monkeypatch.setattr(MM, "SPLIT_K", 2)
+    torch.testing.assert_close(MM.matmul(a, b)[0], a @ b)
+    assert len(MM._PLANS) == 4
+    assert len({id(plan) for plan in MM._PLANS.values()}) == 4
+
+
+@cuda_only
+def test_cuda_repeated_calls_launch_from_the_memo(device):
+    """A call like one before launches straight from `runtime.launch_memo`'s memory (TMA forward and dx, and the
+    pointer kernel's dW with split-K and row sums): right each time on fresh tensors, one entry per launch; an
+    input off a 16-byte boundary takes the ordinary path, and is right too."""
+    for memo in (MM._PLANS, MM._TMA_MEMO, MM._POINTER_MEMO, MM._SUM_MEMO):
+        memo.clear()
+    tol = dict(atol=5e-2, rtol=5e-2)
+    assert MM._split_k(3072, 768, 8192, device) > 1
+    for _ in range(3):
+        check(*inputs((8192, 768), 3072, torch.bfloat16, device, scale=0.5), None, tol=tol)
+    # forward and dx on the TMA kernel; dW on the pointer kernel, its split's partials and its row sums (db) summed
+    assert [len(m) for m in (MM._PLANS, MM._TMA_MEMO, MM._POINTER_MEMO, MM._SUM_MEMO)] == [3, 2, 1, 2]
+    x, w, b = inputs((64, 768), 256, torch.bfloat16, device)
+    flat = torch.empty(64 * 768 + 8, device=device, dtype=torch.bfloat16)
+    check(flat[1:64 * 768 + 1].view(64, 768).copy_(x), w, b, "gelu", tol=tol)  # two bytes past the boundary
 
 
 def test_split_k_rule(monkeypatch):

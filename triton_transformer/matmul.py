@@ -65,7 +65,7 @@ import triton.language as tl
 
 from . import runtime
 from .dropout import dropout as tt_dropout, keep_tile, next_seed, philox_key, probability
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, no_double_backward
+from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch_memo, no_double_backward
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the pointer kernel does everything
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -620,103 +620,189 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     ``dropout=(p, seed, seed_base)`` drops the activated output as `dropout.dropout` would with that key
     (the mask of a contiguous (M, N) tensor). ``s_dropped=1 / (1 - p)`` says that the s of `grad_of` is such
     a dropped relu or relu^2 output, whose zeros carry the mask (`_grad_at_input`).
+
+    What to launch (kernel, split, TMA or pointers, descriptors, grid) is worked out once per kind of call
+    (`_Plan`) and remembered under a key of the call's shapes, strides, dtypes and options; the launches
+    themselves go through `runtime.launch_memo`. A repeated call (every projection of every training step)
+    then costs its allocations and launches, not the decisions: on the H100 machines a third to two fifths
+    less host time per call (`benchmarks/experiments/linear_host.py`).
     """
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
+    act_grad, s = grad_of if grad_of is not None else (0, None)
+    if s is not None and s.stride(1) != 1:  # read where z would be written: same shape, unit column stride
+        s = s.contiguous()
+    if s_dropped is not None and act_grad not in (RELU, RELU_SQUARED):
+        raise ValueError(f"matmul: s_dropped needs relu or relu^2's output as s (grad_of code {act_grad})")
+    p, seed, seed_base = dropout if dropout is not None else (0.0, 0, None)
+    # Everything `_Plan` decides from, and everything Triton specialises the kernels on (launch_memo's
+    # contract): sizes and strides, dtypes, which options are on, each tensor's 16-byte alignment, whether
+    # the seed fits in 32 bits, and the module's knobs (tests and the chapter change them).
+    misaligned = (a.data_ptr() & 15, b.data_ptr() & 15, bias.data_ptr() & 15 if bias is not None else 0,
+                  s.data_ptr() & 15 if s is not None else 0, row_sum.data_ptr() & 15 if row_sum is not None else 0,
+                  seed_base.data_ptr() & 15 if seed_base is not None else 0)
+    aligned = not any(misaligned)
+    key = (a.get_device(), M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), a.dtype, b.dtype,
+           (bias.dtype, bias.stride(0)) if bias is not None else None, activation, store_z, out_dtype,
+           (row_sum.dtype, row_sum.is_contiguous()) if row_sum is not None else None,
+           (act_grad, s.dtype, s.stride(0)) if s is not None else act_grad, s_dropped is None, dropout is None,
+           seed_base is None, -2**31 <= seed < 2**31, misaligned, runtime.dot_precision(a.dtype),
+           TMA, TMA_STORE, SPLIT_K, AUTOTUNE_MIN_MACS, FLOPS_PER_BYTE)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= runtime.MEMO_SIZE:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(a, b, bias, activation, store_z, out_dtype, row_sum, s, act_grad,
+                                   s_dropped, dropout, seed_base)
+    c = torch.empty((M, N), dtype=plan.c_dtype, device=a.device)
     z = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_z else None
     if M == 0 or N == 0:
         if row_sum is not None:  # no output tile to sum in (e.g. dW of a layer with no input features)
             row_sum.copy_(a.sum(1, dtype=torch.float32))
         return c, z
-    # split-K only for plain products (dW): bias and activation need the full sum
-    split = 1 if (bias is not None or activation or store_z or grad_of or dropout) else _split_k(M, N, K, a.device)
-    split = min(split, max(1, cdiv(K, 32)))
+    split = plan.split
     out = c if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
     # one fp32 partial row sum per split, added up below; written in place when there is one, in fp32
     sums = None
     if row_sum is not None:
-        direct = split == 1 and row_sum.dtype == torch.float32 and row_sum.is_contiguous()
-        sums = row_sum if direct else torch.empty((split, M), dtype=torch.float32, device=a.device)
-    stride_cs = out.stride(0) if split > 1 else 0
-    bias_arg = bias.contiguous() if bias is not None else c  # the epilogue reads it with unit stride
-    act_grad, s = grad_of if grad_of is not None else (0, None)
-    if s is not None:  # read where z would be written: same shape, unit column stride
-        s = s if s.stride(1) == 1 else s.contiguous()
+        sums = row_sum if plan.sums_in_place else torch.empty((split, M), dtype=torch.float32, device=a.device)
+    bias_arg = c if bias is None else bias if plan.bias_contiguous else bias.contiguous()  # read with unit stride
     zs = z if z is not None else s
     z_arg = zs if zs is not None else c
-    if s_dropped is not None and act_grad not in (RELU, RELU_SQUARED):
-        raise ValueError(f"matmul: s_dropped needs relu or relu^2's output as s (grad_of code {act_grad})")
-    p, seed, seed_base = dropout if dropout is not None else (0.0, 0, None)
     drop_scale = 1.0 / (1.0 - p) if dropout is not None else (s_dropped or 1.0)
     drop_args = (seed, seed_base if seed_base is not None else c, float(p), float(drop_scale))
-    common = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, ACT_GRAD=act_grad,
-                  SPLIT_K=split, PRECISION=runtime.dot_precision(a.dtype), DROPOUT=dropout is not None,
-                  DROP_GROUPED=N % 4 == 0, SEED_BASE=seed_base is not None, S_DROPPED=s_dropped is not None)
-    stride_cm = out.stride(-2)
+    stride_cs = out.stride(0) if split > 1 else 0
     stride_zm = zs.stride(0) if zs is not None else 0
-    keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))
-
-    big = M * N * K >= AUTOTUNE_MIN_MACS
-    # dW = dz^T x reads A column-major (a.stride(0) == 1): measured on the H100, the TMA kernel was 1.1x
-    # to 4x slower there than the pointer kernel with its split-K, so "auto" leaves dW to the pointers.
-    a_columns = a.stride(0) == 1 and a.stride(1) != 1
-    tma = ((big and K > 0 and not a_columns and _tma_wanted(a.dtype, a.device)) or (TMA is True and K > 0)) \
-        and row_sum is None  # the row sums live in the pointer kernel only
-    desc_a = _tma_operand(a) if tma else None
-    desc_b = _tma_operand(b) if desc_a is not None else None
-    if desc_a is not None and desc_b is not None:
-        (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
-        sms = runtime.num_sms(a.device)
-        grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * split),)
-        # TMA stores need 16-byte aligned rows (of c and of z or s), and one (M, N) matrix: not split-K's partials
-        c_desc = _tma_output(c) if split == 1 and TMA_STORE else None
-        z_desc = _tma_output(zs) if c_desc is not None and zs is not None else None
-        tma_store = c_desc is not None and (zs is None or z_desc is not None)
-        c_desc = c_desc if tma_store else c  # unused without TMA stores: any argument of a fixed type
-        z_desc = z_desc if z_desc is not None else c_desc
+    memo_key = key if aligned else None  # launch_memo wants aligned tensors (its docstring says why)
+    if plan.tma:
         try:
             # The first launch per key goes through the autotuner, whose pre-hook sets each descriptor's
-            # box to the winning tile; later ones take runtime.launch's cached path, where Triton's
-            # launcher builds the TMA descriptors from the compiled kernel's own block sizes.
-            runtime.launch(_matmul_tma_kernel, grid, a_desc, b_desc, out, bias_arg, z_arg, c_desc, z_desc, M, N, K,
-                           stride_cm, stride_cs, stride_zm, *keys, 2 * a_t + b_t, *drop_args,
-                           A_T=a_t, B_T=b_t, NUM_SMS=sms, TMA_STORE=tma_store, **common)
+            # box to the winning tile; later ones take the cached path, where Triton's launcher builds the
+            # TMA descriptors from the compiled kernel's own block sizes.
+            c_desc = _rebased(plan.c_desc, c) if plan.c_desc is not None else c  # any argument of a fixed type
+            z_desc = _rebased(plan.z_desc, zs) if plan.z_desc is not None else c_desc
+            launch_memo(_TMA_MEMO, memo_key, plan.kernel, plan.grid, _rebased(plan.a_desc, a),
+                        _rebased(plan.b_desc, b), out, bias_arg, z_arg, c_desc, z_desc, M, N, K, N, stride_cs,
+                        stride_zm, *plan.tune_keys, plan.layout, *drop_args, **plan.meta)
         except Exception as err:  # a Triton without working TMA support: say so once, then use pointers
             if TMA is True:
                 raise
             warnings.warn(f"triton_transformer.matmul: the TMA kernel failed ({type(err).__name__}: "
                           f"{str(err)[:200]}); using the pointer kernel from now on")
             globals()["TMA"] = False
-            desc_a = None
-    if desc_a is None or desc_b is None:
-        args = (a, b, out, bias_arg, z_arg, sums if sums is not None else c, M, N, K,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                stride_cm, stride_cs, stride_zm, *keys, 2 * int(a.stride(0) == 1) + int(b.stride(1) != 1),
-                *drop_args)
-        # every BLOCK_K of the configs divides 128, so K % 128 == 0 means no K tail in any config
-        even_k = K % 128 == 0
-        if big:
-            grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)
-            runtime.launch(_matmul_kernel, grid, *args, EVEN_K=even_k, ROW_SUM=sums is not None, **common)
-        else:
-            cfg = SKINNY_CONFIG if M <= 16 and a.element_size() == 2 else SMALL_CONFIG
-            grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
-            runtime.launch(_matmul_kernel.fn, grid, *args, EVEN_K=K % cfg["BLOCK_K"] == 0,
-                           ROW_SUM=sums is not None, **common, **cfg)
+            return matmul(a, b, bias, activation, store_z, out_dtype, row_sum, grad_of, s_dropped, dropout)
+    else:
+        launch_memo(_POINTER_MEMO, memo_key, plan.kernel, plan.grid, a, b, out, bias_arg, z_arg,
+                    sums if sums is not None else c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                    N, stride_cs, stride_zm, *plan.tune_keys, plan.layout, *drop_args, **plan.meta)
     if split > 1:
-        _sum_rows(out.view(split, M * N), c.view(-1))
+        _sum_rows(out.view(split, M * N), c.view(-1), memo_key and (memo_key, "split"))
     if sums is not None and sums is not row_sum:
-        _sum_rows(sums, row_sum)
+        _sum_rows(sums, row_sum, memo_key and (memo_key, "row sums"))
     return c, z
 
 
-def _sum_rows(x: torch.Tensor, out: torch.Tensor) -> None:
-    """out = x.sum(0) for a contiguous fp32 (R, N), deterministic, cast to out's dtype."""
+#: `matmul`'s plans and compiled launches, per call key (`runtime.launch_memo`).
+_PLANS: dict = {}
+_TMA_MEMO: dict = {}
+_POINTER_MEMO: dict = {}
+_SUM_MEMO: dict = {}
+
+
+class _Plan:
+    """How `matmul` runs one kind of call: what follows from its key alone, worked out at its first call.
+
+    split: programs per output tile's K loop (split-K, plain products only). tma: the TMA kernel, with
+    descriptor templates over a, b and the outputs (`_rebased` puts each call's tensors in them), or the
+    pointer kernel (autotuned for big problems, a fixed config for small ones). meta: the constexprs.
+    """
+
+    __slots__ = ("c_dtype", "split", "sums_in_place", "bias_contiguous", "tma", "a_desc", "b_desc", "c_desc",
+                 "z_desc", "kernel", "grid", "tune_keys", "layout", "meta")
+
+    def __init__(self, a, b, bias, activation, store_z, out_dtype, row_sum, s, act_grad, s_dropped, dropout,
+                 seed_base):
+        M, K = a.shape
+        N = b.shape[1]
+        self.c_dtype = out_dtype or a.dtype
+        # split-K only for plain products (dW): bias and activation need the full sum
+        split = 1 if (bias is not None or activation or store_z or act_grad or dropout) \
+            else _split_k(M, N, K, a.device)
+        self.split = split = min(split, max(1, cdiv(K, 32)))
+        self.sums_in_place = (row_sum is not None and split == 1 and row_sum.dtype == torch.float32
+                              and row_sum.is_contiguous())
+        self.bias_contiguous = bias is None or bias.stride(0) == 1
+        self.meta = dict(HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_Z=store_z, ACT_GRAD=act_grad,
+                         SPLIT_K=split, PRECISION=runtime.dot_precision(a.dtype), DROPOUT=dropout is not None,
+                         DROP_GROUPED=N % 4 == 0, SEED_BASE=seed_base is not None, S_DROPPED=s_dropped is not None)
+        self.tune_keys = (runtime.pow2_at_least_16(M), runtime.pow2_at_least_16(N), runtime.pow2_at_least_16(K))
+        big = M * N * K >= AUTOTUNE_MIN_MACS
+        # dW = dz^T x reads A column-major (a.stride(0) == 1): measured on the H100, the TMA kernel was 1.1x
+        # to 4x slower there than the pointer kernel with its split-K, so "auto" leaves dW to the pointers.
+        a_columns = a.stride(0) == 1 and a.stride(1) != 1
+        tma = ((big and K > 0 and not a_columns and _tma_wanted(a.dtype, a.device)) or (TMA is True and K > 0)) \
+            and row_sum is None  # the row sums live in the pointer kernel only
+        desc_a = _tma_operand(a) if tma else None
+        desc_b = _tma_operand(b) if desc_a is not None else None
+        self.tma = desc_a is not None and desc_b is not None
+        self.a_desc = self.b_desc = self.c_desc = self.z_desc = None
+        if self.tma:
+            (a_desc, a_t), (b_desc, b_t) = desc_a, desc_b
+            self.a_desc, self.b_desc = _rebased(a_desc, None), _rebased(b_desc, None)  # templates hold no tensor
+            sms = runtime.num_sms(a.device)
+            self.grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * split),)
+            # TMA stores need 16-byte aligned rows (of c and of z or s), and one (M, N) matrix: not split-K's
+            # partials. c and z are allocated by every call, row-major.
+            c_desc = _output_template(M, N, self.c_dtype, a.device) if split == 1 and TMA_STORE else None
+            z_desc = None
+            if c_desc is not None:
+                z_desc = _output_template(M, N, a.dtype, a.device) if store_z else \
+                    _tma_output(s) if s is not None else None
+            tma_store = c_desc is not None and ((not store_z and s is None) or z_desc is not None)
+            if tma_store:
+                self.c_desc = c_desc
+                self.z_desc = _rebased(z_desc, None) if z_desc is not None else None
+            self.layout = 2 * a_t + b_t
+            self.meta.update(A_T=a_t, B_T=b_t, NUM_SMS=sms, TMA_STORE=tma_store)
+            self.kernel = _matmul_tma_kernel
+        else:
+            self.layout = 2 * int(a.stride(0) == 1) + int(b.stride(1) != 1)
+            if big:
+                self.kernel = _matmul_kernel
+                self.grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), split)
+                # every BLOCK_K of the configs divides 128, so K % 128 == 0 means no K tail in any config
+                self.meta.update(EVEN_K=K % 128 == 0, ROW_SUM=row_sum is not None)
+            else:
+                cfg = SKINNY_CONFIG if M <= 16 and a.element_size() == 2 else SMALL_CONFIG
+                self.kernel = _matmul_kernel.fn
+                self.grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
+                self.meta.update(EVEN_K=K % cfg["BLOCK_K"] == 0, ROW_SUM=row_sum is not None, **cfg)
+
+
+def _output_template(M: int, N: int, dtype: torch.dtype, device: torch.device):
+    """A descriptor template (no tensor in it, `_rebased`) over a row-major (M, N) output in `dtype`, or None
+    where its rows are not 16-byte aligned. Built on a small stand-in: the constructor checks the base's
+    alignment and dtype, which every allocation of the real output has."""
+    if TensorDescriptor is None or (N * dtype.itemsize) % 16 or M == 0 or N == 0:
+        return None
+    return _rebased(TensorDescriptor(torch.empty(8, dtype=dtype, device=device), [M, N], [N, 1], [1, 1]), None)
+
+
+def _rebased(desc, t):
+    """TMA descriptor `desc` over tensor `t` instead (same shape, strides and dtype; 16-byte aligned), without
+    the constructor's checks (microseconds a descriptor, three or four a call): the plan checked them."""
+    copy = object.__new__(type(desc))
+    copy.__dict__.update(desc.__dict__)
+    copy.base = t
+    return copy
+
+
+def _sum_rows(x: torch.Tensor, out: torch.Tensor, key=None) -> None:
+    """out = x.sum(0) for a contiguous fp32 (R, N), deterministic, cast to out's dtype. `key`: `runtime.launch_memo`'s."""
     R, N = x.shape
     block_n = 256 if runtime.INTERPRET else 1024
-    runtime.launch(_sum_rows_kernel, (cdiv(N, block_n),), x, out, R, N, BLOCK_R=8, BLOCK_N=block_n,
-                   num_warps=4)
+    launch_memo(_SUM_MEMO, key, _sum_rows_kernel, (cdiv(N, block_n),), x, out, R, N, BLOCK_R=8, BLOCK_N=block_n,
+                num_warps=4)
 
 
 def activation_backward(dy: torch.Tensor, saved: torch.Tensor | None, activation: int, bias_grad: bool,
