@@ -562,19 +562,20 @@ def test_plans_are_kept_per_kind_of_call(monkeypatch, device):
     """`matmul` works out what to launch once per key: the same call on fresh tensors reuses the plan, and
     what the plan depends on (a transposed operand, an input off a 16-byte boundary, a knob) makes another."""
     monkeypatch.setattr(MM, "_PLANS", {})
-    a, b = torch.randn(40, 24, device=device), torch.randn(24, 8, device=device)
+    a, b = torch.randn(40, 64, device=device), torch.randn(64, 8, device=device)
     for _ in range(2):
         a2, b2 = a.clone(), b.clone()  # fresh storage each time
         torch.testing.assert_close(MM.matmul(a2, b2)[0], a @ b)
     assert len(MM._PLANS) == 1
     torch.testing.assert_close(MM.matmul(a.t().contiguous().t(), b)[0], a @ b)  # column-major a
-    flat = torch.randn(40 * 24 + 1, device=device)
-    off = flat[1:].view(40, 24)  # four bytes past the boundary
+    flat = torch.randn(40 * 64 + 1, device=device)
+    off = flat[1:].view(40, 64)  # four bytes past the boundary
     torch.testing.assert_close(MM.matmul(off, b)[0], off @ b)
     monkeypatch.setattr(MM, "SPLIT_K", 2)
     torch.testing.assert_close(MM.matmul(a, b)[0], a @ b)
-    assert len(MM._PLANS) == 4
-    assert len({id(plan) for plan in MM._PLANS.values()}) == 4
+    plans = list(MM._PLANS.values())  # in the order of their first calls
+    assert [plan.split for plan in plans] == [1, 1, 1, 2]
+    assert [plan.layout for plan in plans] == [0, 2, 0, 0]  # A column-major: layout bit 2
 
 
 @cuda_only

@@ -726,7 +726,7 @@ class _Plan:
         N = b.shape[1]
         self.c_dtype = out_dtype or a.dtype
         # split-K only for plain products (dW): bias and activation need the full sum
-        split = 1 if (bias is not None or activation or store_z or act_grad or dropout) \
+        split = 1 if (bias is not None or activation or store_z or s is not None or dropout) \
             else _split_k(M, N, K, a.device)
         self.split = split = min(split, max(1, cdiv(K, 32)))
         self.sums_in_place = (row_sum is not None and split == 1 and row_sum.dtype == torch.float32
