@@ -20,9 +20,9 @@ So the whole gap is dW: 29 us at each shape, dX is at par. dW's output is 72 til
 and measured, then removed: split-K's first wave as now, the items left over (a part-full second wave)
 cut along K into one piece per program, partial tiles met in fp32 slots and added by the last part to
 arrive (a counter per tile; a fixed order of addition, so bit-identical results). It was slower:
-159-166 us (row sums too: 188-196). Its own tile with one whole tile per program (72 programs, no
-partials) took 154 us, and half tiles in two waves (144 programs) 180-181. A whole tile's K loop at
-72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs would be 84 us for dW, yet no
+157-166 us over four versions and both shapes (row sums too: 184-196). Its own tile with one whole tile
+per program (72 programs, no partials) took 152-154 us, and half tiles in two waves (144 programs)
+179-181. A whole tile's K loop at 72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs would be 84 us for dW, yet no
 schedule that kept every SM busy came near it. Every schedule loads the same bytes per tile step into
 the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is 5.7 TB/s of that with 72 SMs
 busy and 134 us (split 3) 6.6 TB/s with all of them. The product is bound by L2-to-SM bandwidth, not by
