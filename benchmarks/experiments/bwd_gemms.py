@@ -22,11 +22,11 @@ cut along K into one piece per program, partial tiles met in fp32 slots and adde
 arrive (a counter per tile; a fixed order of addition, so bit-identical results). It was slower:
 157-166 us over four versions and both shapes (row sums too: 184-196). Its own tile with one whole tile
 per program (72 programs, no partials) took 152-154 us, and half tiles in two waves (144 programs)
-179-181. A whole tile's K loop at 72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs would be 84 us for dW, yet no
-schedule that kept every SM busy came near it. Every schedule loads the same bytes per tile step into
-the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is 5.7 TB/s of that with 72 SMs
-busy and 134 us (split 3) 6.6 TB/s with all of them. The product is bound by L2-to-SM bandwidth, not by
-idle SMs.
+179-181. A whole tile's K loop at 72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs
+would be 84 us for dW, yet no schedule that kept every SM busy came near it. Every schedule loads the
+same bytes per tile step into the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is
+5.7 TB/s of that with 72 SMs busy and 134 us (split 3) 6.6 TB/s with all of them. The product looks
+bound by what L2 delivers to the SMs, not by idle SMs.
 
 `layouts` asks whether dW's operands, both MN-major (the reduction runs down the rows of dY and X), are the
 cause, and which kernel cuBLAS runs: the same product with K-major copies of the operands took our kernels
@@ -43,7 +43,7 @@ import sys
 
 import torch
 
-import triton_transformer as tt  # noqa: F401  (sets up the runtime)
+import triton_transformer as tt
 from triton_transformer import bench
 from triton_transformer import matmul as mm
 
