@@ -35,9 +35,10 @@ cuBLAS 106.9 against 105.4. cuBLAS's kernel, by torch.profiler, is nvjet_sm90_ts
 (NTT for the K-major copies): tiles of 128 x 160, 120 of them for 132 SMs, one wave with no split and no
 partials, and, by its name, clusters of 2 x 4 programs. 128 x 160 tiles load more bytes per flop than ours,
 1.13 GB for the product, 10.8 TB/s at 105 us: more than our kernels ever drew from L2, which is what clusters
-that share one TMA load among their programs (multicast) would give. Neither is ours to take: Triton's blocks
-are powers of two (no 160-wide tile), and TMA multicast reached upstream Triton only in 2026, for
-Blackwell's two-CTA matmuls (triton-lang/triton#10681, #10765); our kernels run without clusters.
+that share one TMA load among their programs (multicast) would give. Neither is open to our kernels: Triton's
+blocks are powers of two (no 160-wide tile), and Triton 3.6's language has no TMA multicast (upstream
+added it in 2026, for Blackwell's two-CTA matmuls, triton-lang/triton#10681 and #10765, after first
+pieces in Gluon, #9005, December 2025); our kernels run without clusters.
 """
 import sys
 
