@@ -34,8 +34,8 @@ def assert_close_named(actual, expected, name, **tolerances):
 def count_launches(monkeypatch, kernel):
     """A list that gets one entry per launch of `kernel` through runtime.launch (which forwards them).
 
-    `runtime.launch_memo` launches a call it has seen before without `launch`: while counting, the modules that
-    use it pass every call to `launch` instead (no key, nothing remembered)."""
+    `runtime.launch_memo` launches a call it has seen before without `launch`: while counting, every module of
+    the package that imported it passes each call to `launch` instead (no key, nothing remembered)."""
     calls, launch = [], runtime.launch
 
     def counting(k, grid, *args, **meta):
@@ -43,9 +43,9 @@ def count_launches(monkeypatch, kernel):
         return launch(k, grid, *args, **meta)
     monkeypatch.setattr(runtime, "launch", counting)
     memo = runtime.launch_memo
-    for module in (runtime, importlib.import_module("triton_transformer.layernorm"),
-                   importlib.import_module("triton_transformer.matmul")):
-        monkeypatch.setattr(module, "launch_memo", lambda m, key, *args, **meta: memo(m, None, *args, **meta))
+    for name, module in list(sys.modules.items()):
+        if name.startswith("triton_transformer") and getattr(module, "launch_memo", None) is memo:
+            monkeypatch.setattr(module, "launch_memo", lambda m, key, *args, **meta: memo(m, None, *args, **meta))
     return calls
 
 

@@ -783,7 +783,7 @@ def _output_template(M: int, N: int, dtype: torch.dtype, device: torch.device):
     """A descriptor template (no tensor in it, `_rebased`) over a row-major (M, N) output in `dtype`, or None
     where its rows are not 16-byte aligned. Built on a small stand-in: the constructor checks the base's
     alignment and dtype, which every allocation of the real output has."""
-    if TensorDescriptor is None or (N * dtype.itemsize) % 16 or M == 0 or N == 0:
+    if TensorDescriptor is None or (N * dtype.itemsize) % 16:  # (M, N > 0: a TMA plan's operands are not empty)
         return None
     return _rebased(TensorDescriptor(torch.empty(8, dtype=dtype, device=device), [M, N], [N, 1], [1, 1]), None)
 
