@@ -1,6 +1,6 @@
 """Probe: the backward's two products of `linear` one by one, against cuBLAS in the same layouts. (GPU)
 
-    python3 benchmarks/experiments/bwd_gemms.py [dw-only] [layouts]
+    python3 benchmarks/experiments/bwd_gemms.py [dw-only] [layouts] [sms] [clocks]
 
 At the benchmark's shapes [M, K, N] = [16384, 768, 3072] and [16384, 3072, 768] a linear's forward
 runs as fast as cuBLAS's, but its forward+backward takes 7-12% longer in GPU time. The backward is
@@ -25,17 +25,31 @@ per program (72 programs, no partials) took 152-154 us, and half tiles in two wa
 179-181. A whole tile's K loop at 72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs
 would be 84 us for dW, yet no schedule that kept every SM busy came near it. Every schedule loads the
 same bytes per tile step into the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is
-5.7 TB/s of that with 72 SMs busy and 134 us (split 3) 6.6 TB/s with all of them. The product looks
-bound by what L2 delivers to the SMs, not by idle SMs.
+5.7 TB/s of that with 72 SMs busy and 134 us (split 3) 6.6 TB/s with all of them. That was first read as
+the product being bound by what L2 delivers to the SMs; `sms` and `clocks` below say it is not.
+
+`sms` runs the persistent TMA kernel with 16 to 132 programs (`runtime.num_sms` patched) and times a tile
+step of the busiest program. Measured (same GPU and versions): dW split 3, whose tiles the autotuner made
+64 x 256 (40 KB a step), 313 ns a step with 16 programs, 363 with 33 and 66, 430 with 99, 450 with 132:
+then 1.5 GB moved into the SMs in 154.6 us, about 10 TB/s, well above the 6.6 that L2 was thought to cap.
+The 8192^3 product (128 x 256 tiles, 48 KB a step): 564, 567, 585, 674 and 765 ns, 8.5 TB/s into the SMs
+at 132 programs, 702 TFLOP/s. `clocks` samples nvidia-smi every 50 ms while the same calls run back to
+back for 2 s: with 16 programs the SM clock stays at its 1980 MHz maximum (315-323 W drawn); with 132 the
+board sits at its 700 W limit (686-690 W) and the clock falls, to a median of 1410 MHz (1110-1485) in the
+8192^3 product and 1695 MHz (1590-1755) in dW. In the 8192^3 product the clock accounts for the slower
+steps (564 ns x 1980 / 1410 = 792, 765 measured); in dW for part of them (366 of 450 ns). So at full
+load these GEMMs are held by the power limit more than by L2: what sets their pace is the energy a tile
+step costs. cuBLAS's dW, 28% faster, would then spend less of it per flop (its own clock and power were
+not sampled).
 
 `layouts` asks whether dW's operands, both MN-major (the reduction runs down the rows of dY and X), are the
 cause, and which kernel cuBLAS runs: the same product with K-major copies of the operands took our kernels
 longer, not shorter (150.5 us through pointers, 150.2-152.3 through TMA, against 134.2 for dW as it is),
 cuBLAS 106.9 against 105.4. cuBLAS's kernel, by torch.profiler, is nvjet_sm90_tst_128x160_64x5_2x4_h_bz_TNT
 (NTT for the K-major copies): tiles of 128 x 160, 120 of them for 132 SMs, one wave with no split and no
-partials, and, by its name, clusters of 2 x 4 programs. 128 x 160 tiles load more bytes per flop than ours,
-1.13 GB for the product, 10.8 TB/s at 105 us: more than our kernels ever drew from L2, which is what clusters
-that share one TMA load among their programs (multicast) would give. Neither is open to our kernels: Triton's
+partials, and, by its name, clusters of 2 x 4 programs, whose TMA loads can fill several SMs' shared memory
+at once (multicast): fewer bytes moved out of L2 per flop, one likely place where it saves energy (not
+measured). Neither is open to our kernels: Triton's
 blocks are powers of two (no 160-wide tile), and Triton 3.6's language has no TMA multicast (upstream
 added it in 2026, for Blackwell's two-CTA matmuls, triton-lang/triton#10681 and #10765, after first
 pieces in Gluon, #9005, December 2025); our kernels run without clusters.
@@ -102,10 +116,105 @@ def layouts():
         print("CUDA activity:", event.key)
 
 
+def busy_sms():
+    """How fast one tile step goes as more SMs run at once: the TMA kernel (persistent) given P programs.
+
+    Every program walks its work items' K loops in steps of 64; a step loads (128 + 256) x 64 x 2 = 48 KB
+    of A and B into the SM (tiles of 128 x 256, the autotuner's pick) and does 2 x 128 x 256 x 64 flops.
+    If the steps were bound by each SM's own tensor cores, a step would take as long with 132 programs as
+    with 16; if by something the SMs share (L2's bandwidth to them), it grows once P passes what that
+    shares out. The bytes per second into the SMs at P programs is then P x 48 KB / (time of a step).
+    """
+    real = tt.runtime.num_sms
+    try:
+        for label, (a, b), split in [
+                ("dW = dY^T X [16384, 768, 3072]", (torch.randn(16384, 3072, device=dev, dtype=dt).t(),
+                                                    torch.randn(16384, 768, device=dev, dtype=dt)), 3),
+                ("X W^T [8192, 8192, 8192]", (torch.randn(8192, 8192, device=dev, dtype=dt),
+                                              torch.randn(8192, 8192, device=dev, dtype=dt).t()), 1)]:
+            M, K = a.shape
+            N = b.shape[1]
+            for programs in (16, 33, 66, 99, 132):
+                tt.runtime.num_sms = lambda device, p=programs: p
+                for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
+                    memo.clear()
+                us = timed(a, b, dict(TMA=True, SPLIT_K=split))
+                cfg = mm._matmul_tma_kernel.best_config.kwargs
+                bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+                items = -(-M // bm) * -(-N // bn) * split
+                steps = -(-items // programs) * -(-K // (bk * split))  # steps of the busiest program
+                step_us = us / steps
+                gbps = min(programs, items) * (bm + bn) * bk * 2 / step_us / 1e3
+                print(f"{label} split {split}, {programs:3d} programs ({bm}x{bn}x{bk}): {us:7.1f} us, "
+                      f"{steps} steps on the busiest, {step_us * 1e3:5.0f} ns a step, {gbps / 1e3:4.1f} TB/s into "
+                      f"the SMs, {2 * M * N * K / us / 1e6:4.0f} TFLOP/s", flush=True)
+    finally:
+        tt.runtime.num_sms = real
+        for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
+            memo.clear()
+
+
+def clocks():
+    """The SM clock and the board's power while 16 or 132 programs run the same GEMM back to back (nvidia-smi,
+    sampled every 50 ms over about two seconds of calls): does the step time of `busy_sms` grow with the
+    programs because the clock falls?"""
+    import subprocess
+    import time
+
+    real = tt.runtime.num_sms
+    fields = "clocks.sm,clocks.max.sm,power.draw,power.limit"
+    cases = [("X W^T [8192, 8192, 8192]", torch.randn(8192, 8192, device=dev, dtype=dt),
+              torch.randn(8192, 8192, device=dev, dtype=dt).t(), 1),
+             ("dW = dY^T X [16384, 768, 3072]", torch.randn(16384, 3072, device=dev, dtype=dt).t(),
+              torch.randn(16384, 768, device=dev, dtype=dt), 3)]
+    try:
+        for label, a, b, split in cases:
+            for programs in (16, 132):
+                tt.runtime.num_sms = lambda device, p=programs: p
+                for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
+                    memo.clear()
+                saved = (mm.TMA, mm.SPLIT_K)
+                mm.TMA, mm.SPLIT_K = True, split
+                try:
+                    mm.matmul(a, b)
+                    torch.cuda.synchronize()
+                    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                            "-lms", "50"], stdout=subprocess.PIPE, text=True)
+                    time.sleep(0.3)
+                    t0 = time.time()
+                    calls = 0
+                    while time.time() - t0 < 2.0:
+                        for _ in range(20):
+                            mm.matmul(a, b)
+                        calls += 20
+                        torch.cuda.synchronize()
+                    smi.terminate()
+                    rows = [line.split(",") for line in smi.communicate()[0].splitlines() if line.strip()]
+                finally:
+                    mm.TMA, mm.SPLIT_K = saved
+                busy = rows[8:-2]  # after the first 0.4 s of sampling, before the end
+                sm = sorted(float(r[0]) for r in busy)
+                power = sorted(float(r[2]) for r in busy)
+                print(f"{label}, {programs:3d} programs: {calls} calls in {time.time() - t0:.1f} s; SM clock median "
+                      f"{sm[len(sm) // 2]:.0f} MHz (min {sm[0]:.0f}, max {sm[-1]:.0f}; the GPU's max {rows[0][1].strip()}),"
+                      f" power median {power[len(power) // 2]:.0f} W of {rows[0][3].strip()}; {len(busy)} samples",
+                      flush=True)
+    finally:
+        tt.runtime.num_sms = real
+        for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
+            memo.clear()
+
+
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
     if "layouts" in sys.argv:
         layouts()
+        sys.exit()
+    if "sms" in sys.argv:
+        busy_sms()
+    if "clocks" in sys.argv:
+        clocks()
+    if "sms" in sys.argv or "clocks" in sys.argv:
         sys.exit()
     for m, k, n in ([16384, 768, 3072], [16384, 3072, 768]):
         x = torch.randn(m, k, device=dev, dtype=dt)
