@@ -407,9 +407,9 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     The scale is a 0-dim tensor, 1 / (counted rows), for a "mean" over fp16 logits, and None
     otherwise. fp16 holds nothing below 6e-8, so a stored p / N would lose the small probabilities
     before the backward multiplies in the incoming gradient, which mixed-precision training scales
-    up (GradScaler: by up to 2**16) precisely so that they survive. In fp16 the gradient is stored
-    without the mean's 1/N and the backward applies it with the incoming gradient, as PyTorch's
-    fp32 loss does; bf16 and fp32 have fp32's range and fold it in.
+    up (GradScaler: from 2**16, growing while no step overflows) precisely so that they survive. In
+    fp16 the gradient is stored without the mean's 1/N and the backward applies it with the incoming
+    gradient, as PyTorch's fp32 loss does; bf16 and fp32 have fp32's range and fold it in.
     """
     n_cols = logits.shape[-1]
     n_rows = target.numel()

@@ -252,7 +252,7 @@ def _softmax_bwd_row(y_ptr, dy_ptr, dx_ptr, row, y_row_stride, dy_row_stride, dx
 @triton.jit
 def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, y_row_stride, dy_row_stride, dx_row_stride, n_rows, n_cols,
                         BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    if SINGLE_BLOCK:  # rows as in the forward
+    if SINGLE_BLOCK:  # a program per row (the backward never loops over rows held on chip)
         _softmax_bwd_row(y_ptr, dy_ptr, dx_ptr, tl.program_id(0).to(tl.int64), y_row_stride, dy_row_stride,
                          dx_row_stride, n_cols, BLOCK, SINGLE_BLOCK, STAGES)
     else:

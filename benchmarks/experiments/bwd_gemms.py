@@ -24,14 +24,14 @@ arrive (a counter per tile; a fixed order of addition, so bit-identical results)
 per program (72 programs, no partials) took 152-154 us, and half tiles in two waves (144 programs)
 179-181. A whole tile's K loop at 72 busy SMs is then about 0.6 us a step of 64, which on all 132 SMs
 would be 84 us for dW, yet no schedule that kept every SM busy came near it. Every schedule loads the
-same bytes per tile step into the SMs, (128 + 256) x 64 x 2 = 48 KB, 885 MB for the product: 154 us is
-5.7 TB/s of that with 72 SMs busy and 134 us (split 3) 6.6 TB/s with all of them. That was first read as
+same bytes per tile step into the SMs, (128 + 256) x 64 x 2 = 48 KiB, 906 MB for the product: 154 us is
+5.9 TB/s of that with 72 SMs busy and 134 us (split 3) 6.8 TB/s with all of them. That was first read as
 the product being bound by what L2 delivers to the SMs; `sms` and `clocks` below say it is not.
 
 `sms` runs the persistent TMA kernel with 16 to 132 programs (`runtime.num_sms` patched) and times a tile
 step of the busiest program. Measured (same GPU and versions): dW split 3, whose tiles the autotuner made
 64 x 256 (40 KB a step), 313 ns a step with 16 programs, 363 with 33 and 66, 430 with 99, 450 with 132:
-then 1.5 GB moved into the SMs in 154.6 us, about 10 TB/s, well above the 6.6 that L2 was thought to cap.
+then 1.5 GB moved into the SMs in 154.6 us, about 10 TB/s, well above the 6.8 that L2 was thought to cap.
 The 8192^3 product (128 x 256 tiles, 48 KB a step): 564, 567, 585, 674 and 765 ns, 8.5 TB/s into the SMs
 at 132 programs, 702 TFLOP/s. `clocks` samples nvidia-smi every 50 ms while the same calls run back to
 back for 2 s: with 16 programs the SM clock stays at its 1980 MHz maximum (315-323 W drawn); with 132 the

@@ -9,7 +9,11 @@
    bench.measure_gpu_ms): forward and forward+backward at p = 0 and p = 0.1, fused and composed, so the
    epilogue's cost (Philox on every hidden element) shows next to the passes it removes.
 
-Measured: see the commit that adds this file, and chapter 3's section on the feed-forward.
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16, p = 0.1; as chapter 3's section on the
+feed-forward reports them): one feed-forward's forward+backward 426 us fused, 511 as three calls (linear,
+dropout, linear), 378 without dropout; in the forward the epilogue's Philox added 49 us to the GEMM, against
+46 for the dropout kernel it replaces. The training step: 8.95 ms fused against 9.35 as three calls (three
+alternating rounds each).
 """
 import functools
 
