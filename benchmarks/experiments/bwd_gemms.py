@@ -116,14 +116,21 @@ def layouts():
         print("CUDA activity:", event.key)
 
 
+def _forget_plans():
+    """Drop `matmul`'s plans and launch memos: the next call plans again (here, for a patched SM count)."""
+    for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
+        memo.clear()
+
+
 def busy_sms():
     """How fast one tile step goes as more SMs run at once: the TMA kernel (persistent) given P programs.
 
-    Every program walks its work items' K loops in steps of 64; a step loads (128 + 256) x 64 x 2 = 48 KB
-    of A and B into the SM (tiles of 128 x 256, the autotuner's pick) and does 2 x 128 x 256 x 64 flops.
-    If the steps were bound by each SM's own tensor cores, a step would take as long with 132 programs as
-    with 16; if by something the SMs share (L2's bandwidth to them), it grows once P passes what that
-    shares out. The bytes per second into the SMs at P programs is then P x 48 KB / (time of a step).
+    Every program walks its work items' K loops in steps of BLOCK_K; a step loads (BLOCK_M + BLOCK_N) x
+    BLOCK_K x 2 bytes of A and B into the SM (the tile the autotuner picks: 64 x 256 x 64 for dW, 40 KiB,
+    and 128 x 256 x 64 for the 8192^3 product, 48 KiB). If the steps were bound by each SM's own tensor
+    cores, a step would take as long with 132 programs as with 16; if by something the SMs share (L2's
+    bandwidth to them, or the board's power), it grows once P passes what that shares out. The bytes per
+    second into the SMs at P programs is then P x (bytes of a step) / (time of a step).
     """
     real = tt.runtime.num_sms
     try:
@@ -136,8 +143,7 @@ def busy_sms():
             N = b.shape[1]
             for programs in (16, 33, 66, 99, 132):
                 tt.runtime.num_sms = lambda device, p=programs: p
-                for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
-                    memo.clear()
+                _forget_plans()
                 us = timed(a, b, dict(TMA=True, SPLIT_K=split))
                 cfg = mm._matmul_tma_kernel.best_config.kwargs
                 bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -150,8 +156,7 @@ def busy_sms():
                       f"the SMs, {2 * M * N * K / us / 1e6:4.0f} TFLOP/s", flush=True)
     finally:
         tt.runtime.num_sms = real
-        for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
-            memo.clear()
+        _forget_plans()
 
 
 def clocks():
@@ -171,8 +176,7 @@ def clocks():
         for label, a, b, split in cases:
             for programs in (16, 132):
                 tt.runtime.num_sms = lambda device, p=programs: p
-                for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
-                    memo.clear()
+                _forget_plans()
                 saved = (mm.TMA, mm.SPLIT_K)
                 mm.TMA, mm.SPLIT_K = True, split
                 try:
@@ -201,8 +205,7 @@ def clocks():
                       flush=True)
     finally:
         tt.runtime.num_sms = real
-        for memo in (mm._PLANS, mm._TMA_MEMO, mm._POINTER_MEMO, mm._SUM_MEMO):
-            memo.clear()
+        _forget_plans()
 
 
 if __name__ == "__main__":
