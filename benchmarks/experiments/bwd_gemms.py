@@ -34,13 +34,16 @@ step of the busiest program. Measured (same GPU and versions): dW split 3, whose
 then 1.5 GB moved into the SMs in 154.6 us, about 10 TB/s, well above the 6.8 that L2 was thought to cap.
 The 8192^3 product (128 x 256 tiles, 48 KB a step): 564, 567, 585, 674 and 765 ns, 8.5 TB/s into the SMs
 at 132 programs, 702 TFLOP/s. `clocks` samples nvidia-smi every 50 ms while the same calls run back to
-back for 2 s: with 16 programs the SM clock stays at its 1980 MHz maximum (315-323 W drawn); with 132 the
-board sits at its 700 W limit (686-690 W) and the clock falls, to a median of 1410 MHz (1110-1485) in the
-8192^3 product and 1695 MHz (1590-1755) in dW. In the 8192^3 product the clock accounts for the slower
-steps (564 ns x 1980 / 1410 = 792, 765 measured); in dW for part of them (366 of 450 ns). So at full
-load these GEMMs are held by the power limit more than by L2: what sets their pace is the energy a tile
-step costs. cuBLAS's dW, 28% faster, would then spend less of it per flop (its own clock and power were
-not sampled).
+back for 2 s: with 16 programs the SM clock stays at its 1980 MHz maximum (310-323 W drawn); with 132 the
+board nears its 700 W limit (645-690 W) and the clock falls, to a median of 1380-1410 MHz in the 8192^3
+product and 1695-1710 MHz in dW (two runs). In the 8192^3 product the clock accounts for the slower steps
+(564 ns x 1980 / 1410 = 792, 765 measured); in dW for part of them (366 of 450 ns). So the steps slow down
+as SMs are added because the clock falls near the power limit, not because L2 runs out.
+The second run also sampled dW as the package runs it (pointers, split 3) and cuBLAS's, back to back
+(launched from Python, no L2 flush): ours 152.9 us a call at a median 1695 MHz and 651 W, 99.5 mJ a
+call; cuBLAS 124.2 us at 1455 MHz and 675 W, 83.9 mJ. cuBLAS runs at the lower clock and still needs 30%
+fewer cycles (181 against 259 thousand) and 16% less energy a call: its kernel does more per cycle and per
+joule, which near the power limit is what sets the pace.
 
 `layouts` asks whether dW's operands, both MN-major (the reduction runs down the rows of dY and X), are the
 cause, and which kernel cuBLAS runs: the same product with K-major copies of the operands took our kernels
@@ -48,8 +51,8 @@ longer, not shorter (150.5 us through pointers, 150.2-152.3 through TMA, against
 cuBLAS 106.9 against 105.4. cuBLAS's kernel, by torch.profiler, is nvjet_sm90_tst_128x160_64x5_2x4_h_bz_TNT
 (NTT for the K-major copies): tiles of 128 x 160, 120 of them for 132 SMs, one wave with no split and no
 partials, and, by its name, clusters of 2 x 4 programs, whose TMA loads can fill several SMs' shared memory
-at once (multicast): fewer bytes moved out of L2 per flop, one likely place where it saves energy (not
-measured). Neither is open to our kernels: Triton's
+at once (multicast): fewer bytes moved out of L2 per flop, one likely reason it does more per cycle
+and per joule (not measured apart). Neither is open to our kernels: Triton's
 blocks are powers of two (no 160-wide tile), and Triton 3.6's language has no TMA multicast (upstream
 added it in 2026, for Blackwell's two-CTA matmuls, triton-lang/triton#10681 and #10765, after first
 pieces in Gluon, #9005, December 2025); our kernels run without clusters.
@@ -159,15 +162,43 @@ def busy_sms():
         _forget_plans()
 
 
-def clocks():
-    """The SM clock and the board's power while 16 or 132 programs run the same GEMM back to back (nvidia-smi,
-    sampled every 50 ms over about two seconds of calls): does the step time of `busy_sms` grow with the
-    programs because the clock falls?"""
+def _sampled(label, fn, seconds=2.0):
+    """Run `fn` back to back for `seconds` while nvidia-smi samples the SM clock and the board's power every
+    50 ms; print the medians, the time per call and the energy per call (median power x time per call)."""
     import subprocess
     import time
 
-    real = tt.runtime.num_sms
+    fn()
+    torch.cuda.synchronize()
     fields = "clocks.sm,clocks.max.sm,power.draw,power.limit"
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "50"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    t0 = time.time()
+    calls = 0
+    while time.time() - t0 < seconds:
+        for _ in range(20):
+            fn()
+        calls += 20
+        torch.cuda.synchronize()
+    elapsed = time.time() - t0
+    smi.terminate()
+    rows = [line.split(",") for line in smi.communicate()[0].splitlines() if line.strip()]
+    busy = rows[8:-2]  # after the first 0.4 s of sampling, before the end
+    sm = sorted(float(r[0]) for r in busy)
+    power = sorted(float(r[2]) for r in busy)
+    us = elapsed / calls * 1e6
+    watts = power[len(power) // 2]
+    print(f"{label}: {us:6.1f} us a call back to back; SM clock median {sm[len(sm) // 2]:.0f} MHz (min {sm[0]:.0f}, "
+          f"max {sm[-1]:.0f}; the GPU's max {rows[0][1].strip()}), power median {watts:.0f} W of "
+          f"{rows[0][3].strip()}, {watts * us / 1e3:.1f} mJ a call; {len(busy)} samples", flush=True)
+
+
+def clocks():
+    """The SM clock and the board's power while a GEMM runs back to back (`_sampled`): the TMA kernel with 16 or
+    132 programs (does the step time of `busy_sms` grow with the programs because the clock falls?), then dW as
+    the package runs it (pointers, split 3) and as cuBLAS does, on all SMs: the energy each spends."""
+    real = tt.runtime.num_sms
     cases = [("X W^T [8192, 8192, 8192]", torch.randn(8192, 8192, device=dev, dtype=dt),
               torch.randn(8192, 8192, device=dev, dtype=dt).t(), 1),
              ("dW = dY^T X [16384, 768, 3072]", torch.randn(16384, 3072, device=dev, dtype=dt).t(),
@@ -180,32 +211,15 @@ def clocks():
                 saved = (mm.TMA, mm.SPLIT_K)
                 mm.TMA, mm.SPLIT_K = True, split
                 try:
-                    mm.matmul(a, b)
-                    torch.cuda.synchronize()
-                    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
-                                            "-lms", "50"], stdout=subprocess.PIPE, text=True)
-                    time.sleep(0.3)
-                    t0 = time.time()
-                    calls = 0
-                    while time.time() - t0 < 2.0:
-                        for _ in range(20):
-                            mm.matmul(a, b)
-                        calls += 20
-                        torch.cuda.synchronize()
-                    smi.terminate()
-                    rows = [line.split(",") for line in smi.communicate()[0].splitlines() if line.strip()]
+                    _sampled(f"{label}, TMA kernel, {programs:3d} programs", lambda: mm.matmul(a, b))
                 finally:
                     mm.TMA, mm.SPLIT_K = saved
-                busy = rows[8:-2]  # after the first 0.4 s of sampling, before the end
-                sm = sorted(float(r[0]) for r in busy)
-                power = sorted(float(r[2]) for r in busy)
-                print(f"{label}, {programs:3d} programs: {calls} calls in {time.time() - t0:.1f} s; SM clock median "
-                      f"{sm[len(sm) // 2]:.0f} MHz (min {sm[0]:.0f}, max {sm[-1]:.0f}; the GPU's max {rows[0][1].strip()}),"
-                      f" power median {power[len(power) // 2]:.0f} W of {rows[0][3].strip()}; {len(busy)} samples",
-                      flush=True)
     finally:
         tt.runtime.num_sms = real
         _forget_plans()
+    label, a, b, _ = cases[1]
+    _sampled(f"{label}, the package's choice", lambda: mm.matmul(a, b))
+    _sampled(f"{label}, cuBLAS", lambda: torch.matmul(a, b))
 
 
 if __name__ == "__main__":
