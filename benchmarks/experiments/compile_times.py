@@ -6,7 +6,10 @@ No GPU is needed: the kernels are compiled to cubins for the target below and ne
 bundles ptxas). Each config is compiled in bf16 (tensor-core dots) and in exact fp32 (PRECISION
 "ieee": FMAs on the CUDA cores), and the totals show what a first call costs before it can run, for
 the whole config list and for the short list `runtime.exact_fp32_pruner` lets exact fp32 try.
-Timings depend on the machine's CPU; compare them within one run.
+Timings depend on the machine's CPU; compare them within one run. The signatures here carry no alignment or
+divisibility facts, which the JIT adds for real calls: `attn_ir.py` found such hand-compiled attention kernels
+unpipelined (every load synchronous) where the JIT's are not, so these times are of different code than a
+first call compiles, and can only rank configs and precisions roughly.
 """
 import importlib
 import os
