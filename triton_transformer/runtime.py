@@ -423,20 +423,24 @@ class _Launcher:
         self.key_functions: dict = {}
         self.cache: dict = {}
 
-    def __call__(self, grid, args: tuple, meta: dict):
+    def _cache_key(self, args: tuple, meta: dict) -> tuple[int, tuple]:
+        """(the CUDA device of the first tensor argument, -1 without one; the call's key in `cache`)."""
         types = tuple(map(type, args))
         key_of = self.key_functions.get(types)
         if key_of is None:
             key_of = self.key_functions[types] = _key_function(types, self.tune_positions)
         spec = key_of(args, meta)
+        return spec[0], (types, spec, tuple(meta.items()))
+
+    def __call__(self, grid, args: tuple, meta: dict):
+        tensors_device, key = self._cache_key(args, meta)
         device = _current_device()
-        if spec[0] != device:
-            if spec[0] < 0:  # no CUDA tensor among the arguments: Triton's own path says what is wrong
+        if tensors_device != device:
+            if tensors_device < 0:  # no CUDA tensor among the arguments: Triton's own path says what is wrong
                 return self.kernel[grid](*args, **meta)
             # Triton launches on the current device, PyTorch ops run where their tensors are: follow the tensors.
-            with torch.cuda.device(spec[0]):
+            with torch.cuda.device(tensors_device):
                 return self(grid, args, meta)
-        key = (types, spec, tuple(meta.items()))
         hit = self.cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **meta)
@@ -460,16 +464,12 @@ class _Launcher:
     def bound(self, grid, args: tuple, meta: dict):
         """What a call with these arguments launches, once it has been launched: (compiled kernel, the grid's
         three ints, the fixed tail of its arguments, the CUDA device), or None."""
-        types = tuple(map(type, args))
-        key_of = self.key_functions.get(types)
-        if key_of is None:
-            return None
-        spec = key_of(args, meta)
-        hit = self.cache.get((types, spec, tuple(meta.items())))
+        device, key = self._cache_key(args, meta)
+        hit = self.cache.get(key)
         if hit is None:
             return None
         compiled, consts, tail = hit
-        return (compiled, *self._grid(grid, consts, args), tail, spec[0])
+        return (compiled, *self._grid(grid, consts, args), tail, device)
 
 
 def _run(compiled, gx: int, gy: int, gz: int, device: int, args: tuple, tail: tuple):
