@@ -16,11 +16,12 @@ is not a tuning gap.
 """
 import importlib
 
+import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
 import torch
 import triton
 import triton.testing
 
-import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
+from attn_ir import compiled_variants
 
 at = importlib.import_module("triton_transformer.attention")
 EXTRA = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 3), (32, 64, 4, 4), (32, 64, 4, 5), (32, 64, 8, 3),
@@ -47,14 +48,10 @@ def main():
                       f"{t * 1e3:7.1f} us", flush=True)
             except Exception as exc:  # noqa: BLE001 - a probe reports and goes on
                 print(f"  dK/dV {m}x{n} w{w} s{s}: FAILED {type(exc).__name__}", flush=True)
-        jit = at._attn_bwd_dkdv.fn
-        for entry in jit.device_caches.values():
-            for c in entry[0].values():
-                names = c.src.fn.arg_names
-                consts = {names[i[0]]: val for i, val in c.src.constants.items() if names[i[0]] in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-                if consts.get("BLOCK_D") == D:
-                    print(f"    {consts} w{c.metadata.num_warps} s{c.metadata.num_stages}: {c.n_regs} registers, "
-                          f"{c.n_spills} spilled, {c.metadata.shared} B shared", flush=True)
+        for tiles, c in compiled_variants(at._attn_bwd_dkdv):
+            if tiles.get("BLOCK_D") == D:
+                print(f"    {tiles} w{c.metadata.num_warps} s{c.metadata.num_stages}: {c.n_regs} registers, "
+                      f"{c.n_spills} spilled, {c.metadata.shared} B shared", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,20 +30,15 @@ import triton_transformer as tt
 at = importlib.import_module("triton_transformer.attention")  # the package's `attention` is the function
 
 import ws_attn
+from attn_ir import compiled_variants
 
 
 def print_regs(kernel, label):
     """Registers and spills of every variant of `kernel` compiled so far, with its tile (where Triton says it)."""
-    for entry in getattr(kernel, "device_caches", {}).values():
-        for compiled in entry[0].values():
-            try:
-                names = compiled.src.fn.arg_names
-                consts = {names[i[0]]: v for i, v in compiled.src.constants.items() if names[i[0]].startswith("BLOCK")}
-            except Exception:  # noqa: BLE001 - whatever this Triton version keeps
-                consts = {}
-            print(f"  {label} {consts} w{compiled.metadata.num_warps} s{compiled.metadata.num_stages}: "
-                  f"{compiled.n_regs} registers, {compiled.n_spills} spilled, {compiled.metadata.shared} B shared",
-                  flush=True)
+    for tiles, compiled in compiled_variants(kernel):
+        print(f"  {label} {tiles} w{compiled.metadata.num_warps} s{compiled.metadata.num_stages}: "
+              f"{compiled.n_regs} registers, {compiled.n_spills} spilled, {compiled.metadata.shared} B shared",
+              flush=True)
 
 
 def main():
@@ -69,7 +64,7 @@ def main():
             for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)]:
                 t = bench(lambda: ws_attn.fwd(q, k, v, bm, bn, w, s, False, False))
                 print(f"  stripped {bm}x{bn} w{w} s{s}: {t * 1e3:7.1f} us ({tf(t):.0f})", flush=True)
-        print_regs(at._attn_fwd.fn, "package")
+        print_regs(at._attn_fwd, "package")
         print_regs(ws_attn._fwd, "stripped")
 
 

@@ -25,12 +25,28 @@ import importlib
 import re
 import sys
 
+import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
 import torch
 import triton
 
-import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
 
 attention = importlib.import_module("triton_transformer.attention")
+
+def compiled_variants(kernel):
+    """(its BLOCK_* constexprs, the compiled kernel) for every variant of `kernel` (autotuned or plain) that
+    calls have compiled so far; the constexprs empty where this Triton version keeps them elsewhere."""
+    jit = kernel
+    while not isinstance(jit, triton.runtime.jit.JITFunction):
+        jit = jit.fn
+    for entry in jit.device_caches.values():
+        for compiled in entry[0].values():
+            try:
+                names = compiled.src.fn.arg_names
+                tiles = {names[i[0]]: v for i, v in compiled.src.constants.items() if names[i[0]].startswith("BLOCK")}
+            except Exception:  # noqa: BLE001 - whatever this Triton version keeps
+                tiles = {}
+            yield tiles, compiled
+
 
 def loops(ttgir: str):
     """Per scf.for of the kernel (in order), the counts of the ops that say whether its loads are pipelined."""
@@ -58,17 +74,11 @@ def main():
     attention.attention_backward(do, q, k, v, o, lse, causal=True, configs=(cfg(32, 64, 4, 3), cfg(128, 64, 8, 3)))
     torch.cuda.synchronize()
     for name, kernel in (("fwd", attention._attn_fwd), ("dkdv", attention._attn_bwd_dkdv), ("dq", attention._attn_bwd_dq)):
-        jit = kernel
-        while not isinstance(jit, triton.runtime.jit.JITFunction):
-            jit = jit.fn
-        for entry in jit.device_caches.values():
-            for c in entry[0].values():
-                names = c.src.fn.arg_names
-                tile = {names[i[0]]: v for i, v in c.src.constants.items() if names[i[0]] in ("BLOCK_M", "BLOCK_N")}
-                print(f"{name} {tile} w{c.metadata.num_warps} s{c.metadata.num_stages}: {c.metadata.shared} B shared, "
-                      f"{c.n_regs} registers, {c.n_spills} spilled", flush=True)
-                for i, ops in enumerate(loops(c.asm["ttgir"])):
-                    print(f"    loop {i + 1}: " + ", ".join(f"{k} {v}" for k, v in ops.items()), flush=True)
+        for tiles, c in compiled_variants(kernel):
+            print(f"{name} {tiles} w{c.metadata.num_warps} s{c.metadata.num_stages}: {c.metadata.shared} B shared, "
+                  f"{c.n_regs} registers, {c.n_spills} spilled", flush=True)
+            for i, ops in enumerate(loops(c.asm["ttgir"])):
+                print(f"    loop {i + 1}: " + ", ".join(f"{k} {v}" for k, v in ops.items()), flush=True)
 
 
 if __name__ == "__main__":
