@@ -132,7 +132,7 @@ def _split_ce_kernel(x_ptr, target_ptr, loss_ptr, g_ptr, stats_ptr, count_ptr, t
     pid = tl.program_id(0)
     row = (pid // SPLIT).to(tl.int64)
     part = pid % SPLIT
-    mean_scale = 1.0 / tl.maximum(tl.load(tstats_ptr), 1).to(tl.float32)
+    mean_scale = 1.0 / tl.maximum(tl.load(tstats_ptr), 1).to(tl.float32)  # the count of counted rows
     target = tl.load(target_ptr + row).to(tl.int64)
     counted = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
@@ -160,9 +160,14 @@ def _split_ce_kernel(x_ptr, target_ptr, loss_ptr, g_ptr, stats_ptr, count_ptr, t
 
 def split_ce(logits, target, split, num_warps, maxnreg=None):
     n_rows, n_cols = logits.shape
-    tstats = torch.zeros(2, dtype=torch.int32, device=logits.device)
-    ce_mod._target_stats_kernel[(triton.cdiv(n_rows, 1024),)](target, tstats, n_rows, n_cols, -100, BLOCK=1024)
-    ce_mod._BadTargetCount(tstats).check(target, n_cols, -100)
+    # the package's pre-pass: [ticket, a count of counted rows per part, a count of bad targets per part]
+    n_parts = triton.cdiv(n_rows, 1024)
+    pre = torch.empty(1 + 2 * n_parts, dtype=torch.int32, device=logits.device)
+    ce_mod._target_stats_kernel[(n_parts,)](target, pre, n_rows, n_cols, -100, n_parts, BLOCK=1024)
+    bad = ce_mod._BadTargetCount(pre[1 + n_parts:])
+    bad.mark()
+    bad.check(target, n_cols, -100)
+    tstats = pre[1:1 + n_parts].sum().reshape(1).to(torch.int32)  # the count, where the kernel below reads it
     grad, stats, count, chunk, block = _buffers(logits, split)
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     _split_ce_kernel[(n_rows * split,)](logits, target, loss, grad, stats, count, tstats, logits.stride(0), n_cols,
