@@ -288,6 +288,36 @@ def test_bad_target_inside_a_cuda_graph_spares_the_good_rows(device, monkeypatch
     torch.testing.assert_close(logits.grad[good], ref.grad[good], rtol=1e-4, atol=1e-5)
 
 
+def test_counts_over_several_pre_pass_programs(device):
+    # More targets than one pre-pass program counts (STATS_BLOCK): the count of "mean" and the bad-target
+    # check add up every program's slots, including the last, partly filled one.
+    n = 2 * C.STATS_BLOCK + 37
+    logits = torch.randn(n, 8, device=device)
+    target = make_target((n,), 8, device, ignore_every=3)
+    check(logits, target)
+    check(logits, target, reduction="sum")
+    bad = target.clone()
+    bad[-1] = 8  # in the last program's block
+    with pytest.raises(ValueError, match=rf"1 target\(s\) outside \[0, 8\).*at row {n - 1}"):
+        cross_entropy(logits, bad)
+
+
+@pytest.mark.parametrize("single_block", [True, False], ids=["one block", "online"])
+def test_loss_sum_is_the_same_from_call_to_call(single_block, monkeypatch, device):
+    # The programs' partial sums are added in slot order by whichever program finishes last, so the loss
+    # does not depend on the order in which programs finish: repeated calls agree to the bit.
+    if not single_block:
+        monkeypatch.setattr(C, "MAX_FUSED_BLOCK", 256)
+        monkeypatch.setattr(C, "ONLINE_BLOCK", 128)
+    logits = torch.randn(60, 600, device=device)  # 15 programs of 4 rows; online: 16 looping over the rows
+    target = make_target((60,), 600, device, ignore_every=5)
+    for reduction in ("mean", "sum"):
+        losses = [cross_entropy(logits, target, reduction=reduction) for _ in range(3)]
+        assert all(torch.equal(loss, losses[0]) for loss in losses)
+        torch.testing.assert_close(losses[0].double(), reference(logits, target, reduction=reduction),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_backward_twice_raises(device):
     logits = torch.randn(3, 20, device=device, requires_grad=True)
     loss = cross_entropy(logits, make_target((3,), 20, device))
