@@ -40,9 +40,9 @@ The loss of "mean" and "sum" is added up in the same kernel: each program sums i
 the program that finishes last adds up the programs' sums in a fixed order (`_sum_of_programs`), so the
 result is the same from run to run and no reduction kernel follows. The pre-pass before it counts the
 targets, each of its programs into slots of its own, so no buffer needs zeroing first. With the loss
-sum folded in and the count's copy moved to a side stream, forward and backward measured 598 us of GPU
-time against 605 at (8192, 50304), 375 against 403 at (8192, 32000) and 13.0 against 16.9 at (8192, 256)
-(H100, bf16, `benchmarks/experiments/ce_wall.py`).
+sum folded in and the counts' copy moved to a side stream, forward and backward measured 598 and 597 us
+of GPU time against 605 and 598 at (8192, 50304), 375 and 377 against 403 and 408 at (8192, 32000), and
+13.0 and 15.2 against 16.9 and 18.1 at (8192, 256) (H100, bf16, two runs, `benchmarks/experiments/ce_wall.py`).
 
 Layout: logits are (N, V) or (B, T, V) with the classes along the LAST dimension,
 as a GPT produces them (F.cross_entropy wants classes in dimension 1, so the
@@ -528,8 +528,8 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
                 LOSS_MEAN=reduction == "mean", ROWS=rows, STOP_ON_BAD=bad_targets.will_check, REDUCE=reduce,
                 UNIT_STRIDE=xsv == 1 and gsv in (0, 1), STAGES=ONLINE_STAGES, num_warps=num_warps)
 
-    # The pre-pass and the main kernel are queued back to back, with nothing for the host to work out
-    # between them: a GPU done with whatever came before would otherwise wait for the main kernel.
+    # The pre-pass and the main kernel are queued back to back, everything above worked out before either:
+    # a GPU done with whatever came before would otherwise wait while the host prepared the main kernel.
     launch(_target_stats_kernel, (n_parts,), flat_target, stats, n_rows, n_cols, ignore_index, n_parts,
            BLOCK=STATS_BLOCK, num_warps=4)
     bad_targets.mark()
