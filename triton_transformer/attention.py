@@ -75,6 +75,31 @@ MAX_GRID_YZ = 65535
 # ----------------------------------------------------------------------------- helpers
 
 @triton.jit
+def _causal_program(LONGEST_LAST: tl.constexpr):
+    """(block, head, batch) of this program under a causal mask: every head's longest block is started first.
+
+    Causal blocks differ in work: the last query block (forward, dQ) attends to every key block and the
+    first to one; the first key block (dK/dV) is attended by every query block. The GPU starts programs in
+    launch order, the grid's first axis fastest. Read as (block, head, batch), that order starts each head's
+    longest block with its head, so the last heads' longest blocks start last and the GPU ends on a few long
+    programs with its other SMs idle. Here the launch index is read with the block varying slowest: all the
+    longest blocks start first, of every head, and the shortest fill the end (longest first, the classic
+    rule for handing out jobs of unequal length). `LONGEST_LAST`: the highest block has the most work.
+    """
+    n_blocks = tl.num_programs(0).to(tl.int64)
+    heads = tl.num_programs(1).to(tl.int64)
+    n_bh = heads * tl.num_programs(2).to(tl.int64)
+    # int64: blocks x heads x batches may pass 2**31 (the grid allows 65535 x 65535 heads and batches)
+    launched = tl.program_id(0).to(tl.int64) + n_blocks * (tl.program_id(1).to(tl.int64)
+                                                           + heads * tl.program_id(2).to(tl.int64))
+    block = launched // n_bh
+    bh = launched - block * n_bh
+    if LONGEST_LAST:
+        block = n_blocks - 1 - block
+    return block.to(tl.int32), (bh % heads).to(tl.int32), (bh // heads).to(tl.int32)
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a 2-D tile, bounds-checking rows and/or columns only when asked (masks cost instructions)."""
     if CHECK_ROWS:
@@ -193,10 +218,10 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # causal work grows with the row: start the longest programs first
     h = tl.program_id(1)
     b = tl.program_id(2)
+    if CAUSAL:  # causal work grows with the row: start the longest programs first
+        pid_m, h, b = _causal_program(True)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     # int64 bases: B*H*N*D passes 2**31 elements for long sequences
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
@@ -318,9 +343,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seed = philox_key(seed, seed_base_ptr, SEED_BASE)
-    pid_n = tl.program_id(0)  # causal: low key blocks have the most work and already come first
+    pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
+    if CAUSAL:  # low key blocks have the most work: start them first, of every head
+        pid_n, h, b = _causal_program(False)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
@@ -430,10 +457,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seed = philox_key(seed, seed_base_ptr, SEED_BASE)
     pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
+    if CAUSAL:
+        pid_m, h, b = _causal_program(True)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
