@@ -17,6 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from conftest import DTYPES, ON_GPU, cuda_only
 
 from triton_transformer import attention, runtime
+import triton  # noqa: E402  (after the package: it picks GPU or interpreter)
+import triton.language as tl  # noqa: E402
 
 A = importlib.import_module("triton_transformer.attention")  # the module (the package's `attention` is the function)
 
@@ -485,3 +487,26 @@ def test_more_batches_or_heads_than_a_grid_axis_holds_is_a_clear_error(device):
     q = torch.empty(70000, 1, 4, 16, device=device, dtype=torch.float16)  # 9 MB: refused before any launch
     with pytest.raises(ValueError, match="at most 65535"):
         attention(q, q, q)
+
+
+@triton.jit
+def _record_causal_programs(out_ptr, LONGEST_LAST: tl.constexpr):
+    # Each program writes the (block, head, batch) it takes at its launch index (the grid's first axis fastest).
+    launched = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    block, h, b = A._causal_program(LONGEST_LAST)
+    tl.store(out_ptr + 3 * launched, block)
+    tl.store(out_ptr + 3 * launched + 1, h)
+    tl.store(out_ptr + 3 * launched + 2, b)
+
+
+@pytest.mark.parametrize("longest_last", [True, False])
+def test_causal_programs_start_longest_first_across_heads(longest_last, device):
+    # Under the causal mask every (block, head, batch) is still taken exactly once, and in launch order the
+    # blocks with the most work come first, of every head, before any shorter block.
+    n_blocks, heads, batches = 5, 3, 2
+    out = torch.full((n_blocks * heads * batches, 3), -1, dtype=torch.int32, device=device)
+    _record_causal_programs[(n_blocks, heads, batches)](out, LONGEST_LAST=longest_last)
+    taken = [tuple(row) for row in out.tolist()]
+    assert sorted(taken) == [(blk, h, b) for blk in range(n_blocks) for h in range(heads) for b in range(batches)]
+    blocks = [blk for blk, _, _ in taken]
+    assert blocks == sorted(blocks, reverse=longest_last)
