@@ -19,8 +19,9 @@ Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, two rounds), GPU us 
     [4, 16, 4096, 64]     355.1 355.5 / 338.9 339.6 / 330.2 332.5
     [4, 16, 4096, 128]    610.1 639.4 / 631.1 640.1 / 473.8 475.0
 
-Outputs and gradients bit-identical at all three shapes. The forward+backward calls could not be recorded here
-(`measure_gpu_ms` gave None for all three providers, not looked into); the package's `benchmarks/run.py
+Outputs and gradients bit-identical at all three shapes. The forward+backward calls could not be recorded in that
+run (`measure_gpu_ms` gave None for all three providers): the probe had left autograd's multithreading on, which
+`bench.run_case` turns off; it is off now, not re-run since. The package's `benchmarks/run.py
 attention` rows, run just before on another machine with the new order, read 0.1805 ms of GPU time at
 [8, 12, 1024, 64] against SDPA's 0.2015 (0.1986 against 0.2011 in the committed run before the change),
 1.4617 against 1.2789 at [4, 16, 4096, 64] (1.4865 against 1.2848) and 2.6805 against 2.0353 at
@@ -46,6 +47,9 @@ dev = tt.runtime.DEVICE
 
 
 def main():
+    # Backward on the calling thread, as `bench.run_case` runs every provider: handed to autograd's device
+    # thread, the recorded forward+backward calls came back unmeasured (measure_gpu_ms gave None).
+    torch.autograd.set_multithreading_enabled(False)
     for shape in ([8, 12, 1024, 64], [4, 16, 4096, 64], [4, 16, 4096, 128]):
         torch.manual_seed(0)
         q, k, v = (torch.randn(*shape, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
