@@ -21,7 +21,7 @@ Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, two rounds), GPU us 
 
 Outputs and gradients bit-identical at all three shapes. The forward+backward calls could not be recorded in that
 run (`measure_gpu_ms` gave None for all three providers): the probe had left autograd's multithreading on, which
-`bench.run_case` turns off; it is off now, not re-run since. The package's `benchmarks/run.py
+`bench.run_case` turns off (the likely cause); it is off now, not re-run since. The package's `benchmarks/run.py
 attention` rows, run just before on another machine with the new order, read 0.1805 ms of GPU time at
 [8, 12, 1024, 64] against SDPA's 0.2015 (0.1986 against 0.2011 in the committed run before the change),
 1.4617 against 1.2789 at [4, 16, 4096, 64] (1.4865 against 1.2848) and 2.6805 against 2.0353 at
@@ -47,8 +47,9 @@ dev = tt.runtime.DEVICE
 
 
 def main():
-    # Backward on the calling thread, as `bench.run_case` runs every provider: handed to autograd's device
-    # thread, the recorded forward+backward calls came back unmeasured (measure_gpu_ms gave None).
+    # Backward on the calling thread, as `bench.run_case` runs every provider. With autograd's device thread in
+    # use, this probe's forward+backward rounds came back unmeasured (measure_gpu_ms gave None): the likely cause,
+    # not checked by a re-run.
     torch.autograd.set_multithreading_enabled(False)
     for shape in ([8, 12, 1024, 64], [4, 16, 4096, 64], [4, 16, 4096, 128]):
         torch.manual_seed(0)
