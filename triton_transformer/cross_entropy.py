@@ -65,12 +65,14 @@ Differences from F.cross_entropy, on purpose:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, launch, next_power_of_2, no_double_backward,
-                      shaped)
+from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, device_index, launch, next_power_of_2,
+                      no_double_backward, shaped)
 from .softmax import (LOG2E, ONLINE_STAGES, _grid, exp_and_sum, launch_rows, load_lanes, load_pieces,
                       online_combine, online_update, pieces_max, row_pieces, strided)
 
@@ -415,16 +417,16 @@ def _row_layout(t: torch.Tensor) -> tuple[int, int, int, int]:
 class _BadTargetCount:
     """The pre-pass's counts of bad targets (one per pre-pass program), on their way to the host.
 
-    `mark`, called right after the pre-pass is queued, marks that point of the stream with an event. `fetch`,
+    `mark`, called right after the pre-pass is queued, marks that point of the stream with an event. `check`,
     called once the main kernel is queued behind the pre-pass, copies the counts to pinned host memory on a
     side stream that waits for that event only: the main kernel starts as soon as the pre-pass ends, without
-    the copy between them, and `check` waits for the copy alone, not for the main kernel, so the host does
-    not hold the GPU up. Nothing is read back while a CUDA graph is being recorded (reading back is forbidden
+    the copy between them, and the host waits for the copy alone, not for the main kernel, so it does not
+    hold the GPU up. Nothing is read back while a CUDA graph is being recorded (reading back is forbidden
     there); a replayed graph cannot raise, and the kernel makes a bad target's loss NaN instead.
     """
 
     def __init__(self, bad: torch.Tensor):
-        self.bad, self.on_host, self.counted, self.copied = bad, None, None, None
+        self.bad, self.counted = bad, None
         self.capturing = bad.is_cuda and torch.cuda.is_current_stream_capturing()
 
     @property
@@ -438,27 +440,18 @@ class _BadTargetCount:
             self.counted = torch.cuda.Event()
             self.counted.record(torch.cuda.current_stream(self.bad.device))
 
-    def fetch(self) -> None:
-        """Start copying the counts to the host, on the side stream (nothing to do on the CPU or in a graph)."""
-        if self.counted is None or self.copied is not None:
-            return
-        side = _copy_stream(self.bad.device)
-        side.wait_event(self.counted)
-        with torch.cuda.stream(side):
-            self.on_host = torch.empty(self.bad.shape, dtype=self.bad.dtype, pin_memory=True)
-            self.on_host.copy_(self.bad, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record(side)
-
     def check(self, target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
         """Raise ValueError if the pre-pass found targets outside [0, V)."""
         if not self.will_check:
             return  # recorded into a CUDA graph
         counts = self.bad  # on the CPU: read directly
         if self.counted is not None:
-            self.fetch()
-            self.copied.synchronize()
-            counts = self.on_host
+            side = _copy_stream(device_index(self.bad.device))
+            side.wait_event(self.counted)
+            with torch.cuda.stream(side):
+                counts = torch.empty(self.bad.shape, dtype=self.bad.dtype, pin_memory=True)
+                counts.copy_(self.bad, non_blocking=True)
+            side.synchronize()  # the side stream holds nothing but such copies
         n_bad = int(counts.sum())
         if n_bad:
             flat = target.reshape(-1).long()  # as the kernel compares: an int8 or uint8 target would wrap ignore_index
@@ -469,16 +462,10 @@ class _BadTargetCount:
                 f"e.g. target {int(flat[row])} at row {row} (of the flattened targets)")
 
 
-#: A side stream per GPU for `_BadTargetCount`'s copies, made on first use.
-_copy_streams: dict = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _copy_streams.get(index)
-    if stream is None:
-        stream = _copy_streams[index] = torch.cuda.Stream(index)
-    return stream
+@functools.lru_cache(maxsize=None)
+def _copy_stream(index: int) -> torch.cuda.Stream:
+    """A side stream of GPU `index` for `_BadTargetCount`'s copies, made on first use."""
+    return torch.cuda.Stream(index)
 
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,

@@ -61,7 +61,7 @@ def device_name() -> str:
     return "CPU (Triton interpreter)"
 
 
-def _index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
     """The index of a CUDA `device` ("cuda" alone: the current one), the key of the per-GPU caches below."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -74,7 +74,7 @@ def _cuda_properties(index: int):
 def cuda_properties(device: torch.device):
     """``torch.cuda.get_device_properties`` of a CUDA `device` (SM count, compute capability), asked
     once per GPU: the query costs microseconds, and launchers consult it at every call."""
-    return _cuda_properties(_index(device))
+    return _cuda_properties(device_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +88,7 @@ def capability(device: torch.device) -> tuple[int, int]:
 
     Every feature test of the package asks this, cached per GPU: bf16 (8.0), the one-instruction tanh
     (7.5), TMA (9.0), and whether Triton compiles for the GPU at all (7.0)."""
-    return _capability(_index(device))
+    return _capability(device_index(device))
 
 
 #: bf16 needs Ampere or newer; the interpreter computes bf16 wrongly (BOOK.md), so never there. Asked of the
@@ -115,7 +115,7 @@ def _shared_memory(index: int) -> int:
 def shared_memory(device: torch.device) -> int:
     """Bytes of shared memory one program may use on a CUDA `device`, as Triton checks a kernel against it
     (227 KB on an H100, 163 KB on an A100, 64 KB on a T4)."""
-    return _shared_memory(_index(device))
+    return _shared_memory(device_index(device))
 
 
 def autotune(configs, key, exact_fp32=None, **kwargs):
