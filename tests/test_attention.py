@@ -490,23 +490,54 @@ def test_more_batches_or_heads_than_a_grid_axis_holds_is_a_clear_error(device):
 
 
 @triton.jit
-def _record_causal_programs(out_ptr, LONGEST_LAST: tl.constexpr):
+def _record_causal_programs(out_ptr, head_group, LONGEST_LAST: tl.constexpr):
     # Each program writes the (block, head, batch) it takes at its launch index (the grid's first axis fastest).
     launched = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-    block, h, b = A._causal_program(LONGEST_LAST)
+    block, h, b = A._causal_program(head_group, LONGEST_LAST)
     tl.store(out_ptr + 3 * launched, block)
     tl.store(out_ptr + 3 * launched + 1, h)
     tl.store(out_ptr + 3 * launched + 2, b)
 
 
+@pytest.mark.parametrize("head_group", [6, 1, 4])
 @pytest.mark.parametrize("longest_last", [True, False])
-def test_causal_programs_start_longest_first_across_heads(longest_last, device):
-    # Under the causal mask every (block, head, batch) is still taken exactly once, and in launch order the
-    # blocks with the most work come first, of every head, before any shorter block.
+def test_causal_programs_start_longest_first_within_head_groups(longest_last, head_group, device):
+    # Under the causal mask every (block, head, batch) is still taken exactly once. In launch order the (batch,
+    # head) pairs come in groups of head_group (6: one group of all; 4 of 6 leaves a short last group), and
+    # within a group the blocks with the most work come first, of every head of the group, before any shorter one.
     n_blocks, heads, batches = 5, 3, 2
     out = torch.full((n_blocks * heads * batches, 3), -1, dtype=torch.int32, device=device)
-    _record_causal_programs[(n_blocks, heads, batches)](out, LONGEST_LAST=longest_last)
+    _record_causal_programs[(n_blocks, heads, batches)](out, head_group, LONGEST_LAST=longest_last)
     taken = [tuple(row) for row in out.tolist()]
     assert sorted(taken) == [(blk, h, b) for blk in range(n_blocks) for h in range(heads) for b in range(batches)]
-    blocks = [blk for blk, _, _ in taken]
-    assert blocks == sorted(blocks, reverse=longest_last)
+    n_bh = heads * batches
+    for first in range(0, n_bh, head_group):
+        group = range(first, min(first + head_group, n_bh))
+        chunk, taken = taken[:n_blocks * len(group)], taken[n_blocks * len(group):]
+        assert sorted({b * heads + h for _, h, b in chunk}) == list(group)
+        blocks = [blk for blk, _, _ in chunk]
+        assert blocks == sorted(blocks, reverse=longest_last)
+
+
+@pytest.mark.parametrize("head_group", [1, 4, 6])
+def test_head_groups_give_the_same_bits(head_group, device, monkeypatch):
+    # Causal programs in groups of 1, 4 (the last group short) or all 6 (batch, head) pairs: only the order in
+    # which programs start changes, never a result. Each group size is checked against the math, and its bits
+    # against the package's own pick.
+    q, k, v, do = (randn(2, 3, 70, 32, device=device) for _ in range(4))
+    picked = fwd_bwd(attention, q, k, v, do, causal=True)
+    monkeypatch.setattr(A, "_head_group", lambda q, n_rows: head_group)
+    grouped = fwd_bwd(attention, q, k, v, do, causal=True)
+    check(q, k, v, causal=True, do=do)
+    assert all(torch.equal(a, b) for a, b in zip(grouped, picked))
+
+
+def test_head_groups_fill_half_the_l2(device):
+    # As many (batch, head) pairs as fit their two streamed tensors in half the L2, at least 1, at most all.
+    half = runtime.l2_cache_bytes(torch.device(device)) // 2
+    per_head = lambda n, d: 2 * n * d * 4  # noqa: E731  (fp32)
+    rows = half // per_head(1, 16)
+    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows // 4) == 4
+    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows) == 1
+    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows * 100) == 1
+    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), 1) == 6

@@ -61,8 +61,8 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_tile, next_seed, normalize_seed, philox_key
-from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, launch,
-                      no_double_backward, positive_int, pow2_at_least_16)
+from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, l2_cache_bytes,
+                      launch, no_double_backward, positive_int, pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -75,16 +75,19 @@ MAX_GRID_YZ = 65535
 # ----------------------------------------------------------------------------- helpers
 
 @triton.jit
-def _causal_program(LONGEST_LAST: tl.constexpr):
-    """(block, head, batch) of this program under a causal mask: every head's longest block is started first.
+def _causal_program(head_group, LONGEST_LAST: tl.constexpr):
+    """(block, head, batch) of this program under a causal mask: longest blocks first, `head_group` heads at a time.
 
     Causal blocks differ in work: the last query block (forward, dQ) attends to every key block and the
     first to one; the first key block (dK/dV) is attended by every query block. The GPU starts programs in
     launch order, the grid's first axis fastest. Read as (block, head, batch), that order starts each head's
     longest block with its head, so the last heads' longest blocks start last and the GPU ends on a few long
-    programs with its other SMs idle. Here the launch index is read with the block varying slowest: all the
-    longest blocks start first, of every head, and the shortest fill the end (longest first, the classic
-    rule for handing out jobs of unequal length). `LONGEST_LAST`: the highest block has the most work.
+    programs with its other SMs idle. Here the launch index is read with the block varying slowest within a
+    group of `head_group` (batch, head) pairs, the groups one after another: a group's longest blocks start
+    first, of each of its heads, and its shortest fill the group's end (longest first, the classic rule for
+    handing out jobs of unequal length). A group of every head leaves the GPU the fewest long programs to end
+    on; a smaller one keeps the programs running together on fewer heads, whose K and V then stay in L2
+    (`_head_group` picks). `LONGEST_LAST`: the highest block has the most work.
     """
     n_blocks = tl.num_programs(0).to(tl.int64)
     heads = tl.num_programs(1).to(tl.int64)
@@ -92,8 +95,12 @@ def _causal_program(LONGEST_LAST: tl.constexpr):
     # int64: blocks x heads x batches may pass 2**31 (the grid allows 65535 x 65535 heads and batches)
     launched = tl.program_id(0).to(tl.int64) + n_blocks * (tl.program_id(1).to(tl.int64)
                                                            + heads * tl.program_id(2).to(tl.int64))
-    block = launched // n_bh
-    bh = launched - block * n_bh
+    group_size = head_group.to(tl.int64)
+    group = launched // (n_blocks * group_size)
+    in_group = launched - group * (n_blocks * group_size)
+    group_heads = tl.minimum(n_bh - group * group_size, group_size)  # the last group may be short
+    block = in_group // group_heads
+    bh = group * group_size + (in_group - block * group_heads)
     if LONGEST_LAST:
         block = n_blocks - 1 - block
     return block.to(tl.int32), (bh % heads).to(tl.int32), (bh // heads).to(tl.int32)
@@ -205,12 +212,13 @@ DECODE_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_s
 DECODE_ROWS = 16
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "head_group"])
 def _attn_fwd_kernel(Q, K, V, O, L, KM,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                      stride_mb, stride_mn,
-                     H, N_Q, N_K, D, qk_scale, seed, seed_base_ptr, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
+                     H, N_Q, N_K, D, qk_scale, seed, seed_base_ptr, dropout_p, inv_keep, head_group,
+                     N_Q_KEY, N_K_KEY,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                      SEED_BASE: tl.constexpr,
                      STORE_L: tl.constexpr,
@@ -221,7 +229,7 @@ def _attn_fwd_kernel(Q, K, V, O, L, KM,
     h = tl.program_id(1)
     b = tl.program_id(2)
     if CAUSAL:  # causal work grows with the row: start the longest programs first
-        pid_m, h, b = _causal_program(True)
+        pid_m, h, b = _causal_program(head_group, True)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     # int64 bases: B*H*N*D passes 2**31 elements for long sequences
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
@@ -332,12 +340,13 @@ def _dkdv_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "head_group"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
                           stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                           stride_dkb, stride_dkh, stride_dkn, stride_mb, stride_mn,
-                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, seed_base_ptr, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
+                          H, N_Q, N_K, D, qk_scale, sm_scale, seed, seed_base_ptr, dropout_p, inv_keep, head_group,
+                          N_Q_KEY, N_K_KEY,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                           SEED_BASE: tl.constexpr,
                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -347,7 +356,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
     h = tl.program_id(1)
     b = tl.program_id(2)
     if CAUSAL:  # low key blocks have the most work: start them first, of every head
-        pid_n, h, b = _causal_program(False)
+        pid_n, h, b = _causal_program(head_group, False)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
@@ -445,12 +454,13 @@ def _dq_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "head_group"])
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                         stride_dqb, stride_dqh, stride_dqn, stride_ob, stride_oh, stride_on, stride_mb, stride_mn,
-                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, seed_base_ptr, dropout_p, inv_keep, N_Q_KEY, N_K_KEY,
+                        H, N_Q, N_K, D, qk_scale, sm_scale, seed, seed_base_ptr, dropout_p, inv_keep, head_group,
+                        N_Q_KEY, N_K_KEY,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DROP_GROUPED: tl.constexpr,
                         SEED_BASE: tl.constexpr,
                         BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -460,7 +470,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, L, DELTA, KM,
     h = tl.program_id(1)
     b = tl.program_id(2)
     if CAUSAL:
-        pid_m, h, b = _causal_program(True)
+        pid_m, h, b = _causal_program(head_group, True)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh
@@ -538,6 +548,20 @@ def _launch(kernel, grid, args, consts, config, macs):
                   num_stages=config.num_stages)
 
 
+def _head_group(q: torch.Tensor, n_rows: int) -> int:
+    """(batch, head) pairs whose causal programs start together (`_causal_program`): as many heads as fit their
+    two streamed tensors (K and V of `n_rows` rows in the forward and the dQ kernel, Q and dO in dK/dV) in half
+    the GPU's L2, all of them where they fit. Measured on the H100 (bf16, causal, GPU time,
+    `benchmarks/experiments/attn_group.py`): forward+backward at (4, 16, 4096, 128) 2551-2616 us with groups of
+    4 to 16 heads against 2705-2800 with one group of all 64; at (4, 16, 4096, 64) 1426-1440 with 16 against
+    1468-1475; at (8, 12, 1024, 64), where all 96 heads' K and V take 24 MB, one group of all was fastest
+    (183-185 against 197-215 with groups of 1 to 32).
+    """
+    n_bh = q.shape[0] * q.shape[1]
+    per_head = 2 * n_rows * q.shape[3] * q.element_size()
+    return max(1, min(n_bh, l2_cache_bytes(q.device) // 2 // max(per_head, 1)))
+
+
 #: The kernels add a 64-bit base per (batch, head) and offsets within that head in 32 bits, which keeps the
 #: loops' address arithmetic cheap: one head's rows must span fewer than 2**31 elements.
 _MAX_HEAD_SPAN = 2**31
@@ -585,7 +609,7 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     args = (q, k, v, o, lse, km, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn,
             H, N_Q, N_K, D, scale * LOG2E, seed, lse if seed_base is None else seed_base, float(dropout_p),
-            1.0 / (1.0 - dropout_p), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
+            1.0 / (1.0 - dropout_p), _head_group(q, N_K), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
                   SEED_BASE=seed_base is not None, STORE_L=need_lse,
                   BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION=dot_precision(q.dtype))
@@ -625,9 +649,10 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
         dq, dk, dv = grads
     km, smb, smn = _mask_args(mask, q)
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
-                  SEED_BASE=seed_base is not None, BLOCK_D=block_d, EVEN_D=even_d, PRECISION=dot_precision(q.dtype))
+                  SEED_BASE=seed_base is not None, BLOCK_D=block_d, EVEN_D=even_d,
+                  PRECISION=dot_precision(q.dtype))
     common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, lse if seed_base is None else seed_base, float(dropout_p),
-              1.0 / (1.0 - dropout_p), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
+              1.0 / (1.0 - dropout_p), _head_group(q, max(N_Q, N_K)), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     macs = B * H * N_Q * N_K * D
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.

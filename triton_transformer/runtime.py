@@ -118,6 +118,19 @@ def shared_memory(device: torch.device) -> int:
     return _shared_memory(device_index(device))
 
 
+#: What `l2_cache_bytes` says under the interpreter: small, so that the CPU tests' little heads already split into
+#: several groups of `attention._head_group`.
+INTERPRETER_L2_BYTES = 64 * 1024
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    """Bytes of L2 cache of a CUDA `device` (50 MiB on an H100, 40 on an A100, 4 on a T4); INTERPRETER_L2_BYTES
+    elsewhere."""
+    if device.type != "cuda":
+        return INTERPRETER_L2_BYTES
+    return cuda_properties(device).L2_cache_size
+
+
 def autotune(configs, key, exact_fp32=None, **kwargs):
     """`triton.autotune`, but with one config under the interpreter.
 
