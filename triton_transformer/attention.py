@@ -95,7 +95,7 @@ def _causal_program(head_group, LONGEST_LAST: tl.constexpr):
     # int64: blocks x heads x batches may pass 2**31 (the grid allows 65535 x 65535 heads and batches)
     launched = tl.program_id(0).to(tl.int64) + n_blocks * (tl.program_id(1).to(tl.int64)
                                                            + heads * tl.program_id(2).to(tl.int64))
-    group_size = head_group.to(tl.int64)
+    group_size = n_blocks * 0 + head_group  # int64, and a tensor even where Triton passes a 1 as a constant
     group = launched // (n_blocks * group_size)
     in_group = launched - group * (n_blocks * group_size)
     group_heads = tl.minimum(n_bh - group * group_size, group_size)  # the last group may be short

@@ -12,8 +12,10 @@ of candidate configs, whose pick would change the order of a reduction's sums).
 Measured alone on the H100 80GB HBM3 (torch 2.11.0+cu130, Triton 3.6.0): every run equal to every other of its
 mode, eager and graphed steps equal too (6 train losses 5.52791 ... 4.96233, val 4.9033203); the deterministic mode's
 two runs equal each other (4.96235, val 4.9030762; another reduction order than the default's). The test's
-failure most likely came from sharing the GPU with the suite's other three test processes; the test now sets
-Inductor's deterministic mode.
+failure most likely came from sharing the GPU with the suite's other three test processes. Setting Inductor's
+deterministic mode in the test did not make it exact: on a machine whose Inductor cache held the earlier calls'
+compiles, the eager steps gave the deterministic mode's losses and the graphed steps the default mode's (from step 2
+on, up to 1e-5 apart). The test now compares the torch.compile'd runs to 1e-4 and the others bit for bit.
 """
 import sys
 import tempfile
