@@ -20,8 +20,11 @@ Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, two rounds), GPU us 
     [4, 16, 4096, 128]    610.1 639.4 / 631.1 640.1 / 473.8 475.0
 
 Outputs and gradients bit-identical at all three shapes. The forward+backward calls could not be recorded in that
-run (`measure_gpu_ms` gave None for all three providers): the probe had left autograd's multithreading on, which
-`bench.run_case` turns off (the likely cause); it is off now, not re-run since. The package's `benchmarks/run.py
+run (`measure_gpu_ms` gave None for all three providers), nor in a re-run with autograd's multithreading off
+(as `bench.run_case` runs it), which repeated the forward's numbers (49.6 49.3 / 44.8 44.8 / 46.5 46.7;
+354.6 358.1 / 339.3 339.0 / 330.6 331.5; 615.7 622.8 / 635.4 644.4 / 481.3 477.4): the cause is not known.
+`attn_group.py`, which takes the gradients with `torch.autograd.grad` instead of `.backward`, records them, and
+compares more orders. The package's `benchmarks/run.py
 attention` rows, run just before on another machine with the new order, read 0.1805 ms of GPU time at
 [8, 12, 1024, 64] against SDPA's 0.2015 (0.1986 against 0.2011 in the committed run before the change),
 1.4617 against 1.2789 at [4, 16, 4096, 64] (1.4865 against 1.2848) and 2.6805 against 2.0353 at
