@@ -355,7 +355,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, DELTA, KM,
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    if CAUSAL:  # low key blocks have the most work: start them first, of every head
+    if CAUSAL:  # low key blocks have the most work: start them first, of every head of a group
         pid_n, h, b = _causal_program(head_group, False)
     bh = b.to(tl.int64) * H + h  # int64: B * H may pass 2**31 (the grid allows 65535 x 65535)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
@@ -552,10 +552,11 @@ def _head_group(q: torch.Tensor, n_rows: int) -> int:
     """(batch, head) pairs whose causal programs start together (`_causal_program`): as many heads as fit their
     two streamed tensors (K and V of `n_rows` rows in the forward and the dQ kernel, Q and dO in dK/dV) in half
     the GPU's L2, all of them where they fit. Measured on the H100 (bf16, causal, GPU time,
-    `benchmarks/experiments/attn_group.py`): forward+backward at (4, 16, 4096, 128) 2551-2616 us with groups of
-    4 to 16 heads against 2705-2800 with one group of all 64; at (4, 16, 4096, 64) 1426-1440 with 16 against
-    1468-1475; at (8, 12, 1024, 64), where all 96 heads' K and V take 24 MB, one group of all was fastest
-    (183-185 against 197-215 with groups of 1 to 32).
+    `benchmarks/experiments/attn_group.py`): forward+backward at (4, 16, 4096, 128) 2551-2632 us with groups of
+    4 to 16 heads and 2636-2638 with the 12 picked here, against 2705-2800 with one group of all 64; at
+    (4, 16, 4096, 64) 1426-1440 with 16 and 1437-1462 with the 25 picked, against 1458-1475; at (8, 12, 1024, 64),
+    where all 96 heads' K and V take 24 MB, one group of all was fastest (183-190 against 197-219 with groups of
+    1 to 32).
     """
     n_bh = q.shape[0] * q.shape[1]
     per_head = 2 * n_rows * q.shape[3] * q.element_size()
@@ -649,8 +650,7 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
         dq, dk, dv = grads
     km, smb, smn = _mask_args(mask, q)
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
-                  SEED_BASE=seed_base is not None, BLOCK_D=block_d, EVEN_D=even_d,
-                  PRECISION=dot_precision(q.dtype))
+                  SEED_BASE=seed_base is not None, BLOCK_D=block_d, EVEN_D=even_d, PRECISION=dot_precision(q.dtype))
     common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, lse if seed_base is None else seed_base, float(dropout_p),
               1.0 / (1.0 - dropout_p), _head_group(q, max(N_Q, N_K)), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     macs = B * H * N_Q * N_K * D
