@@ -122,11 +122,14 @@ def _target_stats_kernel(target_ptr, stats_ptr, n_rows, n_cols, ignore_index, n_
 
 @triton.jit
 def _parts_total(parts_ptr, n_parts, BLOCK: tl.constexpr):
-    """The sum of the pre-pass's `n_parts` counts at `parts_ptr` (a few: one per STATS_BLOCK targets)."""
-    total = tl.zeros([BLOCK], tl.int32)
+    """The sum of `n_parts` slots at `parts_ptr`, in their dtype and always in the same order: the pre-pass's
+    counts (one per STATS_BLOCK targets), or the main kernel's per-program losses (`_sum_of_programs`)."""
+    total = tl.zeros([BLOCK], parts_ptr.dtype.element_ty)
     for start in range(0, n_parts, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        total += tl.load(parts_ptr + offs, mask=offs < n_parts, other=0)
+        # .cg reads L2, where other SMs' slots are, not this SM's L1 (`_sum_of_programs` reads slots that
+        # programs of the same kernel wrote)
+        total += tl.load(parts_ptr + offs, mask=offs < n_parts, other=0, cache_modifier=".cg")
     return tl.sum(total, axis=0)
 
 
@@ -145,12 +148,7 @@ def _sum_of_programs(partials_ptr, total_ptr, ticket_ptr, partial, BLOCK: tl.con
     # every slot the tickets before it counted (acquire).
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == n_programs - 1:
-        total = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_programs, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            # .cg reads L2, where the other SMs' slots are, not this SM's L1
-            total += tl.load(partials_ptr + offs, mask=offs < n_programs, other=0.0, cache_modifier=".cg")
-        tl.store(total_ptr, tl.sum(total, axis=0))
+        tl.store(total_ptr, _parts_total(partials_ptr, n_programs, BLOCK))
 
 
 @triton.jit
