@@ -533,11 +533,14 @@ def test_head_groups_give_the_same_bits(head_group, device, monkeypatch):
 
 
 def test_head_groups_fill_half_the_l2(device):
-    # As many (batch, head) pairs as fit their two streamed tensors in half the L2, at least 1, at most all.
+    # At most as many (batch, head) pairs as fit their two streamed tensors in half the L2, at least 1, at most
+    # all, in as few groups as that allows, as even as they can be.
     half = runtime.l2_cache_bytes(torch.device(device)) // 2
     per_head = lambda n, d: 2 * n * d * 4  # noqa: E731  (fp32)
     rows = half // per_head(1, 16)
-    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows // 4) == 4
+    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows // 4) == 3  # 4 fit: two groups of 3
+    assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows // 2) == 2  # 2 fit: three groups of 2
+    assert A._head_group(torch.empty(2, 5, 1, 16, device=device), rows // 4) == 4  # 10 pairs: 4, 4 and 2
     assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows) == 1
     assert A._head_group(torch.empty(2, 3, 1, 16, device=device), rows * 100) == 1
     assert A._head_group(torch.empty(2, 3, 1, 16, device=device), 1) == 6

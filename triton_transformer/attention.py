@@ -549,18 +549,23 @@ def _launch(kernel, grid, args, consts, config, macs):
 
 
 def _head_group(q: torch.Tensor, n_rows: int) -> int:
-    """(batch, head) pairs whose causal programs start together (`_causal_program`): as many heads as fit their
-    two streamed tensors (K and V of `n_rows` rows in the forward and the dQ kernel, Q and dO in dK/dV) in half
-    the GPU's L2, all of them where they fit. Measured on the H100 (bf16, causal, GPU time,
-    `benchmarks/experiments/attn_group.py`): forward+backward at (4, 16, 4096, 128) 2551-2632 us with groups of
-    4 to 16 heads and 2636-2638 with the 12 picked here, against 2705-2800 with one group of all 64; at
-    (4, 16, 4096, 64) 1426-1440 with 16 and 1437-1462 with the 25 picked, against 1458-1475; at (8, 12, 1024, 64),
-    where all 96 heads' K and V take 24 MB, one group of all was fastest (183-190 against 197-219 with groups of
-    1 to 32).
+    """(batch, head) pairs whose causal programs start together (`_causal_program`): at most as many heads as fit
+    their two streamed tensors (K and V of `n_rows` rows in the forward and the dQ kernel, Q and dO in dK/dV) in
+    half the GPU's L2, all of them where they fit, in groups as even as they can be. Measured on the H100 (bf16,
+    causal, GPU time, `benchmarks/experiments/attn_group.py`): forward+backward at (4, 16, 4096, 128) 2551-2632 us
+    with groups of 4 to 16 heads against 2705-2800 with one group of all 64; at (4, 16, 4096, 64) 1426-1440 with 16
+    against 1458-1475; at (8, 12, 1024, 64), where all 96 heads' K and V take 24 MB, one group of all was fastest
+    (183-190 against 197-219 with groups of 1 to 32). At the model's (16, 8, 1024, 64) two groups of 64 took
+    250-251 against 262-263 with 100 and a short last group of 28, and 257 with one group of all; at
+    (16, 12, 1024, 64) 366 with groups of 64 and 369-370 with two of 96, against 375 with 100 and 92 and 399 with
+    one group of all.
     """
     n_bh = q.shape[0] * q.shape[1]
     per_head = 2 * n_rows * q.shape[3] * q.element_size()
-    return max(1, min(n_bh, l2_cache_bytes(q.device) // 2 // max(per_head, 1)))
+    fit = max(1, min(n_bh, l2_cache_bytes(q.device) // 2 // max(per_head, 1)))
+    # as few groups as hold at most `fit` pairs each, made as even as they can be: a short last group would
+    # end the launch on a few heads' programs
+    return cdiv(n_bh, cdiv(n_bh, fit))
 
 
 #: The kernels add a 64-bit base per (batch, head) and offsets within that head in 32 bits, which keeps the

@@ -1,6 +1,6 @@
 """Probe: the order causal programs start in, longest block first within groups of G (batch, head) pairs. (GPU)
 
-    python3 benchmarks/experiments/attn_group.py
+    python3 benchmarks/experiments/attn_group.py [B,H,N,D ...] [G=pick,0,16,...]
 
 `attention._causal_program` reads the launch index with the block varying slowest within a group of G
 (batch, head) pairs (`attention._head_group` picks G; here it is replaced by each G in turn, 0 standing for one
@@ -59,9 +59,14 @@ def use_group(g):
 
 def main():
     torch.autograd.set_multithreading_enabled(False)  # backward on the calling thread, as bench.run_case runs it
+    global GROUPS
     shapes = [[8, 12, 1024, 64], [4, 16, 4096, 64], [4, 16, 4096, 128]]
-    if len(sys.argv) > 1:
-        shapes = [[int(x) for x in s.split(",")] for s in sys.argv[1:]]
+    args = sys.argv[1:]
+    for a in [a for a in args if a.startswith("G=")]:
+        GROUPS = [g if g == "pick" else int(g) for g in a[2:].split(",")]
+        args.remove(a)
+    if args:
+        shapes = [[int(x) for x in s.split(",")] for s in args]
     for shape in shapes:
         torch.manual_seed(0)
         q, k, v = (torch.randn(*shape, device=dev, dtype=DTYPE, requires_grad=True) for _ in range(3))
