@@ -408,6 +408,25 @@ def test_growing_sequence_does_not_retune(device):
     assert len(A._attn_fwd.cache) - before <= 1
 
 
+@cuda_only
+def test_cuda_repeated_calls_launch_from_the_memo(device):
+    """A call like one before launches straight from `runtime.launch_memo`'s memory (forward, dQ and dK/dV, on the
+    first config below AUTOTUNE_MIN_MACS and on the tuned one above): right each time on fresh tensors, with the
+    same dropout mask for the same seed; an input off a 16-byte boundary takes the ordinary path, and is right too."""
+    A._MEMO.clear()
+    for shape in [(2, 3, 100, 64), (2, 4, 512, 64)]:
+        for _ in range(3):
+            q, k, v, do = (randn(*shape, dtype=torch.bfloat16, device=device) for _ in range(4))
+            check(q, k, v, causal=True, do=do)
+    assert len(A._MEMO) == 6
+    dropped = [fwd_bwd(attention, q, k, v, do, causal=True, dropout_p=0.3, seed=7) for _ in range(2)]
+    assert len(A._MEMO) == 9
+    assert all(torch.equal(a, b) for a, b in zip(*dropped))
+    flat = randn(q.numel() + 1, dtype=torch.bfloat16, device=device)
+    check(flat[1:].view(q.shape), k, v, causal=True, do=do)  # two bytes past the boundary
+    assert len(A._MEMO) == 9
+
+
 def test_small_problems_take_the_first_config(monkeypatch, device):
     """Below AUTOTUNE_MIN_MACS the launcher never enters the autotuner: it runs the first config directly."""
     def tuned(*args, **kwargs):

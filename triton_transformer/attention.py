@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .dropout import keep_tile, next_seed, normalize_seed, philox_key
 from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, l2_cache_bytes,
-                      launch, no_double_backward, positive_int, pow2_at_least_16)
+                      launch, launch_memo, no_double_backward, positive_int, pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -533,19 +533,40 @@ def _mask_args(mask, q):
     return m, m.stride(0), m.stride(1)
 
 
-def _launch(kernel, grid, args, consts, config, macs):
+def _launch(kernel, grid, args, consts, config, macs, memo_key=None):
     """Launch the autotuned kernel, or the plain one with a given config (tests run every config this way).
 
     A problem of fewer than AUTOTUNE_MIN_MACS multiply-adds takes the first config of the list untuned.
-    Both go through `runtime.launch`: after the first call a launch skips Triton's per-call argument
-    binding, which at N = 1024 cost more host time than the kernels take on the GPU.
+    Both go through `runtime.launch_memo`: after the first call a launch skips Triton's per-call argument
+    binding, which at N = 1024 cost more host time than the kernels take on the GPU, and a call whose
+    `memo_key` (`_memo_key`) was seen before also skips working out what Triton specialises the kernel on.
     """
     if config is None and macs < AUTOTUNE_MIN_MACS:
         config = kernel.configs[0]
     if config is None:
-        return launch(kernel, grid, *args, **consts)
-    return launch(kernel.fn, grid, *args, **consts, **config.kwargs, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+        return launch_memo(_MEMO, memo_key, kernel, grid, *args, **consts)
+    return launch_memo(_MEMO, memo_key, kernel.fn, grid, *args, **consts, **config.kwargs,
+                       num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+#: What the kernels' launches compiled to, per `_memo_key` (`runtime.launch_memo`).
+_MEMO: dict = {}
+
+
+def _memo_key(kernel, seed, tensors, facts):
+    """`launch_memo`'s key for a launch of `kernel`, or None when a tensor does not start on a 16-byte boundary.
+
+    Triton specialises the kernels on their tensors' dtypes and alignment, their integers (sizes, strides: in
+    `facts` with the options, which the caller lists) and the seed's width (it is not specialised otherwise).
+    The tensors all share q's dtype but the log-sum-exp and delta (always float32), the mask (bool) and the
+    seed base (int64), so dtypes come with `facts` too.
+    """
+    address = 0
+    for t in tensors:
+        address |= t.data_ptr()
+    if address & 15:
+        return None
+    return kernel, -2**31 <= seed < 2**31, AUTOTUNE_MIN_MACS, DECODE_ROWS, facts
 
 
 def _head_group(q: torch.Tensor, n_rows: int) -> int:
@@ -619,9 +640,13 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
                   SEED_BASE=seed_base is not None, STORE_L=need_lse,
                   BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION=dot_precision(q.dtype))
+    # launches like an earlier call's come straight from the memo (q's dtype, the shapes and every stride in key)
+    key = None if config is not None else _memo_key(
+        "fwd", seed, (q, k, v, o, km) if seed_base is None else (q, k, v, o, km, seed_base),
+        (q.get_device(), q.dtype, q.shape, N_K, args[6:20], tuple(consts.values())))
     if config is None and N_Q <= DECODE_ROWS and not causal:
         config = DECODE_CONFIG
-    _launch(_attn_fwd, grid, args, consts, config, B * H * N_Q * N_K * D)
+    _launch(_attn_fwd, grid, args, consts, config, B * H * N_Q * N_K * D, key)
     if out is not None and o is not out:
         o = out.copy_(o)
     return o, (lse if need_lse else None)
@@ -660,14 +685,17 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
               1.0 / (1.0 - dropout_p), _head_group(q, max(N_Q, N_K)), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     macs = B * H * N_Q * N_K * D
     strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    strides_out = (*dq.stride()[:3], *o.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], smb, smn)
+    tensors = (q, k, v, o, do, dq, dk, dv, km) if seed_base is None else (q, k, v, o, do, dq, dk, dv, km, seed_base)
+    facts = (q.get_device(), q.dtype, q.shape, N_K, strides_in, strides_out, tuple(consts.values()))
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
     _launch(_attn_bwd_dq, lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B),
             (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], *o.stride()[:3], smb, smn,
              *common),
-            consts, configs[1], macs)
+            consts, configs[1], macs, None if configs[1] is not None else _memo_key("dq", seed, tensors, facts))
     _launch(_attn_bwd_dkdv, lambda meta: (cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
-            consts, configs[0], macs)
+            consts, configs[0], macs, None if configs[0] is not None else _memo_key("dkdv", seed, tensors, facts))
     if views is not None:
         dq, dk, dv = (view.copy_(g) for view, g in zip(views, (dq, dk, dv)))
     return dq, dk, dv

@@ -1,10 +1,11 @@
 """Where a small call's host time goes, on the GPU machine: ours against eager, and autograd's floor.
 
-    python3 benchmarks/experiments/host_split.py [parts] [case-to-profile ...]
+    python3 benchmarks/experiments/host_split.py [attn] [parts] [case-to-profile ...]
 
 Forward+backward of tiny tensors (the GPU's time is negligible, so the time per call is the host's):
 eager PyTorch, the package, and `Skel`, an autograd.Function with layer norm's inputs and outputs that
-does no work (the floor any Function pays). `parts` adds the pieces of layer norm's call; a case name
+does no work (the floor any Function pays); causal attention at (1, 2, 64, 64) against SDPA, and with its three
+launches replaced by nothing (what is left is the Python around them). `parts` adds the pieces of layer norm's call; a case name
 profiles that case with cProfile.
 
 Measured (H100 80GB HBM3 machine, torch 2.11.0+cu130, Triton 3.6.0, medians of five rounds, two processes):
@@ -51,6 +52,26 @@ w = torch.ones(768, device=dev, dtype=dt, requires_grad=True)
 b = torch.zeros(768, device=dev, dtype=dt, requires_grad=True)
 xd = torch.randn(4096, device=dev, dtype=dt, requires_grad=True)
 dyd = torch.randn_like(xd)
+qa, ka, va = (torch.randn(1, 2, 64, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+doa = torch.randn_like(qa)
+A = __import__("importlib").import_module("triton_transformer.attention")
+
+
+class NoLaunch:
+    """Within it, the attention module's launches do nothing: what is left of a call is its Python."""
+
+    def __enter__(self):
+        self.saved = A.launch_memo
+        A.launch_memo = lambda *args, **meta: None
+
+    def __exit__(self, *exc):
+        A.launch_memo = self.saved
+
+
+def attn_no_launch():
+    with NoLaunch():
+        tt.attention(qa, ka, va, causal=True).backward(doa)
+    reset(qa, ka, va)
 
 
 def reset(*ts):
@@ -70,6 +91,9 @@ cases = {
     "eager dropout fb": lambda: (F.dropout(xd, 0.1).backward(dyd), reset(xd)),
     "tt dropout fb": lambda: (tt.dropout(xd, 0.1).backward(dyd), reset(xd)),
     "tt dropout f": lambda: tt.dropout(xd, 0.1),
+    "sdpa fb": lambda: (F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa), reset(qa, ka, va)),
+    "tt attn fb": lambda: (tt.attention(qa, ka, va, causal=True).backward(doa), reset(qa, ka, va)),
+    "tt attn fb nolaunch": attn_no_launch,
 }
 L = __import__("importlib").import_module("triton_transformer.layernorm")
 S = __import__("importlib").import_module("triton_transformer.softmax")
@@ -87,6 +111,9 @@ parts = {
     "softmax_forward()": lambda: S.softmax_forward(xs.detach()),
     "unbind": lambda: torch.empty((2, 132, 768), device=dev).unbind(0),
 }
+if "attn" in sys.argv:  # the attention cases and the two it is compared with
+    cases = {k: f for k, f in cases.items() if "attn" in k or "sdpa" in k or "skel" in k}
+    sys.argv.remove("attn")
 if "parts" in sys.argv:
     cases.update(parts)
     sys.argv.remove("parts")
