@@ -5,7 +5,8 @@
 Forward+backward of tiny tensors (the GPU's time is negligible, so the time per call is the host's):
 eager PyTorch, the package, and `Skel`, an autograd.Function with layer norm's inputs and outputs that
 does no work (the floor any Function pays); causal attention at (1, 2, 64, 64) against SDPA, and with its three
-launches replaced by nothing (what is left is the Python around them). `parts` adds the pieces of layer norm's call; a case name
+launches replaced by nothing (what is left is the Python around them), or made without `runtime.launch_memo`'s
+memory. `parts` adds the pieces of layer norm's call; a case name
 profiles that case with cProfile.
 
 Measured (H100 80GB HBM3 machine, torch 2.11.0+cu130, Triton 3.6.0, medians of five rounds, two processes):
@@ -68,6 +69,20 @@ class NoLaunch:
         A.launch_memo = self.saved
 
 
+class NoMemo(NoLaunch):
+    """Within it, the attention module's launches go through `runtime.launch` (no key: nothing remembered)."""
+
+    def __enter__(self):
+        self.saved = A.launch_memo
+        A.launch_memo = lambda memo, key, *args, **meta: self.saved(memo, None, *args, **meta)
+
+
+def attn_no_memo():
+    with NoMemo():
+        tt.attention(qa, ka, va, causal=True).backward(doa)
+    reset(qa, ka, va)
+
+
 def attn_no_launch():
     with NoLaunch():
         tt.attention(qa, ka, va, causal=True).backward(doa)
@@ -94,6 +109,7 @@ cases = {
     "sdpa fb": lambda: (F.scaled_dot_product_attention(qa, ka, va, is_causal=True).backward(doa), reset(qa, ka, va)),
     "tt attn fb": lambda: (tt.attention(qa, ka, va, causal=True).backward(doa), reset(qa, ka, va)),
     "tt attn fb nolaunch": attn_no_launch,
+    "tt attn fb nomemo": attn_no_memo,
 }
 L = __import__("importlib").import_module("triton_transformer.layernorm")
 S = __import__("importlib").import_module("triton_transformer.softmax")
