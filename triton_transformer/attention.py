@@ -576,7 +576,8 @@ def _head_group(q: torch.Tensor, n_rows: int) -> int:
     causal, GPU time, `benchmarks/experiments/attn_group.py`): forward+backward at (4, 16, 4096, 128) 2551-2632 us
     with groups of 4 to 16 heads against 2705-2800 with one group of all 64; at (4, 16, 4096, 64) 1426-1440 with 16
     against 1458-1475; at (8, 12, 1024, 64), where all 96 heads' K and V take 24 MB, one group of all was fastest
-    (183-190 against 197-219 with groups of 1 to 32). At the model's (16, 8, 1024, 64) two groups of 64 took
+    (183-190 against 197-219 with groups of 1 to 32). The even groups picked at 4096 tokens, 22, 22 and 20 heads
+    and 11 heads, took 1424-1446 and 2617-2625 us. At the model's (16, 8, 1024, 64) two groups of 64 took
     250-251 against 262-263 with 100 and a short last group of 28, and 257 with one group of all; at
     (16, 12, 1024, 64) 366 with groups of 64 and 369-370 with two of 96, against 375 with 100 and 92 and 399 with
     one group of all.
