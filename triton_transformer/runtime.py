@@ -240,7 +240,8 @@ def check_tensor(name: str, t: torch.Tensor, *, dtypes=None, device: torch.devic
     """
     if isinstance(t, torch.Tensor):
         where = t.device
-        if ((t.dtype, where) in _ACCEPTED and (dtypes is None or t.dtype in dtypes) and ndim is None
+        if ((t.dtype, where) in _ACCEPTED and (dtypes is None or t.dtype in dtypes)
+                and (ndim is None or (t.dim() == ndim if isinstance(ndim, int) else t.dim() in ndim))
                 and (device is None or where == device) and (not dot or not INTERPRET)
                 and t.layout is torch.strided and not t.is_nested):
             return
