@@ -556,10 +556,10 @@ _MEMO: dict = {}
 def _memo_key(kernel, seed, tensors, facts):
     """`launch_memo`'s key for a launch of `kernel`, or None when a tensor does not start on a 16-byte boundary.
 
-    Triton specialises the kernels on their tensors' dtypes and alignment, their integers (sizes, strides: in
-    `facts` with the options, which the caller lists) and the seed's width (it is not specialised otherwise).
-    The tensors all share q's dtype but the log-sum-exp and delta (always float32), the mask (bool) and the
-    seed base (int64), so dtypes come with `facts` too.
+    Triton specialises the kernels on their tensors' dtypes and alignment, their integers and the seed's width
+    (the seed is not specialised otherwise). The caller's `facts` hold the integers (sizes, strides), the options
+    and q's dtype, which every tensor shares but the log-sum-exp and delta (always float32), the mask (always a
+    uint8 view) and the seed base (always int64); `tensors` are the ones whose alignment can vary.
     """
     address = 0
     for t in tensors:
