@@ -148,3 +148,15 @@ def test_kernels_run_on_the_gpu_their_tensors_are_on():
     b = torch.randn(96, 64, device=dev, dtype=torch.bfloat16)
     torch.testing.assert_close(tt.linear(a, b), F.linear(a, b), rtol=2e-2, atol=2e-1)
     assert torch.cuda.current_device() == 0
+
+
+def test_check_tensor_checks_dimensions_on_its_fast_path(device):
+    # A dtype and device accepted once take a shorter path at later calls; the number of dimensions is still
+    # checked there, an int or a tuple of them.
+    x = torch.zeros(2, 3, 4, 5, device=device)
+    runtime.check_tensor("x", x, dtypes=runtime.FLOAT_DTYPES, ndim=4)
+    runtime.check_tensor("x", x, ndim=(3, 4))
+    with pytest.raises(ValueError, match="x must have 4 dimensions, got shape"):
+        runtime.check_tensor("x", x[0], dtypes=runtime.FLOAT_DTYPES, ndim=4)
+    with pytest.raises(ValueError, match="x must have 2 or 3 dimensions"):
+        runtime.check_tensor("x", x, ndim=(2, 3))
