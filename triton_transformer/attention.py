@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .dropout import keep_tile, next_seed, normalize_seed, philox_key
 from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, l2_cache_bytes,
-                      launch, launch_memo, no_double_backward, positive_int, pow2_at_least_16)
+                      launch_memo, no_double_backward, positive_int, pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -635,16 +635,17 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     km, smb, smn = _mask_args(mask, q)
     grid = lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
-    args = (q, k, v, o, lse, km, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn,
-            H, N_Q, N_K, D, scale * LOG2E, seed, lse if seed_base is None else seed_base, float(dropout_p),
-            1.0 / (1.0 - dropout_p), _head_group(q, N_K), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn)
+    args = (q, k, v, o, lse, km, *strides, H, N_Q, N_K, D, scale * LOG2E, seed,
+            lse if seed_base is None else seed_base, float(dropout_p), 1.0 / (1.0 - dropout_p), _head_group(q, N_K),
+            pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     consts = dict(CAUSAL=bool(causal), HAS_MASK=mask is not None, DROPOUT=dropout_p > 0, DROP_GROUPED=N_K % 4 == 0,
                   SEED_BASE=seed_base is not None, STORE_L=need_lse,
                   BLOCK_D=block_d, EVEN_D=block_d == D, PRECISION=dot_precision(q.dtype))
     # launches like an earlier call's come straight from the memo (q's dtype, the shapes and every stride in key)
     key = None if config is not None else _memo_key(
         "fwd", seed, (q, k, v, o, km) if seed_base is None else (q, k, v, o, km, seed_base),
-        (q.get_device(), q.dtype, q.shape, N_K, args[6:20], tuple(consts.values())))
+        (q.get_device(), q.dtype, q.shape, N_K, strides, tuple(consts.values())))
     if config is None and N_Q <= DECODE_ROWS and not causal:
         config = DECODE_CONFIG
     _launch(_attn_fwd, grid, args, consts, config, B * H * N_Q * N_K * D, key)
@@ -689,14 +690,15 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     strides_out = (*dq.stride()[:3], *o.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], smb, smn)
     tensors = (q, k, v, o, do, dq, dk, dv, km) if seed_base is None else (q, k, v, o, do, dq, dk, dv, km, seed_base)
     facts = (q.get_device(), q.dtype, q.shape, N_K, strides_in, strides_out, tuple(consts.values()))
+    key = _memo_key("bwd", seed, tensors, facts)  # one key for both launches, each adding its name
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
     _launch(_attn_bwd_dq, lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B),
             (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], *o.stride()[:3], smb, smn,
              *common),
-            consts, configs[1], macs, None if configs[1] is not None else _memo_key("dq", seed, tensors, facts))
+            consts, configs[1], macs, None if configs[1] is not None else key and (key, "dq"))
     _launch(_attn_bwd_dkdv, lambda meta: (cdiv(N_K, meta["BLOCK_N"]), H, B),
             (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
-            consts, configs[0], macs, None if configs[0] is not None else _memo_key("dkdv", seed, tensors, facts))
+            consts, configs[0], macs, None if configs[0] is not None else key and (key, "dkdv"))
     if views is not None:
         dq, dk, dv = (view.copy_(g) for view, g in zip(views, (dq, dk, dv)))
     return dq, dk, dv
