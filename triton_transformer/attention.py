@@ -62,7 +62,7 @@ import triton.language as tl
 
 from .dropout import keep_tile, next_seed, normalize_seed, philox_key
 from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, l2_cache_bytes,
-                      launch_memo, no_double_backward, positive_int, pow2_at_least_16)
+                      launch_from_memo, launch_memo, no_double_backward, positive_int, pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -541,6 +541,8 @@ def _launch(kernel, grid, args, consts, config, macs, memo_key=None):
     binding, which at N = 1024 cost more host time than the kernels take on the GPU, and a call whose
     `memo_key` (`_memo_key`) was seen before also skips working out what Triton specialises the kernel on.
     """
+    if memo_key is not None and launch_from_memo(_MEMO, memo_key, args) is not None:
+        return  # a launch like an earlier one's: nothing below needs working out again
     if config is None and macs < AUTOTUNE_MIN_MACS:
         config = kernel.configs[0]
     if config is None:
@@ -595,10 +597,23 @@ def _head_group(q: torch.Tensor, n_rows: int) -> int:
 _MAX_HEAD_SPAN = 2**31
 
 
+def _span_fits(n_rows: int, row_stride: int, d: int) -> bool:
+    """Whether one (batch, head) slice of `n_rows` rows of `d` elements (unit stride along them), `row_stride`
+    apart, spans fewer than _MAX_HEAD_SPAN elements from its first element to its last."""
+    return (n_rows - 1) * row_stride + d < _MAX_HEAD_SPAN
+
+
 def _head_fits(t: torch.Tensor) -> bool:
-    """Whether one (batch, head) slice of a (B, H, N, D) view (unit stride on D), from its first element to
-    its last, spans fewer than _MAX_HEAD_SPAN elements."""
-    return (t.shape[2] - 1) * t.stride(2) + t.shape[3] < _MAX_HEAD_SPAN
+    """`_span_fits` for a (B, H, N, D) view with unit stride on D."""
+    return _span_fits(t.shape[2], t.stride(2), t.shape[3])
+
+
+def _new_like(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of t's shape, dtype and device (torch.empty_like, the cheaper call, when t is
+    contiguous itself)."""
+    if t.is_contiguous():
+        return torch.empty_like(t)
+    return torch.empty(t.shape, device=t.device, dtype=t.dtype)
 
 
 def _fit_offsets(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -628,14 +643,17 @@ def attention_forward(q, k, v, mask=None, causal=False, dropout_p=0.0, scale=Non
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    q, k, v = (_fit_offsets(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if not (_span_fits(N_Q, sq[2], D) and _span_fits(N_K, max(sk[2], sv[2]), D)):  # rows spread very far apart
+        q, k, v = (_fit_offsets(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+        sq, sk, sv = q.stride(), k.stride(), v.stride()
     o = _fit_out(out)
-    o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype) if o is None else o
+    o = _new_like(q) if o is None else o
     lse = torch.empty((B * H, N_Q), device=q.device, dtype=torch.float32) if need_lse else o
     km, smb, smn = _mask_args(mask, q)
     grid = lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B)  # noqa: E731
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], smb, smn)
+    strides = (*sq[:3], *sk[:3], *sv[:3], *o.stride()[:3], smb, smn)
     args = (q, k, v, o, lse, km, *strides, H, N_Q, N_K, D, scale * LOG2E, seed,
             lse if seed_base is None else seed_base, float(dropout_p), 1.0 / (1.0 - dropout_p), _head_group(q, N_K),
             pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
@@ -664,9 +682,14 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if do.stride(-1) != 1:
+    sdo = do.stride()
+    if sdo[3] != 1:
         do = do.contiguous()
-    q, k, v, o, do = (_fit_offsets(name, t) for name, t in (("q", q), ("k", k), ("v", v), ("o", o), ("dO", do)))
+        sdo = do.stride()
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), o.stride()
+    if not (_span_fits(N_Q, max(sq[2], so[2], sdo[2]), D) and _span_fits(N_K, max(sk[2], sv[2]), D)):
+        q, k, v, o, do = (_fit_offsets(name, t) for name, t in (("q", q), ("k", k), ("v", v), ("o", o), ("dO", do)))
+        sq, sk, sv, so, sdo = q.stride(), k.stride(), v.stride(), o.stride(), do.stride()
     block_d = pow2_at_least_16(D)  # tl.dot needs every dimension >= 16
     even_d = block_d == D
     delta = torch.empty_like(lse)
@@ -675,8 +698,7 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     else:
         views = None
     if grads is None:
-        dq = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
-        dk = torch.empty((B, H, N_K, D), device=k.device, dtype=k.dtype)
+        dq, dk = _new_like(q), _new_like(k)
         dv = torch.empty_like(dk)
     else:
         dq, dk, dv = grads
@@ -686,18 +708,18 @@ def attention_backward(do, q, k, v, o, lse, mask=None, causal=False, dropout_p=0
     common = (H, N_Q, N_K, D, scale * LOG2E, scale, seed, lse if seed_base is None else seed_base, float(dropout_p),
               1.0 / (1.0 - dropout_p), _head_group(q, max(N_Q, N_K)), pow2_at_least_16(N_Q), pow2_at_least_16(N_K))
     macs = B * H * N_Q * N_K * D
-    strides_in = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    strides_out = (*dq.stride()[:3], *o.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], smb, smn)
+    strides_in = (*sq[:3], *sk[:3], *sv[:3], *sdo[:3])
+    sdq, sdk = dq.stride()[:3], dk.stride()[:3]
+    strides_out = (*sdq, *so[:3], *sdk, *dv.stride()[:3], smb, smn)
     tensors = (q, k, v, o, do, dq, dk, dv, km) if seed_base is None else (q, k, v, o, do, dq, dk, dv, km, seed_base)
     facts = (q.get_device(), q.dtype, q.shape, N_K, strides_in, strides_out, tuple(consts.values()))
     key = _memo_key("bwd", seed, tensors, facts)  # one key for both launches, each adding its name
     # dQ first: it also computes delta, which the dK/dV kernel reads. Both are free of atomics.
     _launch(_attn_bwd_dq, lambda meta: (cdiv(N_Q, meta["BLOCK_M"]), H, B),
-            (q, k, v, o, do, dq, lse, delta, km, *strides_in, *dq.stride()[:3], *o.stride()[:3], smb, smn,
-             *common),
+            (q, k, v, o, do, dq, lse, delta, km, *strides_in, *sdq, *so[:3], smb, smn, *common),
             consts, configs[1], macs, None if configs[1] is not None else key and (key, "dq"))
     _launch(_attn_bwd_dkdv, lambda meta: (cdiv(N_K, meta["BLOCK_N"]), H, B),
-            (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *dk.stride()[:3], smb, smn, *common),
+            (q, k, v, do, dk, dv, lse, delta, km, *strides_in, *sdk, smb, smn, *common),
             consts, configs[0], macs, None if configs[0] is not None else key and (key, "dkdv"))
     if views is not None:
         dq, dk, dv = (view.copy_(g) for view, g in zip(views, (dq, dk, dv)))

@@ -531,6 +531,19 @@ def launch(kernel, grid, *args, **meta):
 MEMO_SIZE = 256
 
 
+def launch_from_memo(memo: dict, key, args: tuple):
+    """`launch_memo`'s fast half: launch what `memo` holds under `key` with these runtime arguments and return
+    the compiled kernel, or return None (nothing launched) when `key` is not there or was launched on another
+    device. A caller whose keyword arguments cost time to build tries this first."""
+    hit = memo.get(key)
+    if hit is None:
+        return None
+    compiled, gx, gy, gz, tail, device = hit
+    if _current_device() != device:
+        return None
+    return _run(compiled, gx, gy, gz, device, args, tail)
+
+
 def launch_memo(memo: dict, key, kernel, grid, *args, **meta):
     """`launch`, remembering under the caller's `key` what the call launched, to launch it directly next time.
 
@@ -547,11 +560,9 @@ def launch_memo(memo: dict, key, kernel, grid, *args, **meta):
     """
     if key is None:
         return launch(kernel, grid, *args, **meta)
-    hit = memo.get(key)
-    if hit is not None:
-        compiled, gx, gy, gz, tail, device = hit
-        if _current_device() == device:
-            return _run(compiled, gx, gy, gz, device, args, tail)
+    compiled = launch_from_memo(memo, key, args)
+    if compiled is not None:
+        return compiled
     compiled = launch(kernel, grid, *args, **meta)
     if FAST_LAUNCH and not INTERPRET:
         bound = _launchers[id(kernel)].bound(grid, args, meta)
