@@ -6,7 +6,7 @@ Forward+backward of tiny tensors (the GPU's time is negligible, so the time per 
 eager PyTorch, the package, and `Skel`, an autograd.Function with layer norm's inputs and outputs that
 does no work (the floor any Function pays); causal attention at (1, 2, 64, 64) against SDPA, and with its three
 launches replaced by nothing (what is left is the Python around them), or made without `runtime.launch_memo`'s
-memory. `parts` adds the pieces of layer norm's call; a case name
+memory, or (`norun`) with everything but Triton's compiled launcher itself. `parts` adds the pieces of layer norm's call; a case name
 profiles that case with cProfile.
 
 Measured (H100 80GB HBM3 machine, torch 2.11.0+cu130, Triton 3.6.0, medians of five rounds, two processes):
@@ -25,7 +25,10 @@ After its launches went through `runtime.launch_memo`, side by side in one proce
 Then each tensor's strides read once, one integer test of the heads' spans instead of a call per tensor, new
 outputs by empty_like, and a memo hit tried before the launch's keyword arguments are built: the package against
 the module of the commit before, side by side in one process (a quicker host, medians of seven rounds): 182.7 us
-against 196.5, SDPA 120.8, Skel 59.7.
+against 196.5, SDPA 120.8, Skel 59.7. With `norun` added, on a slow host (same GPU and versions, medians of five
+rounds): 416.6 us a call, 307.8 with everything but Triton's compiled launchers (so the three launches cost
+109, 36 us each, in Triton's launcher and the driver), 319.3 with the launches left out (`NoLaunch` now skips the
+memo too, so it builds every launch's keyword arguments), 594.1 without the memo; SDPA 245.7, Skel 122.1.
 """
 import cProfile
 import pstats
@@ -71,19 +74,40 @@ class NoLaunch:
     """Within it, the attention module's launches do nothing: what is left of a call is its Python."""
 
     def __enter__(self):
-        self.saved = A.launch_memo
+        self.saved = A.launch_memo, A.launch_from_memo
         A.launch_memo = lambda *args, **meta: None
+        A.launch_from_memo = lambda memo, key, args: None  # a miss: on to launch_memo, which does nothing
 
     def __exit__(self, *exc):
-        A.launch_memo = self.saved
+        A.launch_memo, A.launch_from_memo = self.saved
 
 
 class NoMemo(NoLaunch):
     """Within it, the attention module's launches go through `runtime.launch` (no key: nothing remembered)."""
 
     def __enter__(self):
-        self.saved = A.launch_memo
-        A.launch_memo = lambda memo, key, *args, **meta: self.saved(memo, None, *args, **meta)
+        self.saved = A.launch_memo, A.launch_from_memo
+        launch_memo = A.launch_memo
+        A.launch_memo = lambda memo, key, *args, **meta: launch_memo(memo, None, *args, **meta)
+        A.launch_from_memo = lambda memo, key, args: None
+
+
+class NoRun:
+    """Within it, a launch that the memo holds does everything but call Triton's compiled launcher (C code and
+    the driver's launch): the difference to a whole call is what those launches cost."""
+
+    def __enter__(self):
+        self.saved = tt.runtime._run
+        tt.runtime._run = lambda compiled, *rest: compiled
+
+    def __exit__(self, *exc):
+        tt.runtime._run = self.saved
+
+
+def attn_no_run():
+    with NoRun():
+        tt.attention(qa, ka, va, causal=True).backward(doa)
+    reset(qa, ka, va)
 
 
 def attn_no_memo():
@@ -119,6 +143,7 @@ cases = {
     "tt attn fb": lambda: (tt.attention(qa, ka, va, causal=True).backward(doa), reset(qa, ka, va)),
     "tt attn fb nolaunch": attn_no_launch,
     "tt attn fb nomemo": attn_no_memo,
+    "tt attn fb norun": attn_no_run,
 }
 L = __import__("importlib").import_module("triton_transformer.layernorm")
 S = __import__("importlib").import_module("triton_transformer.softmax")
