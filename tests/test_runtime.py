@@ -96,8 +96,8 @@ def test_launch_memo_launches_a_remembered_call_directly(monkeypatch):
             runs.append(args)
 
     class Launcher:
-        def bound(self, grid, args, meta):  # (compiled, grid x, y, z, the arguments' fixed tail, device)
-            return compiled, grid[0], 1, 1, ("TAIL",), 0
+        def bound(self, grid, args, meta):  # (compiled, grid x, y, z, the arguments' fixed tail, device,
+            return compiled, grid[0], 1, 1, ("TAIL",), 0, (0,)  # where the tensors sit)
 
     compiled, kernel = Compiled(), object()
     monkeypatch.setattr(runtime, "launch", lambda *call, **meta: launches.append(call) or compiled)
@@ -109,9 +109,10 @@ def test_launch_memo_launches_a_remembered_call_directly(monkeypatch):
     memo = {}
     runtime.launch_memo(memo, "k", kernel, (7,), "x", 1, BLOCK=4)  # the first call: the ordinary launch
     assert len(launches) == 1 and not runs and memo["k"][0] is compiled
-    runtime.launch_memo(memo, "k", kernel, (7,), "y", 2, BLOCK=4)  # a call like it: straight to its kernel
-    assert len(launches) == 1
-    assert runs == [(7, 1, 1, 1234, "function", "metadata", None, None, None, "y", 2, "TAIL")]
+    y = torch.zeros(3)
+    runtime.launch_memo(memo, "k", kernel, (7,), y, 2, BLOCK=4)  # a call like it: straight to its kernel,
+    assert len(launches) == 1  # its tensor passed as its address
+    assert runs == [(7, 1, 1, 1234, "function", "metadata", None, None, None, y.data_ptr(), 2, "TAIL")]
     monkeypatch.setattr(runtime, "_current_device", lambda: 1)  # another GPU current: the ordinary launch
     runtime.launch_memo(memo, "k", kernel, (7,), "z", 3, BLOCK=4)
     assert len(launches) == 2 and len(runs) == 1

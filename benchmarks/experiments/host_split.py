@@ -6,7 +6,8 @@ Forward+backward of tiny tensors (the GPU's time is negligible, so the time per 
 eager PyTorch, the package, and `Skel`, an autograd.Function with layer norm's inputs and outputs that
 does no work (the floor any Function pays); causal attention at (1, 2, 64, 64) against SDPA, and with its three
 launches replaced by nothing (what is left is the Python around them), or made without `runtime.launch_memo`'s
-memory, or (`norun`) with everything but Triton's compiled launcher itself. `parts` adds the pieces of layer norm's call; a case name
+memory, or (`norun`) with everything but Triton's compiled launcher itself, or (`tensorptr`) with the tensors
+handed to that launcher as tensors rather than addresses (`runtime.RAW_POINTERS` off). `parts` adds the pieces of layer norm's call; a case name
 profiles that case with cProfile.
 
 Measured (H100 80GB HBM3 machine, torch 2.11.0+cu130, Triton 3.6.0, medians of five rounds, two processes):
@@ -29,6 +30,11 @@ against 196.5, SDPA 120.8, Skel 59.7. With `norun` added, on a slow host (same G
 rounds): 416.6 us a call, 307.8 with everything but Triton's compiled launchers (so the three launches cost
 109, 36 us each, in Triton's launcher and the driver), 319.3 with the launches left out (`NoLaunch` now skips the
 memo too, so it builds every launch's keyword arguments), 594.1 without the memo; SDPA 245.7, Skel 122.1.
+Then the cached launches hand Triton's launcher their tensors' addresses (`runtime.RAW_POINTERS`): per tensor
+it no longer calls data_ptr and asks the driver what memory the address is. Another machine, medians of five
+rounds (min in brackets): 270.6 us (170.1) a call against 285.5 (185.2) with tensors handed over as before;
+204.0 (136.4) with everything but the launchers, 183.7 with the launches left out, 384.5 without the memo;
+SDPA 134.4 (96.6), Skel 90.4 (57.2).
 """
 import cProfile
 import pstats
@@ -110,6 +116,15 @@ def attn_no_run():
     reset(qa, ka, va)
 
 
+def attn_tensor_pointers():
+    tt.runtime.RAW_POINTERS = False
+    try:
+        tt.attention(qa, ka, va, causal=True).backward(doa)
+    finally:
+        tt.runtime.RAW_POINTERS = True
+    reset(qa, ka, va)
+
+
 def attn_no_memo():
     with NoMemo():
         tt.attention(qa, ka, va, causal=True).backward(doa)
@@ -144,6 +159,7 @@ cases = {
     "tt attn fb nolaunch": attn_no_launch,
     "tt attn fb nomemo": attn_no_memo,
     "tt attn fb norun": attn_no_run,
+    "tt attn fb tensorptr": attn_tensor_pointers,
 }
 L = __import__("importlib").import_module("triton_transformer.layernorm")
 S = __import__("importlib").import_module("triton_transformer.softmax")
