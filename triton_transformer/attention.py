@@ -61,8 +61,9 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_tile, next_seed, normalize_seed, philox_key
-from .runtime import (FLOAT_DTYPES, as_float, as_int, autotune, cdiv, check_tensor, dot_precision, l2_cache_bytes,
-                      launch_from_memo, launch_memo, no_double_backward, positive_int, pow2_at_least_16)
+from .runtime import (FLOAT_DTYPES, aligned, as_float, as_int, autotune, cdiv, check_tensor, dot_precision,
+                      l2_cache_bytes, launch_from_memo, launch_memo, no_double_backward, positive_int,
+                      pow2_at_least_16)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native instruction
 
@@ -563,10 +564,7 @@ def _memo_key(kernel, seed, tensors, facts):
     and q's dtype, which every tensor shares but the log-sum-exp and delta (always float32), the mask (always a
     uint8 view) and the seed base (always int64); `tensors` are the ones whose alignment can vary.
     """
-    address = 0
-    for t in tensors:
-        address |= t.data_ptr()
-    if address & 15:
+    if not aligned(*tensors):
         return None
     return kernel, -2**31 <= seed < 2**31, AUTOTUNE_MIN_MACS, DECODE_ROWS, facts
 

@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .runtime import FLOAT_DTYPES, cdiv, check_tensor, launch_memo, next_power_of_2, no_double_backward, shaped
+from .runtime import (FLOAT_DTYPES, aligned, cdiv, check_tensor, launch_memo, next_power_of_2, no_double_backward,
+                      shaped)
 
 #: Longest row held in registers as one block; longer rows loop over LOOP_BLOCK-wide chunks.
 MAX_FUSED_BLOCK = 16384
@@ -220,7 +221,7 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
                 STORE_STATS=store_stats, HAS_RESIDUAL=has_r, HAS_RBIAS=has_r and residual_bias is not None)
     # Everything the kernel is specialised on follows from this key (y2, mean and rstd are new, aligned
     # allocations): a call like one before launches without working it out again (`runtime.launch_memo`).
-    key = None if has_r or not _aligned(x2, weight, bias) else (
+    key = None if has_r or not aligned(x2, weight, bias) else (
         x2.get_device(), n_rows, n_cols, x2.stride(0), y2.stride(0), x2.dtype, y2.dtype,
         weight.dtype if weight is not None else None, bias.dtype if bias is not None else None, store_stats)
     launch_memo(_FWD_MEMO, key, kernel, grid, *args, **meta)
@@ -231,15 +232,6 @@ def layer_norm_forward(x2: torch.Tensor, weight: torch.Tensor | None, bias: torc
 _FWD_MEMO: dict = {}
 _BWD_MEMO: dict = {}
 _SUM_MEMO: dict = {}
-
-
-def _aligned(*tensors: torch.Tensor | None) -> bool:
-    """Whether every tensor given (None: skipped) starts on a 16-byte boundary, as `launch_memo` needs."""
-    address = 0
-    for t in tensors:
-        if t is not None:
-            address |= t.data_ptr()
-    return not address & 15
 
 
 # ---------------------------------------------------------------- backward
@@ -520,7 +512,7 @@ def layer_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tenso
                 COMPUTE_DRB=compute_drb, num_warps=num_warps)
     # The plain layer norm's calls (no residual) are keyed for `launch_memo`: dx2, part, dw and db are new
     # allocations, mean and rstd the forward's; x2, dy2 and the weight come from outside.
-    memo = dh is None and dr is None and not compute_drb and _aligned(x2, dy2, weight)
+    memo = dh is None and dr is None and not compute_drb and aligned(x2, dy2, weight)
     key = (x2.get_device(), n_rows, n_cols, programs, rows_per_program, rows, num_warps, x2.stride(0),
            dy2.stride(0), x2.dtype, dy2.dtype, weight.dtype if weight is not None else None, compute_dx,
            compute_dw, compute_db, recompute) if memo else None

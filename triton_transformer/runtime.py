@@ -549,6 +549,15 @@ def launch(kernel, grid, *args, **meta):
 MEMO_SIZE = 256
 
 
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given (None: skipped) starts on a 16-byte boundary, as `launch_memo` needs."""
+    address = 0
+    for t in tensors:
+        if t is not None:
+            address |= t.data_ptr()
+    return not address & 15
+
+
 def launch_from_memo(memo: dict, key, args: tuple):
     """`launch_memo`'s fast half: launch what `memo` holds under `key` with these runtime arguments and return
     the compiled kernel, or return None (nothing launched) when `key` is not there or was launched on another
