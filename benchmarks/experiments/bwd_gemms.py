@@ -52,8 +52,9 @@ cuBLAS 106.9 against 105.4. cuBLAS's kernel, by torch.profiler, is nvjet_sm90_ts
 (NTT for the K-major copies): tiles of 128 x 160, 120 of them for 132 SMs, one wave with no split and no
 partials, and, by its name, clusters of 2 x 4 programs, whose TMA loads can fill several SMs' shared memory
 at once (multicast): fewer bytes moved out of L2 per flop, one likely reason it does more per cycle
-and per joule (not measured apart). Neither is open to our kernels: Triton's
-blocks are powers of two (no 160-wide tile), and Triton 3.6's language has no TMA multicast (upstream
+and per joule (not measured apart). The tile shape was tried later
+(`dw_wide.py`: 128 x 160 as two accumulators, one wave of 120 tiles, 137 us, no better); the clusters are not
+open to our kernels: Triton 3.6's language has no TMA multicast (upstream
 added it in 2026, for Blackwell's two-CTA matmuls, triton-lang/triton#10681 and #10765, after first
 pieces in Gluon, #9005, December 2025); our kernels run without clusters.
 """
