@@ -1,0 +1,185 @@
+"""Probe: how fast can cross-entropy's row loop be at GPT-2's width, before any arithmetic? (GPU)
+
+    python3 benchmarks/experiments/ce_floor.py [perrow]
+
+Cross-entropy's forward at (8192, 50304) bf16 (loss and gradient) takes ~595 us of kernel time against a
+copy's 548; twice torch.compile's speed (issue 7) needs ~585 us for the whole call. Two changes to its
+arithmetic were measured first, side by side with the package (do_bench of forward+backward, H100): the gradient
+written as one product a value, e * (scale / d), in fp32 or in bf16, with the target's lane patched afterwards
+behind a barrier (698-714 us against 600: the barrier in the loop cost more than the instructions saved), and
+the exponentials stored unscaled, no gradient arithmetic at all (607 against 600). So the arithmetic is not
+what sets the kernel's pace. Here the same loop as the package's (one program per SM, the row held whole in
+three pieces, the next rows prefetched into shared memory by `tl.range(num_stages=)`) only moves the row:
+WORK 0 stores it back as it came, 2 as softmax's forward does (max, exponentials, sum, scale), with fewer
+programs than SMs so that the last round of rows is fuller. `perrow` runs the package's kernel with a program
+per row and capped registers instead: at 8 warps and 128 registers a thread two programs fit an SM, so one
+could load while the other computes. do_bench medians, L2 flushed, three rounds interleaved: min (max).
+
+Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16; us):
+
+    (8192, 50304)                  132 programs   131       128       (two runs: 570.5-571.4 at 132)
+    loop, WORK 0 (row moved only)  571.4          576.0     574.2     8 warps, 3 stages (a first version
+    loop, WORK 2 (softmax)         583.5          588.1     587.5      of this script: 2 stages 573.3,
+                                                                       16 warps 571.4)
+    package forward+backward       600.2-600.6    670.9     602.3     (the host adds noise: maxima 650-880)
+    a program per row, WORK 0: 552.0-552.4; torch's copy: 547.7-548.4
+
+    (8192, 32000): loop WORK 0 364.6-364.7 (131: 363.7, 128: 372.3), WORK 2 372.4-372.5, a program per row
+    WORK 0 353.6, copy 350.0-350.1
+
+    perrow, forward+backward at (8192, 50304): 8 warps capped at 128 registers 1938 us (342 spilled), 120:
+    2066 (356), 16 warps capped at 64: 1798 (104); uncapped, 16 warps 816 (128 registers), 8 warps 856
+    (255); the package 599.3. At (8192, 32000): 819, 765, 560, 498, 563; the package 392.5.
+
+The loop alone, moving rows and computing nothing, takes 571 us, 23 us more than a copy and 19 more than a
+program per row doing the same; softmax's arithmetic adds 12 and cross-entropy's (target, loss, gradient)
+about 10 more. A fuller last round does not help (the tail is not the cost), and two resident programs per
+SM spill. The ~585 us that twice torch.compile asks for is within 14 us of what this loop costs with no
+arithmetic at all. Not adopted: nothing here beat the package.
+"""
+import sys
+
+import triton_transformer as tt  # noqa: F401  (first: sets the interpreter up on a CPU)
+import torch
+import triton
+import triton.language as tl
+from triton_transformer import runtime
+softmax_mod = sys.modules["triton_transformer.softmax"]
+from triton_transformer.bench import measure_ms
+from triton_transformer.softmax import exp_and_sum, load_pieces, pieces_max, row_pieces
+
+ce = sys.modules["triton_transformer.cross_entropy"]
+dev = runtime.DEVICE
+
+
+@triton.jit
+def _store_piece(y_row, start, n, x, B: tl.constexpr):
+    cols = start + tl.arange(0, B)
+    tl.store(y_row + cols, x, mask=cols < n)
+
+
+@triton.jit
+def _rows_kernel(x_ptr, y_ptr, n_rows, n_cols, stride, BLOCK: tl.constexpr, PIECE1: tl.constexpr,
+                 PIECE2: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr):
+    for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=STAGES):
+        offset = tl.cast(row, tl.int64) * stride
+        x, x1, x2 = load_pieces(x_ptr + offset, n_cols, 1, BLOCK, PIECE1, PIECE2, True)
+        if WORK == 1:
+            m = pieces_max(x, x1, x2, PIECE1, PIECE2).to(x.dtype)
+            x = x - m
+            x1 = x1 - m
+            x2 = x2 - m
+        elif WORK == 2:
+            m = pieces_max(x, x1, x2, PIECE1, PIECE2)
+            x, d = exp_and_sum(x, m)
+            if PIECE1 > 0:
+                x1, d1 = exp_and_sum(x1, m)
+                d += d1
+            if PIECE2 > 0:
+                x2, d2 = exp_and_sum(x2, m)
+                d += d2
+            inv = (1.0 / d).to(x.dtype)
+            x = x * inv
+            x1 = x1 * inv
+            x2 = x2 * inv
+        _store_piece(y_ptr + offset, 0, n_cols, x, BLOCK)
+        if PIECE1 > 0:
+            _store_piece(y_ptr + offset, BLOCK, n_cols, x1, PIECE1)
+        if PIECE2 > 0:
+            _store_piece(y_ptr + offset, BLOCK + PIECE1, n_cols, x2, PIECE2)
+
+
+def rows(x, y, work, stages, warps, programs):
+    n_rows, n_cols = x.shape
+    first, second, third = row_pieces(n_cols, triton.next_power_of_2(n_cols))
+    _rows_kernel[(programs,)](x, y, n_rows, n_cols, x.stride(0), BLOCK=first, PIECE1=second, PIECE2=third,
+                              STAGES=stages, WORK=work, num_warps=warps)
+
+
+def package_step(xg, t, programs):
+    """The package's forward+backward with its row loop run by `programs` programs instead of one per SM."""
+    real = softmax_mod.num_sms
+    softmax_mod.num_sms = lambda device: programs
+    try:
+        xg.grad = None
+        ce.cross_entropy(xg, t).backward()
+    finally:
+        softmax_mod.num_sms = real
+
+
+_compiled = {}
+
+
+def per_row_step(xg, t, warps, maxnreg):
+    """The package's forward+backward with a program per row (no loop), `warps` warps and at most `maxnreg`
+    registers a thread: at 8 warps and 128 registers two programs fit an SM's 64K registers, so one can load
+    while the other computes, which a program per row at 16 warps (one resident) cannot."""
+    real = ce.launch_rows
+
+    def launch_rows(kernel, n_rows, block, lanes, element_size, device, args, meta, loop_warps=None):
+        options = {**meta, "num_warps": warps}
+        if maxnreg:
+            options["maxnreg"] = maxnreg
+        _compiled[(warps, maxnreg)] = kernel[(n_rows,)](*args, ROW_STAGES=1, **options)
+
+    ce.launch_rows = launch_rows
+    try:
+        xg.grad = None
+        ce.cross_entropy(xg, t).backward()
+    finally:
+        ce.launch_rows = real
+
+
+def per_row(n, v):
+    x = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 3
+    t = torch.randint(0, v, (n,), device=dev)
+    xg = x.clone().requires_grad_()
+    xr = x.float().requires_grad_()
+    torch.nn.functional.cross_entropy(xr, t).backward()
+    variants = [(8, 128), (8, 120), (16, 64), (16, None), (8, None)]
+    cases = {"package": lambda: package_step(xg, t, runtime.num_sms(dev))}
+    for warps, maxnreg in variants:
+        per_row_step(xg, t, warps, maxnreg)
+        c = _compiled[(warps, maxnreg)]
+        err = ((xg.grad.float() - xr.grad).abs().max() / xr.grad.abs().max()).item()
+        label = f"a program per row, {warps} warps, maxnreg {maxnreg} ({c.n_regs} registers, {c.n_spills} spilled, err {err:.1e})"
+        cases[label] = lambda w=warps, r=maxnreg: per_row_step(xg, t, w, r)
+    times = {name: [] for name in cases}
+    for _ in range(3):
+        for name, fn in cases.items():
+            times[name].append(measure_ms(fn) * 1e3)
+    for name, ts in times.items():
+        print(f"({n}, {v}) ce fwd+bwd {name}: {min(ts):6.1f} us ({max(ts):6.1f})", flush=True)
+
+
+def main():
+    if "perrow" in sys.argv:
+        for n, v in ((8192, 50304), (8192, 32000)):
+            per_row(n, v)
+        return
+    sms = runtime.num_sms(dev)
+    for n, v in ((8192, 50304), (8192, 32000)):
+        x = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 3
+        y = torch.empty_like(x)
+        t = torch.randint(0, v, (n,), device=dev)
+        xg = x.clone().requires_grad_()
+        balanced = triton.cdiv(n, triton.cdiv(n, sms))  # as many rounds as sms programs need, every round fuller
+        cases = {"torch copy": lambda: y.copy_(x)}
+        for programs in sorted({sms, balanced, 128}, reverse=True):
+            cases[f"package ce fwd+bwd, {programs} programs"] = lambda p=programs: package_step(xg, t, p)
+            for work in (0, 2):
+                cases[f"loop WORK {work} s3 w8, {programs} programs"] = \
+                    lambda w=work, p=programs: rows(x, y, w, 3, 8, p)
+        cases["a program per row, WORK 0, w16"] = lambda: rows(x, y, 0, 1, 16, n)
+        rows(x, y, 0, 3, 8, sms)
+        assert torch.equal(y, x)
+        times = {name: [] for name in cases}
+        for _ in range(3):
+            for name, fn in cases.items():
+                times[name].append(measure_ms(fn) * 1e3)
+        for name, ts in times.items():
+            print(f"({n}, {v}) {name}: {min(ts):6.1f} us ({max(ts):6.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
