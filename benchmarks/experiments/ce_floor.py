@@ -1,6 +1,6 @@
 """Probe: how fast can cross-entropy's row loop be at GPT-2's width, before any arithmetic? (GPU)
 
-    python3 benchmarks/experiments/ce_floor.py [perrow]
+    python3 benchmarks/experiments/ce_floor.py [perrow | spills | once]
 
 Cross-entropy's forward at (8192, 50304) bf16 (loss and gradient) takes ~595 us of kernel time against a
 copy's 548; twice torch.compile's speed (issue 7) needs ~585 us for the whole call. Two changes to its
@@ -31,11 +31,28 @@ Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16; us):
     2066 (356), 16 warps capped at 64: 1798 (104); uncapped, 16 warps 816 (128 registers), 8 warps 856
     (255); the package 599.3. At (8192, 32000): 819, 765, 560, 498, 563; the package 392.5.
 
+`spills` prints each variant's registers and spills beside its time, with stores of the two pieces that lie
+inside the row made without a column mask (`FULL_PIECES`); `once` runs each kernel once for a profiler. Nsight
+Compute (`/usr/local/cuda/bin/ncu` on the lent machine, counters allowed; it locks the SM clock at 1.59 GHz)
+read the bare loop at 2.88 TB/s of DRAM (86%), a program per row at 2.99 (89%), the softmax loop at 2.83 and the
+package's cross-entropy kernel at 2.53 (75%, 644 us at that clock; 255 registers, 8 warps an SM, an
+instruction issued every 4.2 cycles per warp). Its 393 216 local-memory (spill) requests come from 4 spilled
+registers (Triton's count), 48 requests a row:
+
+    (8192, 50304), us (registers, spilled)   column masks kept          full pieces unmasked
+    loop WORK 0, 8 warps, 3 stages           570.1 (64, 0)              570.4 (62, 0)
+    loop WORK 0, 16 warps                    571.8 (40, 0)              571.5 (40, 0)
+    loop WORK 2, 8 warps, 3 stages           582.8 (255, 4)             581.2 (255, 2)
+    loop WORK 2, 16 warps                    583.8 (128, 2)             584.6 (128, 2)
+    loop WORK 2, 8 warps, 2 stages           -                          608.6 (255, 2)
+
+So the spills are not the cost either: at 16 warps (128 registers a thread) the softmax loop takes as long.
+
 The loop alone, moving rows and computing nothing, takes 571 us, 23 us more than a copy and 19 more than a
 program per row doing the same; softmax's arithmetic adds 12 and cross-entropy's (target, loss, gradient)
 about 10 more. A fuller last round does not help (the tail is not the cost), and two resident programs per
-SM spill. The ~585 us that twice torch.compile asks for is within 14 us of what this loop costs with no
-arithmetic at all. Not adopted: nothing here beat the package.
+SM spill hundreds of registers (not the 2-4 of the loop). The ~585 us that twice torch.compile asks for is
+within 14 us of what this loop costs with no arithmetic at all. Not adopted: nothing here beat the package.
 """
 import sys
 
@@ -60,7 +77,8 @@ def _store_piece(y_row, start, n, x, B: tl.constexpr):
 
 @triton.jit
 def _rows_kernel(x_ptr, y_ptr, n_rows, n_cols, stride, BLOCK: tl.constexpr, PIECE1: tl.constexpr,
-                 PIECE2: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr):
+                 PIECE2: tl.constexpr, STAGES: tl.constexpr, WORK: tl.constexpr,
+                 FULL_PIECES: tl.constexpr = False):
     for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=STAGES):
         offset = tl.cast(row, tl.int64) * stride
         x, x1, x2 = load_pieces(x_ptr + offset, n_cols, 1, BLOCK, PIECE1, PIECE2, True)
@@ -82,18 +100,29 @@ def _rows_kernel(x_ptr, y_ptr, n_rows, n_cols, stride, BLOCK: tl.constexpr, PIEC
             x = x * inv
             x1 = x1 * inv
             x2 = x2 * inv
-        _store_piece(y_ptr + offset, 0, n_cols, x, BLOCK)
-        if PIECE1 > 0:
-            _store_piece(y_ptr + offset, BLOCK, n_cols, x1, PIECE1)
+        if FULL_PIECES:  # the first two pieces lie inside the row (`row_pieces`): stored without a column mask
+            tl.store(y_ptr + offset + tl.arange(0, BLOCK), x)
+            if PIECE1 > 0:
+                tl.store(y_ptr + offset + BLOCK + tl.arange(0, PIECE1), x1)
+        else:
+            _store_piece(y_ptr + offset, 0, n_cols, x, BLOCK)
+            if PIECE1 > 0:
+                _store_piece(y_ptr + offset, BLOCK, n_cols, x1, PIECE1)
         if PIECE2 > 0:
             _store_piece(y_ptr + offset, BLOCK + PIECE1, n_cols, x2, PIECE2)
 
 
-def rows(x, y, work, stages, warps, programs):
+_registers = {}
+
+
+def rows(x, y, work, stages, warps, programs, full=False):
     n_rows, n_cols = x.shape
     first, second, third = row_pieces(n_cols, triton.next_power_of_2(n_cols))
-    _rows_kernel[(programs,)](x, y, n_rows, n_cols, x.stride(0), BLOCK=first, PIECE1=second, PIECE2=third,
-                              STAGES=stages, WORK=work, num_warps=warps)
+    assert not full or first + second <= n_cols
+    c = _rows_kernel[(programs,)](x, y, n_rows, n_cols, x.stride(0), BLOCK=first, PIECE1=second, PIECE2=third,
+                                  STAGES=stages, WORK=work, FULL_PIECES=full, num_warps=warps)
+    if c is not None:  # (the interpreter returns no compiled kernel)
+        _registers[(work, stages, warps, full)] = (c.n_regs, c.n_spills)
 
 
 def package_step(xg, t, programs):
@@ -152,7 +181,60 @@ def per_row(n, v):
         print(f"({n}, {v}) ce fwd+bwd {name}: {min(ts):6.1f} us ({max(ts):6.1f})", flush=True)
 
 
+def once():
+    """Each bare kernel once, at (8192, 50304), for a profiler (ncu -k regex:_rows_kernel): the loop, then a program
+    per row, then the package's kernel."""
+    n, v = 8192, 50304
+    x = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 3
+    y = torch.empty_like(x)
+    rows(x, y, 0, 3, 8, runtime.num_sms(dev))
+    rows(x, y, 0, 1, 16, n)
+    rows(x, y, 2, 3, 8, runtime.num_sms(dev))
+    xg = x.clone().requires_grad_()
+    package_step(xg, torch.randint(0, v, (n,), device=dev), runtime.num_sms(dev))
+    torch.cuda.synchronize()
+
+
+def spills():
+    """Registers and spills of the loop's variants, and time, at (8192, 50304): unmasked full pieces (FULL_PIECES)."""
+    n, v = 8192, 50304
+    x = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 3
+    y = torch.empty_like(x)
+    sms = runtime.num_sms(dev)
+    cases = {}
+    for work in (0, 2):
+        for stages, warps, full in ((3, 8, False), (3, 8, True), (3, 16, False), (3, 16, True), (2, 8, True)):
+            rows(x, y, work, stages, warps, sms, full)
+            if work == 2:
+                ref = torch.softmax(x.float(), dim=1)
+                assert (y.float() - ref).abs().max().item() < 1e-2
+            cases[(work, stages, warps, full)] = lambda a=(work, stages, warps, sms, full): rows(x, y, *a)
+    times = {key: [] for key in cases}
+    for _ in range(3):
+        for key, fn in cases.items():
+            times[key].append(measure_ms(fn) * 1e3)
+    for (work, stages, warps, full), ts in times.items():
+        regs, spilled = _registers[(work, stages, warps, full)]
+        print(f"(8192, 50304) loop WORK {work} s{stages} w{warps} full pieces unmasked {full}: {min(ts):6.1f} us "
+              f"({max(ts):6.1f}), {regs} registers, {spilled} spilled", flush=True)
+
+
 def main():
+    if "spills" in sys.argv:
+        spills()
+        xg = torch.randn(8192, 50304, device=dev, dtype=torch.bfloat16).requires_grad_()
+        t = torch.randint(0, 50304, (8192,), device=dev)
+        package_step(xg, t, runtime.num_sms(dev))
+        try:
+            for c in ce._cross_entropy_fwd_kernel.device_caches[0][0].values():
+                print(f"package kernel variant: {c.n_regs} registers, {c.n_spills} spilled, "
+                      f"{c.metadata.num_warps} warps", flush=True)
+        except Exception as e:  # noqa: BLE001  (Triton's cache layout differs between versions)
+            print("package kernel's registers not found:", e)
+        return
+    if "once" in sys.argv:
+        once()
+        return
     if "perrow" in sys.argv:
         for n, v in ((8192, 50304), (8192, 32000)):
             per_row(n, v)
