@@ -1,6 +1,6 @@
 """Probe: dW = dY^T X in one wave of tiles that are not a power of two wide, as cuBLAS's 128 x 160. (GPU)
 
-    python3 benchmarks/experiments/dw_wide.py
+    python3 benchmarks/experiments/dw_wide.py [once]
 
 At the benchmark's linear shapes dW's output is 3072 x 768 (or 768 x 3072). In tiles of 128 x 128 that is 144
 tiles for 132 SMs, two waves, the second nearly empty; the package's 128 x 256 (or 64 x 256) tiles need a split
@@ -27,13 +27,31 @@ One wave of cuBLAS's tile shape did not close the gap: 137 us against 105, no be
 K. A 128 x 160 tile's step of 64 then takes 0.54 us (256 steps) against cuBLAS's 0.41 with the same tile: what
 cuBLAS has over our kernel is how fast one SM works through a tile (its clusters of 2 x 4 programs and what its
 main loop does), not how the tiles fill the GPU. Not adopted.
+
+`once` runs the three dW kernels once each after a warm-up, between cudaProfilerStart and Stop, for Nsight
+Compute (`ncu --profile-from-start off`, on the lent H100; it held the SM clock at 1.35-1.38 GHz in all three).
+How busy each kept the tensor pipe (ncu's compute workload analysis), and its time at that clock:
+
+    package (pointers, split 3): 72 x 3 programs of 256 threads, 214 registers,
+        197 KB shared            71.0%, 147.2 us, then its fp32 partials summed by `_sum_rows_kernel`, 17.1 us
+    this probe's 128 x (128 + 32): 120 programs of 256 threads, 106 registers, 148 KB shared
+                                 63.1%, 170.7 us
+    cuBLAS nvjet_sm90_tst_128x160_64x5_2x4_h_bz_NTT: 120 programs of 384 threads (three warpgroups) in
+        clusters of 8, 168 registers, 221 KB shared
+                                 85.3%, 129.2 us
+
+cuBLAS keeps the tensor cores busy 85% of its cycles against our 63-71%, with three warpgroups a program (the
+usual Hopper design has one loading for two that compute; its insides were not examined further), five
+stages of shared memory, and clusters whose loads can be multicast. Triton 3.6's automatic warp specialisation gave this
+loop nothing (above), and its language has no clusters or multicast.
 """
+import sys
+
+import triton_transformer as tt  # noqa: F401  (first, as every probe)
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
-
-import triton_transformer as tt
 from triton_transformer import bench
 from triton_transformer import matmul as mm
 
@@ -81,7 +99,26 @@ VARIANTS = [(128, 128, 32, 4, 8), (128, 128, 32, 5, 8), (128, 128, 32, 3, 8), (1
             (128, 128, 64, 4, 8), (128, 128, 0, 4, 8), (256, 64, 16, 4, 8), (128, 256, 0, 3, 8)]
 
 
+def once():
+    """dW at [16384, 768, 3072] once each, after a warm-up (the autotuner's runs): the package's, this probe's
+    128 x (128 + 32) and cuBLAS's, between cudaProfilerStart and Stop (ncu --profile-from-start off)."""
+    x = torch.randn(16384, 768, device=dev, dtype=dt)
+    dy = torch.randn(16384, 3072, device=dev, dtype=dt)
+    out = torch.empty(3072, 768, device=dev, dtype=dt)
+    for profiled in (False, True):
+        if profiled:
+            torch.cuda.cudart().cudaProfilerStart()
+        mm.matmul(dy.t(), x)
+        dw(dy, x, out, 128, 128, 32, 4, 8)
+        torch.matmul(dy.t(), x)
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main():
+    if "once" in sys.argv:
+        once()
+        return
     torch.manual_seed(0)
     for m_rows, k_in, n_out in ((16384, 768, 3072), (16384, 3072, 768)):
         x = torch.randn(m_rows, k_in, device=dev, dtype=dt)
