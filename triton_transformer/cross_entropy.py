@@ -73,7 +73,7 @@ import triton.language as tl
 
 from .runtime import (FLOAT_DTYPES, as_int, cdiv, check_tensor, device_index, launch, next_power_of_2,
                       no_double_backward, shaped)
-from .softmax import (LOG2E, ONLINE_STAGES, _grid, exp_and_sum, launch_rows, load_lanes, load_pieces,
+from .softmax import (LOG2E, ONLINE_STAGES, _grid, launch_rows, load_lanes, load_pieces, pieces_exp_and_sum,
                       online_combine, online_update, pieces_max, row_pieces, strided)
 
 #: Longest bf16/fp16 row (after rounding up to a power of two) kept whole on chip, in its own dtype
@@ -219,13 +219,7 @@ def _cross_entropy_row(logits_ptr, target_ptr, loss_ptr, grad_ptr, row, mean_sca
         # row's max: e = 1 exactly, and p - 1 = (1 - d) / d loses nothing to the rounding.)
         x, x1, x2 = load_pieces(x_row, n_cols, x_stride_v, BLOCK, PIECE1, PIECE2, UNIT_STRIDE)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-        e, d = exp_and_sum(x, m)  # masked lanes: exp(-inf) = 0
-        if PIECE1 > 0:
-            e1, d1 = exp_and_sum(x1, m)
-            d += d1
-        if PIECE2 > 0:
-            e2, d2 = exp_and_sum(x2, m)
-            d += d2
+        e, e1, e2, d = pieces_exp_and_sum(x, x1, x2, m, PIECE1, PIECE2)  # masked lanes: exp(-inf) = 0
         loss = _row_loss(m, d, x_target, counted) * loss_scale
         if HAS_GRAD:
             # n_write masks the stores rather than a branch going around them: with the branch, the call

@@ -102,6 +102,23 @@ def exp_and_sum(x, m):
 
 
 @triton.jit
+def pieces_exp_and_sum(x, x1, x2, m, PIECE1: tl.constexpr, PIECE2: tl.constexpr):
+    """`exp_and_sum` over a row held as pieces x, x1, x2 (see `row_pieces`): (e, e1, e2, their sum in fp32).
+    A piece the row does not have (PIECE 0) comes back as it went in, unread. Cross-entropy's row kernel
+    (chapter 6) takes its exponentials the same way."""
+    e, d = exp_and_sum(x, m)
+    e1 = x1
+    e2 = x2
+    if PIECE1 > 0:
+        e1, d1 = exp_and_sum(x1, m)
+        d += d1
+    if PIECE2 > 0:
+        e2, d2 = exp_and_sum(x2, m)
+        d += d2
+    return e, e1, e2, d
+
+
+@triton.jit
 def strided(cols, stride, UNIT_STRIDE: tl.constexpr):
     """cols * stride. At unit stride that is cols itself, int32 and visibly contiguous, so loads and stores
     are vectorised; otherwise int64, so that a large stride (a transposed tensor) cannot overflow."""
@@ -174,13 +191,7 @@ def _softmax_row(x_ptr, y_ptr, row, x_row_stride, y_row_stride, n_cols, rows_per
         # chip; the max is exact in any dtype, and exp_and_sum keeps the exponentials in it too.
         x, x1, x2 = load_pieces(x_row, n_seen, 1, BLOCK, PIECE1, PIECE2, True)
         m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-        e, d = exp_and_sum(x, m)
-        if PIECE1 > 0:
-            e1, d1 = exp_and_sum(x1, m)
-            d += d1
-        if PIECE2 > 0:
-            e2, d2 = exp_and_sum(x2, m)
-            d += d2
+        e, e1, e2, d = pieces_exp_and_sum(x, x1, x2, m, PIECE1, PIECE2)
         inv_sum = 1.0 / d
         _store_lanes(y_row, 0, n_cols, e, inv_sum, BLOCK)
         if PIECE1 > 0:

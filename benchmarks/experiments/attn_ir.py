@@ -42,6 +42,7 @@ import sys
 import triton_transformer as tt  # noqa: F401  (first: GPU or interpreter)
 import torch
 import triton
+from triton_transformer import bench
 
 
 attention = importlib.import_module("triton_transformer.attention")
@@ -77,7 +78,7 @@ def loops(ttgir: str):
 
 def once():
     """Causal forward+backward at [4, 16, 4096, D], D = 64 and 128, the package's (as tuned) and SDPA's, each once
-    after a warm-up, between cudaProfilerStart and Stop: for Nsight Compute (ncu --profile-from-start off)."""
+    after a warm-up, for Nsight Compute (ncu --profile-from-start off; `bench.for_profiler`)."""
     import torch.nn.functional as F
 
     calls = []
@@ -87,13 +88,7 @@ def once():
         do = torch.randn_like(q)
         calls.append(lambda q=q, k=k, v=v, do=do: tt.attention(q, k, v, causal=True).backward(do))
         calls.append(lambda q=q, k=k, v=v, do=do: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do))
-    for profiled in (False, True):
-        if profiled:
-            torch.cuda.cudart().cudaProfilerStart()
-        for call in calls:
-            call()
-        torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    bench.for_profiler(*calls)
 
 
 def main():

@@ -63,7 +63,7 @@ import triton.language as tl
 from triton_transformer import runtime
 softmax_mod = sys.modules["triton_transformer.softmax"]
 from triton_transformer.bench import measure_ms
-from triton_transformer.softmax import exp_and_sum, load_pieces, pieces_max, row_pieces
+from triton_transformer.softmax import load_pieces, pieces_exp_and_sum, pieces_max, row_pieces
 
 ce = sys.modules["triton_transformer.cross_entropy"]
 dev = runtime.DEVICE
@@ -89,13 +89,7 @@ def _rows_kernel(x_ptr, y_ptr, n_rows, n_cols, stride, BLOCK: tl.constexpr, PIEC
             x2 = x2 - m
         elif WORK == 2:
             m = pieces_max(x, x1, x2, PIECE1, PIECE2)
-            x, d = exp_and_sum(x, m)
-            if PIECE1 > 0:
-                x1, d1 = exp_and_sum(x1, m)
-                d += d1
-            if PIECE2 > 0:
-                x2, d2 = exp_and_sum(x2, m)
-                d += d2
+            x, x1, x2, d = pieces_exp_and_sum(x, x1, x2, m, PIECE1, PIECE2)
             inv = (1.0 / d).to(x.dtype)
             x = x * inv
             x1 = x1 * inv

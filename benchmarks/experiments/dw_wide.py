@@ -101,18 +101,12 @@ VARIANTS = [(128, 128, 32, 4, 8), (128, 128, 32, 5, 8), (128, 128, 32, 3, 8), (1
 
 def once():
     """dW at [16384, 768, 3072] once each, after a warm-up (the autotuner's runs): the package's, this probe's
-    128 x (128 + 32) and cuBLAS's, between cudaProfilerStart and Stop (ncu --profile-from-start off)."""
+    128 x (128 + 32) and cuBLAS's, for ncu --profile-from-start off (`bench.for_profiler`)."""
     x = torch.randn(16384, 768, device=dev, dtype=dt)
     dy = torch.randn(16384, 3072, device=dev, dtype=dt)
     out = torch.empty(3072, 768, device=dev, dtype=dt)
-    for profiled in (False, True):
-        if profiled:
-            torch.cuda.cudart().cudaProfilerStart()
-        mm.matmul(dy.t(), x)
-        dw(dy, x, out, 128, 128, 32, 4, 8)
-        torch.matmul(dy.t(), x)
-        torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    bench.for_profiler(lambda: mm.matmul(dy.t(), x), lambda: dw(dy, x, out, 128, 128, 32, 4, 8),
+                       lambda: torch.matmul(dy.t(), x))
 
 
 def main():

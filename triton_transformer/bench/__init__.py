@@ -187,6 +187,19 @@ def _clear_rng_capture_mark() -> None:
         pass
 
 
+def for_profiler(*calls: Callable[[], object]) -> None:
+    """Run `calls` once to warm up (compiling, autotuning), then once more between cudaProfilerStart and
+    cudaProfilerStop: under ``ncu --profile-from-start off`` (Nsight Compute) only the second round is profiled.
+    The probes of `benchmarks/experiments` that read how busy a kernel keeps the tensor cores use it."""
+    for profiled in (False, True):
+        if profiled:
+            torch.cuda.cudart().cudaProfilerStart()
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def peak_gib(fn: Callable[[], object]) -> float:
     """Peak GPU memory (GiB) allocated while `fn` runs once: everything the process holds at the time
     (the inputs, and whatever earlier cases or a notebook left allocated) plus what the call adds.
