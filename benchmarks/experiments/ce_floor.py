@@ -6,9 +6,11 @@ Cross-entropy's forward at (8192, 50304) bf16 (loss and gradient) takes ~595 us 
 copy's 548; twice torch.compile's speed (issue 7) needs ~585 us for the whole call. Two changes to its
 arithmetic were measured first, side by side with the package (do_bench of forward+backward, H100): the gradient
 written as one product a value, e * (scale / d), in fp32 or in bf16, with the target's lane patched afterwards
-behind a barrier (698-714 us against 600: the barrier in the loop cost more than the instructions saved), and
-the exponentials stored unscaled, no gradient arithmetic at all (607 against 600). So the arithmetic is not
-what sets the kernel's pace. Here the same loop as the package's (one program per SM, the row held whole in
+behind a barrier (698-714 us against 600: the barrier in the loop seems to cost more than the instructions
+saved), and the exponentials stored unscaled, no gradient arithmetic at all (607 against 600). So the
+arithmetic is not what sets the kernel's pace at this width. (At widths the benchmark does not measure the same
+runs read the other way, within a noisy host's spread: (8192, 16384), a program per row, 288-295 us patched
+against 353 as packaged, maxima up to 689; (4096, 50304) 369-392 against 420. Not re-measured in GPU time.) Here the same loop as the package's (one program per SM, the row held whole in
 three pieces, the next rows prefetched into shared memory by `tl.range(num_stages=)`) only moves the row:
 WORK 0 stores it back as it came, 2 as softmax's forward does (max, exponentials, sum, scale), with fewer
 programs than SMs so that the last round of rows is fuller. `perrow` runs the package's kernel with a program
