@@ -22,8 +22,12 @@ every load synchronous, 16-49 KB of shared memory and up to 358 spilled register
 JIT compiled for real calls, as here.
 
 `once` runs a causal forward+backward at [4, 16, 4096, D] for D = 64 and 128, the package's and SDPA's, once each
-after a warm-up, for Nsight Compute (`ncu --profile-from-start off --metrics
-regex:sm__pipe_tensor.*cycles_active.avg.pct_of_peak_sustained_active`). Measured on the lent H100 (same versions;
+after a warm-up, for Nsight Compute:
+
+    cd benchmarks/experiments && ncu --profile-from-start off --target-processes all --section SpeedOfLight \
+        --section LaunchStats --metrics "regex:sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_active" \
+        python3 attn_ir.py once
+ Measured on the lent H100 (same versions;
 ncu ran every kernel at 1.42-1.45 GHz, the memory-only ones at 1.60): us, and the share of cycles the tensor pipe
 was active:
 

@@ -34,8 +34,13 @@ Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16; us):
     (255); the package 599.3. At (8192, 32000): 819, 765, 560, 498, 563; the package 392.5.
 
 `spills` prints each variant's registers and spills beside its time, with stores of the two pieces that lie
-inside the row made without a column mask (`FULL_PIECES`); `once` runs each kernel once for a profiler. Nsight
-Compute (`/usr/local/cuda/bin/ncu` on the lent machine, counters allowed; it locks the SM clock at 1.59 GHz)
+inside the row made without a column mask (`FULL_PIECES`); `once` runs each kernel once for a profiler:
+
+    cd benchmarks/experiments && ncu --target-processes all -k regex:"_rows_kernel|_cross_entropy_fwd" \
+        --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats python3 ce_floor.py once
+ Nsight
+Compute (`/usr/local/cuda/bin/ncu` on the lent machine, counters allowed; these kernels ran at 1.59 GHz under it)
 read the bare loop at 2.88 TB/s of DRAM (86%), a program per row at 2.99 (89%), the softmax loop at 2.83 and the
 package's cross-entropy kernel at 2.53 (75%, 644 us at that clock; 255 registers, 8 warps an SM, an
 instruction issued every 4.2 cycles per warp). Its 393 216 local-memory (spill) requests come from 4 spilled

@@ -29,7 +29,13 @@ cuBLAS has over our kernel is how fast one SM works through a tile (its clusters
 main loop does), not how the tiles fill the GPU. Not adopted.
 
 `once` runs the three dW kernels once each after a warm-up, between cudaProfilerStart and Stop, for Nsight
-Compute (`ncu --profile-from-start off`, on the lent H100; it held the SM clock at 1.35-1.38 GHz in all three).
+Compute, on the lent H100 (the SM clock read 1.35-1.38 GHz in all three):
+
+    cd benchmarks/experiments && ncu --profile-from-start off --target-processes all --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section MemoryWorkloadAnalysis \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" python3 dw_wide.py once
+
 How busy each kept the tensor pipe (ncu's compute workload analysis), and its time at that clock:
 
     package (pointers, split 3): 72 x 3 programs of 256 threads, 214 registers,
