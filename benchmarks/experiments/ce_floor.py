@@ -140,6 +140,15 @@ def package_step(xg, t, programs):
 _compiled = {}
 
 
+def rounds(cases: dict, n: int = 3) -> dict:
+    """do_bench medians (us) of every case, `n` rounds with the cases interleaved: {case: [one time a round]}."""
+    times = {key: [] for key in cases}
+    for _ in range(n):
+        for key, fn in cases.items():
+            times[key].append(measure_ms(fn) * 1e3)
+    return times
+
+
 def per_row_step(xg, t, warps, maxnreg):
     """The package's forward+backward with a program per row (no loop), `warps` warps and at most `maxnreg`
     registers a thread: at 8 warps and 128 registers two programs fit an SM's 64K registers, so one can load
@@ -174,11 +183,7 @@ def per_row(n, v):
         err = ((xg.grad.float() - xr.grad).abs().max() / xr.grad.abs().max()).item()
         label = f"a program per row, {warps} warps, maxnreg {maxnreg} ({c.n_regs} registers, {c.n_spills} spilled, err {err:.1e})"
         cases[label] = lambda w=warps, r=maxnreg: per_row_step(xg, t, w, r)
-    times = {name: [] for name in cases}
-    for _ in range(3):
-        for name, fn in cases.items():
-            times[name].append(measure_ms(fn) * 1e3)
-    for name, ts in times.items():
+    for name, ts in rounds(cases).items():
         print(f"({n}, {v}) ce fwd+bwd {name}: {min(ts):6.1f} us ({max(ts):6.1f})", flush=True)
 
 
@@ -210,11 +215,7 @@ def spills():
                 ref = torch.softmax(x.float(), dim=1)
                 assert (y.float() - ref).abs().max().item() < 1e-2
             cases[(work, stages, warps, full)] = lambda a=(work, stages, warps, sms, full): rows(x, y, *a)
-    times = {key: [] for key in cases}
-    for _ in range(3):
-        for key, fn in cases.items():
-            times[key].append(measure_ms(fn) * 1e3)
-    for (work, stages, warps, full), ts in times.items():
+    for (work, stages, warps, full), ts in rounds(cases).items():
         regs, spilled = _registers[(work, stages, warps, full)]
         print(f"(8192, 50304) loop WORK {work} s{stages} w{warps} full pieces unmasked {full}: {min(ts):6.1f} us "
               f"({max(ts):6.1f}), {regs} registers, {spilled} spilled", flush=True)
@@ -256,11 +257,7 @@ def main():
         cases["a program per row, WORK 0, w16"] = lambda: rows(x, y, 0, 1, 16, n)
         rows(x, y, 0, 3, 8, sms)
         assert torch.equal(y, x)
-        times = {name: [] for name in cases}
-        for _ in range(3):
-            for name, fn in cases.items():
-                times[name].append(measure_ms(fn) * 1e3)
-        for name, ts in times.items():
+        for name, ts in rounds(cases).items():
             print(f"({n}, {v}) {name}: {min(ts):6.1f} us ({max(ts):6.1f})", flush=True)
 
 
