@@ -27,11 +27,10 @@ Measured (H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, bf16, causal, min of
     128 x 128, 8 warps, s2   528.3 (532.5)    504.6 (509.5)     171 / 255
     SDPA 329.8, the package 347.4
 
-Every output matched SDPA's (max error 2e-3 to 4e-3). In every variant, in either order, every wgmma is followed by
-`wgmma.wait_group 0`: Triton 3.6 waits for each of these matmuls to finish before the next instruction that
-could use its registers, so the exponentials never run under a matmul, whatever the order of the source (the
-`ahead` form only holds two score tiles, and more registers). Even `tl.dot(p, v, acc)` is not left in flight:
-its accumulator is rescaled by alpha every iteration. Not adopted.
+Every output matched SDPA's (max error 2e-3 to 4e-3). In every variant, in either order, the PTX holds one wait per
+matmul (4 in order, 6 ahead, for as many `tl.dot`s), each `wgmma.wait_group 0`, a wait for every matmul in flight;
+where each wait sits was not examined. The order of the source bought nothing (the `ahead` form only holds two
+score tiles, and more registers). Not adopted.
 """
 import re
 
