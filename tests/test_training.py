@@ -305,6 +305,18 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys, make, message):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_split_of_one_window_is_enough():
+    # A window is seq_len + 1 bytes (inputs and their next-byte labels): a split of exactly that many holds one,
+    # whose batches and validation windows all start at 0; one byte fewer holds none.
+    cfg = TrainConfig(seq_len=16)
+    one = np.arange(17, dtype=np.uint8)
+    training.check_corpus(training.Corpus("one window", one, one), cfg)
+    assert training.batch_starts(17, 16, 4, seed=0, step=0, index=0).tolist() == [0, 0, 0, 0]
+    assert training.val_starts(17, 16, 3).tolist() == [0, 0, 0]
+    with pytest.raises(DataError, match="validation split has 16 bytes, fewer than one window of seq_len \\+ 1 = 17"):
+        training.check_corpus(training.Corpus("short", one, one[:16]), cfg)
+
+
 def test_an_out_dir_that_cannot_be_written_is_a_clear_error(corpus_file, tmp_path, capsys, monkeypatch):
     def main(out):
         with pytest.raises(SystemExit) as err:

@@ -624,8 +624,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, a
     What to launch (kernel, split, TMA or pointers, descriptors, grid) is worked out once per kind of call
     (`_Plan`) and remembered under a key of the call's shapes, strides, dtypes and options; the launches
     themselves go through `runtime.launch_memo`. A repeated call (every projection of every training step)
-    then costs its allocations and launches, not the decisions: on the H100 machines a third to two fifths
-    less host time per call (`benchmarks/experiments/linear_host.py`).
+    then costs its allocations and launches, not the decisions: on the H100 machines 28-34% less host time
+    per call (`benchmarks/experiments/linear_host.py`).
     """
     M, K = a.shape
     N = b.shape[1]

@@ -273,7 +273,7 @@ def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, y_row_stride, dy_row_stride, dx_r
 
 
 def _launch_params(n_cols: int, element_size: int = 2, rows_held: int = 1) -> tuple[int, bool, int]:
-    """Block width, whether the row fits in one block, and warps (4 to 16, ~16-64 values per thread).
+    """Block width, whether the row fits in one block, and warps (a warp per 1024 lanes, 4 to 16).
 
     `rows_held` is how many row-sized tensors the kernel keeps on chip (forward 1, backward 2).
     """
@@ -302,8 +302,8 @@ def row_pieces(n_cols: int, block: int) -> tuple[int, int, int]:
     more than 1/8 is held instead as up to three power-of-two pieces: the largest power of two below
     n_cols, the largest below the rest, and what remains rounded up (50 304 columns in 32 768 + 16 384 + 2 048
     = 51 200 lanes, 2% padding). Measured on the H100 (bf16 forward, do_bench, `benchmarks/experiments/pieces.py`):
-    (8192, 50304) 655 us (2515 GB/s) against 733 us (2249 GB/s) for the padded block, a copy 548 us;
-    (8192, 40000) 550 against 643 us; (8192, 20000) 249 against 334 us. Rows with little padding keep one
+    (8192, 50304) 650.7 us (2533 GB/s) against 729.7 us (2259 GB/s) for the padded block, a copy 548.4 us;
+    (8192, 40000) 547 against 642 us; (8192, 20000) 248 against 333 us. Rows with little padding keep one
     block: three pieces of 16 384 + 8 192 + 8 192 for (8192, 32000) took 466 us against 397.
     """
     if block < PIECES_FROM or n_cols == block:

@@ -361,7 +361,7 @@ def corpus_fingerprint(corpus: Corpus) -> str:
 
 def check_corpus(corpus: Corpus, cfg: TrainConfig) -> None:
     for split, arr in (("train", corpus.train), ("validation", corpus.val)):
-        if len(arr) < cfg.seq_len + 2:
+        if len(arr) < cfg.seq_len + 1:
             raise DataError(f"{corpus.name}: the {split} split has {len(arr):,} bytes, fewer than one window of "
                             f"seq_len + 1 = {cfg.seq_len + 1}; use a bigger file or a smaller --seq-len")
 
@@ -1393,7 +1393,7 @@ TRAIN_LOGS_DIR = REPO_ROOT / "benchmarks" / "results" / "train_logs"
 
 
 def train_run_row(result: TrainResult, provider: str, gpus: int = 1) -> dict:
-    """A BOOK.md results row for one training run (kernel "train_run", pass "fwdbwd")."""
+    """A results row (benchmarks/results/*.jsonl's format) for one training run (kernel "train_run", pass "fwdbwd")."""
     from . import bench
 
     cfg = result.config

@@ -38,8 +38,10 @@ kept, and each new token then runs alone, its one query attending to the cache.
 
 ``torch.compile(model)`` works on both paths: the Triton path's ops are opaque
 to the compiler (``torch.compiler.disable``), so it compiles the glue between them.
-Under ``torch.autocast`` the Triton path hands each kernel the dtype autocast would
-have chosen (bf16 for the projections and attention, fp32 for layer norm and the loss).
+Under ``torch.autocast`` the Triton path runs the projections and attention in bf16, as
+autocast would; layer norm and the loss compute in fp32 as autocast's would, but layer norm
+writes its output in bf16 (the next projection's input) and the loss reads the bf16 logits,
+with no fp32 copy of either.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class TransformerConfig:
 #: The Triton path runs a feed-forward as one `feed_forward` node, its dropout in the first GEMM's epilogue
 #: (except in fp16, where relu^2 keeps z and `feed_forward` composes linear, dropout, linear: see
 #: `matmul.fused_dropout`). False: two `linear` calls with an elementwise pass for act', and dropout's,
-#: between them; chapters 4 and 7 time both.
+#: between them (with dropout, that composition is `bench/linear.py`'s "triton unfused" provider, timed in chapter 3).
 FUSED_FEED_FORWARD = True
 
 
