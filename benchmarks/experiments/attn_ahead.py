@@ -44,7 +44,7 @@ import triton.language as tl
 import triton.testing
 
 import triton_transformer as tt
-from ws_attn import _inner, _tile  # (this folder is the script's own: Python puts it on the path)
+from ws_attn import _inner, _rows_of_program, _store_out, _tile  # (this folder is the script's own: Python puts it on the path)
 
 
 @triton.jit
@@ -80,11 +80,7 @@ def _inner_ahead(acc, l_i, m_i, q, K, V, kv_row0, stride_n, lo, hi, offs_n, offs
 def _fwd(Q, K, V, O, L, N, qk_scale, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          AHEAD: tl.constexpr, STAGES: tl.constexpr):
     """Q, K, V, O: (B*H*N, D) contiguous. Program (m block, b*h), the longest blocks first."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    row0 = bh * N
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row0, start_m, offs_m = _rows_of_program(N, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _tile(Q, Q, row0 + start_m, BLOCK_D, tl.arange(0, BLOCK_M), offs_d, False)
@@ -99,10 +95,7 @@ def _fwd(Q, K, V, O, L, N, qk_scale, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexp
                                qk_scale, BLOCK_N, False, False, False, STAGES)
     acc, l_i, m_i = _inner(acc, l_i, m_i, q, K, V, K, V, row0, BLOCK_D, start_m, start_m + BLOCK_M,
                            offs_m, offs_n, offs_d, qk_scale, BLOCK_N, True, False, False, STAGES)
-    o = acc / l_i[:, None]
-    rows = (row0 + offs_m).to(tl.int64)
-    tl.store(O + rows[:, None] * BLOCK_D + offs_d[None, :], o.to(O.dtype.element_ty))
-    tl.store(L + rows, m_i + tl.math.log2(l_i))
+    _store_out(O, L, acc, l_i, m_i, row0, offs_m, offs_d, BLOCK_D)
 
 
 def fwd(q, k, v, bm, bn, warps, stages, ahead, info=None):

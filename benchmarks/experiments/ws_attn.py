@@ -60,14 +60,27 @@ def _inner(acc, l_i, m_i, q, k_desc, v_desc, K, V, kv_row0, stride_n, lo, hi, of
 
 
 @triton.jit
+def _rows_of_program(N, BLOCK_M: tl.constexpr):
+    """(first row of the head, first query of the block, the block's rows) of program (m block, b*h), the
+    grid's longest causal blocks first."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    start_m = pid_m * BLOCK_M
+    return tl.program_id(1) * N, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _store_out(O, L, acc, l_i, m_i, row0, offs_m, offs_d, BLOCK_D: tl.constexpr):
+    """O = acc / l and the base-2 log-sum-exp of a block of rows (Q, K, V, O: (B*H*N, D) contiguous)."""
+    rows = (row0 + offs_m).to(tl.int64)
+    tl.store(O + rows[:, None] * BLOCK_D + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
+    tl.store(L + rows, m_i + tl.math.log2(l_i))
+
+
+@triton.jit
 def _fwd(Q, K, V, O, L, N, qk_scale, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          TMA: tl.constexpr, WS: tl.constexpr, STAGES: tl.constexpr):
     """Q, K, V, O: (B*H*N, D) contiguous. Program (m block, b*h)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    row0 = bh * N  # first row of this head
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row0, start_m, offs_m = _rows_of_program(N, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     total = tl.num_programs(1) * N
@@ -87,10 +100,7 @@ def _fwd(Q, K, V, O, L, N, qk_scale, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexp
                            qk_scale, BLOCK_N, False, TMA, WS, STAGES)
     acc, l_i, m_i = _inner(acc, l_i, m_i, q, k_desc, v_desc, K, V, row0, BLOCK_D, start_m, start_m + BLOCK_M,
                            offs_m, offs_n, offs_d, qk_scale, BLOCK_N, True, TMA, False, STAGES)
-    o = acc / l_i[:, None]
-    rows = (row0 + offs_m).to(tl.int64)
-    tl.store(O + rows[:, None] * BLOCK_D + offs_d[None, :], o.to(O.dtype.element_ty))
-    tl.store(L + rows, m_i + tl.math.log2(l_i))
+    _store_out(O, L, acc, l_i, m_i, row0, offs_m, offs_d, BLOCK_D)
 
 
 @triton.jit
@@ -98,11 +108,7 @@ def _fwd_one_loop(Q, K, V, O, L, N, qk_scale, BLOCK_D: tl.constexpr, BLOCK_M: tl
                   WS: tl.constexpr, STAGES: tl.constexpr):
     """One loop over every key block up to the diagonal, the causal mask added at each (Triton 3.6's Hopper
     warp specialization fails on the two-loop form: a dominance assertion in NVGPUWarpSpecialization)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    row0 = bh * N
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row0, start_m, offs_m = _rows_of_program(N, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     total = tl.num_programs(1) * N
     q_desc = tl.make_tensor_descriptor(Q, shape=[total, BLOCK_D], strides=[BLOCK_D, 1], block_shape=[BLOCK_M, BLOCK_D])
