@@ -7,7 +7,7 @@ rendered by Chromium with JavaScript (so MathJax runs), and its rendered DOM is
 checked for:
 
 * math left unrendered: TeX delimiters (``$$``, ``\\[``, ``\\(``) in the visible
-  text, or math elements with no MathJax output;
+  text, or math elements with no MathJax output, or rendered math that shows a TeX command as text;
 * a Python traceback or an error output of a notebook cell;
 * a missing image: an ``<img>`` whose file does not exist, or a chapter whose
   notebook has image outputs that the page does not show;
@@ -100,6 +100,14 @@ def check_page(page: Path, site: Path, base_url: str, profile: str, shots: Path 
         if delim in text:
             snippet = text[text.index(delim):][:60].replace("\n", " ")
             problems.append(f"{rel}: unrendered math {snippet!r}")
+            break
+    # A TeX command MathJax did not process shows as its own text, backslash and all (`\_` inside `\text{}`,
+    # which MathJax 3 leaves alone without its textmacros extension, or an undefined macro): the
+    # screen-reader copy of each formula (its MathML) then holds a backslash.
+    for mml in re.findall(r"<mjx-assistive-mml\b.*?</mjx-assistive-mml>", dom, flags=re.S):
+        shown = html.unescape(re.sub(r"<[^>]+>", "", mml))
+        if "\\" in shown:
+            problems.append(f"{rel}: raw TeX in rendered math {shown.strip()[:60]!r}")
             break
     math_elems = len(re.findall(r'class="[^"]*\bmath\b', dom))
     if math_elems and "<mjx-container" not in dom:
