@@ -5,8 +5,8 @@
 `ce_floor.py` found the package's row loop (one program per SM, each row held whole in three pieces, the next
 rows prefetched into shared memory by `tl.range(num_stages=)`, i.e. cp.async) 19-23 us slower than a program
 per row when it only moves the rows (571 against 552 us at (8192, 50304)), with no spills and at any depth or
-warp count. Here the same loop loads its pieces through TMA descriptors instead: one bulk copy a piece issued
-by one thread, no per-thread addresses or column masks. The row is viewed as (V / 64, 64) so that a piece is a
+warp count. Here the same loop loads its pieces through TMA descriptors instead: bulk copies of whole boxes
+(how Triton splits a piece into copies was not examined), no per-thread addresses or column masks. The row is viewed as (V / 64, 64) so that a piece is a
 (rows, 64) box of 128-byte lines (a box edge is at most 256 elements); columns past V come in as 0 and are
 masked to -inf where a max would see them. Work per row, both load paths:
 
