@@ -37,6 +37,13 @@ def test_scaling_rows_do_not_replace_the_one_gpu_comparison(tmp_path, monkeypatc
         (1, 1, False, 2.0), (1, 2, True, 1.0), (2, 1, True, 1.0)]  # the newest 1-GPU row, and both scaling rows
 
 
+def test_rounds_interleave_the_cases_and_report_microseconds(monkeypatch):
+    timed = []
+    monkeypatch.setattr(bench, "measure_ms", lambda fn: timed.append(fn) or {"a": 0.5, "b": 0.25}[fn])
+    assert bench.rounds({"first": "a", "second": "b"}, n=3) == {"first": [500.0] * 3, "second": [250.0] * 3}
+    assert timed == ["a", "b"] * 3  # every round times each case once, in order
+
+
 @cuda_only
 def test_gpu_time_is_positive_and_at_most_the_wall_time(device):
     x = torch.randn(4096, 4096, device=device, dtype=runtime.default_dtype())

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-import triton.testing
 
 import triton_transformer as tt
+from triton_transformer.bench import rounds
 from ws_attn import _inner, _rows_of_program, _store_out, _tile  # (this folder is the script's own: Python puts it on the path)
 
 
@@ -135,11 +135,8 @@ def main():
                 print(f"  {name}: err {err:.1e}, {info['regs']} registers, {info['spills']} spilled, "
                       f"wgmma waits {info['waits']}", flush=True)
                 cases[name] = lambda a=(bm, bn, warps, stages, ahead): fwd(q, k, v, *a)
-        times = {key: [] for key in cases}
         with torch.no_grad():
-            for _ in range(3):
-                for key, fn in cases.items():
-                    times[key].append(triton.testing.do_bench(fn, return_mode="median") * 1e3)
+            times = rounds(cases)
         for key, ts in times.items():
             print(f"[{B},{H},{N},{D}] {key:28s} {min(ts):7.1f} us ({max(ts):7.1f}) "
                   f"{flops / min(ts) / 1e6:5.0f} TFLOP/s", flush=True)

@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 from triton_transformer import runtime
 softmax_mod = sys.modules["triton_transformer.softmax"]
-from triton_transformer.bench import measure_ms
+from triton_transformer.bench import rounds
 from triton_transformer.softmax import load_pieces, pieces_exp_and_sum, pieces_max, row_pieces
 
 ce = sys.modules["triton_transformer.cross_entropy"]
@@ -138,15 +138,6 @@ def package_step(xg, t, programs):
 
 
 _compiled = {}
-
-
-def rounds(cases: dict, n: int = 3) -> dict:
-    """do_bench medians (us) of every case, `n` rounds with the cases interleaved: {case: [one time a round]}."""
-    times = {key: [] for key in cases}
-    for _ in range(n):
-        for key, fn in cases.items():
-            times[key].append(measure_ms(fn) * 1e3)
-    return times
 
 
 def per_row_step(xg, t, warps, maxnreg):

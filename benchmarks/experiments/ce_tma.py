@@ -37,7 +37,6 @@ the loop below its 571 us: the bare loop is as slow either way, and with softmax
 pieces do not: they compare the two load paths with each other, not with the package. Picking the target's logit
 out of the row costs more spills again than loading it.) Not adopted.
 """
-import sys
 
 import triton_transformer as tt  # noqa: F401  (first: sets the interpreter up on a CPU)
 import torch
@@ -45,8 +44,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ce_floor import package_step, rounds  # (this folder is the script's own: Python puts it on the path)
+from ce_floor import package_step  # (this folder is the script's own: Python puts it on the path)
 from triton_transformer import runtime
+from triton_transformer.bench import rounds
 from triton_transformer.softmax import LOG2E, row_pieces
 
 dev = runtime.DEVICE

@@ -93,6 +93,17 @@ def measure_ms(fn: Callable[[], object], grad_to_none=None) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def rounds(cases: dict, n: int = 3) -> dict:
+    """`measure_ms` of every case in us, `n` rounds with the cases interleaved (so that a slow spell of the host
+    or the GPU's clock falls on all of them alike): {case: [one time a round]}. For the probes of
+    `benchmarks/experiments`, which compare variants of a kernel side by side in one process."""
+    times = {key: [] for key in cases}
+    for _ in range(n):
+        for key, fn in cases.items():
+            times[key].append(measure_ms(fn) * 1e3)
+    return times
+
+
 def measure_gpu_ms(fn: Callable[[], object], grad_to_none=None, reps: int = 20) -> float | None:
     """Milliseconds the GPU spends in one call of `fn`, without the host's launch cost; None if unmeasurable.
 
